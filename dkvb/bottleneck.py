@@ -121,9 +121,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         if not bool(self.initted):
             raise RuntimeError("keys are not initialised: call init_keys(embeddings) first")
         check_embeddings(x, self.dim)
-        if bool(self.key_mask.all(dim=1).any()):
-            c = int(self.key_mask.all(dim=1).nonzero()[0])
-            raise RuntimeError(f"every key of codebook {c} is masked: nothing left to select")
+        short = (~self.key_mask).sum(dim=1) < self.topk
+        if bool(short.any()):
+            c = int(short.nonzero()[0])
+            raise RuntimeError(f"codebook {c} has fewer than topk={self.topk} unmasked keys: nothing left to select")
         if self.search == "faiss":
             return _FaissLookup.apply(self.project(x), self.keys, self.key_mask, self.topk)
         rows = max(1, self.chunk_size // (self.num_codebooks * self.codebook_size))

@@ -99,5 +99,7 @@ def check_embeddings(x: Tensor, dim: int) -> None:
         raise ValueError(f"expected (N, {dim}) embeddings, got shape {tuple(x.shape)}")
     if x.shape[1] != dim:
         raise ValueError(f"wrong embedding size: model expects {dim}, got {x.shape[1]}")
-    if x.is_floating_point() and x.numel() and not bool(torch.isfinite(x).all()):
+    if not x.is_floating_point():
+        raise ValueError(f"embeddings must be a float tensor, got dtype {x.dtype}")
+    if x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("embeddings contain NaN or inf values")

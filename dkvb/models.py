@@ -164,6 +164,10 @@ _DECODERS = {"mean": MeanDecoder, "mlp": MLPDecoder}
 
 def build_model(config: ModelConfig | dict, input_dim: int, num_classes: int, *, seed: int = 0) -> nn.Module:
     """Build an (untrained) classifier from a config; the one entry point for every model kind."""
+    if isinstance(config, dict) and config.get("kind") == "sharded":  # so the store can load an ensemble
+        from .unlearn.sharding import ShardedEnsemble
+
+        return ShardedEnsemble.from_config({**config, "input_dim": input_dim, "num_classes": num_classes, "seed": seed})
     if isinstance(config, dict):
         known = {f for f in ModelConfig.__dataclass_fields__}
         config = ModelConfig(**{k: v for k, v in config.items() if k in known})

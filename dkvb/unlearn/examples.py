@@ -53,7 +53,7 @@ class UnlearnViaExamples(Unlearner):
             offsets = (torch.arange(b.num_codebooks) * b.codebook_size).view(1, -1, 1)
             hit[(idx.cpu() + offsets).flatten()] = True
             mask = b.key_mask | hit.view_as(b.key_mask).to(b.key_mask.device)
-            check_selectable(mask)
+            check_selectable(mask, b.topk)
             b.key_mask = mask
         new_mask = b.key_mask & ~model.key_mask
         return out, flops, {"num_examples": n, **mask_summary(new_mask), "mask": new_mask}

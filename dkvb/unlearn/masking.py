@@ -19,19 +19,20 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor) -> DKVBClassifier:
     """
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
-    check_selectable(mask)
+    check_selectable(mask, b.topk)
     memo = {id(t): t for t in (b.keys, b.projection, model.activation_counts)}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
     return out
 
 
-def check_selectable(mask: Tensor) -> None:
-    """ValueError if a mask leaves some codebook with no key to select."""
-    full = mask.all(dim=1)
+def check_selectable(mask: Tensor, topk: int = 1) -> None:
+    """ValueError if a mask leaves some codebook with fewer than ``topk`` keys to select."""
+    full = (~mask).sum(dim=1) < topk
     if bool(full.any()):
         raise ValueError(
-            f"unlearning would mask every key of codebook {int(full.nonzero()[0])}: the model could no longer "
+            f"unlearning would leave codebook {int(full.nonzero()[0])} with fewer than topk={topk} unmasked keys "
+            "(every key masked): the model could no longer "
             "predict anything; forget fewer classes, use fewer examples/rounds, or a larger codebook_size"
         )
 
