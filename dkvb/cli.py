@@ -24,10 +24,15 @@ def _config(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
+    from .distributed import process_group, rank_and_world
     from .experiment import load_embeddings
 
-    train, test = load_embeddings(_config(args))
-    print(f"train {tuple(train.x.shape)}  test {tuple(test.x.shape)}  classes {train.num_classes}")
+    cfg = _config(args)
+    with process_group(cfg.encoder.device) as device:  # torchrun: one shard of chunks per rank
+        cfg.encoder.device = device
+        train, test = load_embeddings(cfg)
+        if rank_and_world()[0] == 0:
+            print(f"train {tuple(train.x.shape)}  test {tuple(test.x.shape)}  classes {train.num_classes}")
     return 0
 
 
@@ -110,6 +115,223 @@ command("train", "train the models the experiment's methods act on")(cmd_train)
 command("evaluate", "evaluate the trained models on every forget request")(cmd_evaluate)
 command("unlearn", "forget classes with one method and print before/after metrics", _unlearn_args)(cmd_unlearn)
 command("run", "embed, train, unlearn every request with every method, write the report", _run_args)(cmd_run)
+
+
+# ------------------------------------------------------------------ service: forget / restore / log / replay / verify
+def _params(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--param {item!r} must look like key=value")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(raw)
+    return out
+
+
+def _store_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, metavar="PATH", help="model store folder (see dkvb.store)")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--embeddings", metavar="FILE", help="training embeddings with labels: .pt/.safetensors/.npz "
+                   "holding x and y, .npy (+ labels), or an embedding-cache folder")
+    p.add_argument("--test-embeddings", metavar="FILE", help="test embeddings with labels (for test metrics)")
+    p.add_argument("--config", metavar="YAML", help="experiment config whose cached embeddings to use instead")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of --config (repeatable)")
+
+
+def _service_data(args: argparse.Namespace, class_names: list[str]):
+    """(train, test) embeddings from --config or --embeddings/--test-embeddings; ``None`` where not given."""
+    from .service import embeddings_from_config, load_embeddings_file
+
+    if args.config and (args.embeddings or args.test_embeddings):
+        raise ValueError("give either --config or --embeddings/--test-embeddings, not both")
+    if args.config:
+        return embeddings_from_config(args.config, args.overrides)
+    if args.test_embeddings and not args.embeddings:
+        raise ValueError("--test-embeddings needs --embeddings (the training embeddings) too")
+    train = load_embeddings_file(args.embeddings, class_names) if args.embeddings else None
+    test = load_embeddings_file(args.test_embeddings, class_names) if args.test_embeddings else None
+    return train, test
+
+
+def _print_metrics(metrics: dict) -> None:
+    for key, value in metrics.items():
+        print(f"  {key:17s} {100 * value:6.2f}%")
+
+
+def cmd_forget(args: argparse.Namespace) -> int:
+    from .service import ModelService
+    from .store import read_manifest
+
+    train, test = _service_data(args, list(read_manifest(args.model)["class_names"]))
+    rec = ModelService(args.model).forget(args.classes, args.method, _params(args.param), data=train, test=test,
+                                          seed=args.seed)
+    if rec["already_forgotten"]:
+        print(f"notice: already forgotten, skipped: {', '.join(rec['already_forgotten'])}")
+    if rec["noop"]:
+        print(f"{rec['request_id']}: nothing to do; logged as a no-op (HEAD stays {rec['version_after']})")
+        return 0
+    print(f"{rec['request_id']}: forgot {', '.join(rec['new_classes'])} with {rec['method']}: "
+          f"{rec['keys_masked']} keys masked ({rec['keys_masked_total']} in all), "
+          f"version {rec['version_before']} -> {rec['version_after']}, {rec['seconds'] * 1e3:.2f} ms")
+    print(f"forgotten now: {', '.join(rec['forgotten'])}")
+    if "metrics" in rec:
+        print("metrics after (over all forgotten classes):")
+        _print_metrics(rec["metrics"])
+    return 0
+
+
+def _forget_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    p.add_argument("--classes", required=True, help="comma-separated class names or indices to forget")
+    p.add_argument("--method", default="activations", help="activations or examples (default: activations)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of forget examples")
+    _data_args(p)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .service import ModelService
+
+    rec = ModelService(args.model).restore(args.to)
+    if rec["noop"]:
+        print(f"{rec['request_id']}: HEAD already is the model after {rec['to']}; logged as a no-op")
+    else:
+        print(f"{rec['request_id']}: restored the model after {rec['to']}: HEAD {rec['version_before']} -> "
+              f"{rec['version_after']}; forgotten: {', '.join(rec['forgotten']) or 'none'}")
+    return 0
+
+
+def _restore_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    p.add_argument("--to", required=True, metavar="REQUEST_ID", help="request id from `dkvb log`, or 'origin'")
+
+
+def cmd_log(args: argparse.Namespace) -> int:
+    from .service import audit_log
+
+    records = audit_log(args.model)
+    if args.json:
+        for r in records:
+            print(json.dumps(r))
+        return 0
+    print(f"{'request':11s} {'time (UTC)':19s} {'op':8s} {'version':15s} {'keys':>5s}  what")
+    for r in records:
+        if r["op"] == "forget":
+            what = (f"{r['method']} {','.join(r['classes'])}" + (" (no-op: already forgotten)" if r["noop"] else "")
+                    + (f" (skipped {','.join(r['already_forgotten'])})" if r["already_forgotten"] and not r["noop"]
+                       else ""))
+        elif r["op"] == "restore":
+            what = f"to {r['to']}"
+        else:
+            what = r.get("note", "")
+        versions = f"{r['version_before']}->{r['version_after']}" if "version_before" in r else r["version_after"]
+        print(f"{r['request_id']:11s} {r['time'][:19].replace('T', ' '):19s} {r['op']:8s} {versions:15s} {r.get('keys_masked', ''):>5}  "
+              f"{what}")
+    return 0
+
+
+def _log_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    p.add_argument("--json", action="store_true", help="print the raw JSON records")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from .service import ModelService
+    from .store import read_manifest
+
+    train, _ = _service_data(args, list(read_manifest(args.model)["class_names"]))
+    result = ModelService(args.model).replay(train)
+    hows = Counter(s["how"] for s in result.steps)
+    print(f"replayed {len(result.steps)} records: " + ", ".join(f"{n} {how}" for how, n in sorted(hows.items())))
+    print(f"keys masked: {int(result.mask.sum())} of {result.mask.numel()}")
+    if result.matches_head:
+        print("the replayed key mask equals HEAD's bit for bit")
+        return 0
+    print("MISMATCH: the replayed key mask differs from HEAD's", file=sys.stderr)
+    return 1
+
+
+def _replay_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    _data_args(p)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .service import ModelService
+    from .store import read_manifest
+    from .verify import ProbeConfig, format_columns, verify
+
+    svc = ModelService(args.model)
+    train, test = _service_data(args, list(read_manifest(args.model)["class_names"]))
+    if train is None or test is None:
+        raise ValueError("verify needs training and test embeddings: --config, or --embeddings and --test-embeddings")
+    version, origin = _verify_target(svc.log(), args.request)
+    unlearned, manifest = svc.load(version)
+    original, _ = svc.load(origin)
+    forgotten = svc.forgotten_of(manifest)
+    if not forgotten:
+        raise ValueError(f"nothing is forgotten in version {version}: run `dkvb forget` first")
+    ids = [list(manifest["class_names"]).index(c) for c in forgotten]
+    retrain = {}
+    if args.config:
+        t = load_config(args.config, args.overrides).train
+        retrain = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size}
+    retrain.update({k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr)) if v is not None})
+    probe = ProbeConfig(examples=args.probe_examples, lr=args.probe_lr, max_steps=args.max_steps)
+    row = verify(unlearned, original, train, test, ids, retrain_params=retrain, probe=probe, seed=args.seed)
+    if args.json:
+        print(json.dumps({"version": version, "origin": origin, "forgotten": forgotten, **row}))
+        return 0
+    print(f"version {version} (forgotten: {', '.join(forgotten)}) against origin {origin} and a retrained model")
+    print(format_columns(row))
+    print("note: for DKVB the probe fine-tunes the values of the masked model; masked keys stay masked. "
+          "forget_test_acc_unmasked shows what clearing the mask gives back.")
+    return 0
+
+
+def _verify_target(records: list, request: str | None) -> tuple[str, str]:
+    """(version to verify, origin version it descends from) for a request id (default: the latest)."""
+    if not records:
+        raise ValueError("no requests logged yet: run `dkvb forget` first")
+    origin_of: dict[str, str] = {}
+    origin = None
+    for r in records:
+        if r["op"] == "origin":
+            origin = r["version"]
+        elif r["op"] == "restore":
+            origin = origin_of[r["to"]]
+        origin_of[r["request_id"]] = origin
+    target = records[-1] if request is None else next((r for r in records if r["request_id"] == request), None)
+    if target is None:
+        raise ValueError(f"unknown request id {request!r}; see `dkvb log`")
+    return target["version_after"], origin_of[target["request_id"]]
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    p.add_argument("--request", metavar="REQUEST_ID", help="verify the model after this request (default: the latest)")
+    _data_args(p)
+    p.add_argument("--retrain-epochs", type=int, help="epochs of the retrain-from-scratch reference")
+    p.add_argument("--retrain-lr", type=float, help="learning rate of the retrain-from-scratch reference")
+    p.add_argument("--probe-examples", type=int, default=10, help="forget examples the relearning probe tunes on")
+    p.add_argument("--probe-lr", type=float, default=1.0, help="SGD learning rate of the relearning probe")
+    p.add_argument("--max-steps", type=int, default=200, help="relearning probe step budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+command("forget", "forget classes from a stored model (logged, idempotent)", _forget_args)(cmd_forget)
+command("restore", "roll a stored model back to the model after a logged request", _restore_args)(cmd_restore)
+command("log", "print a stored model's audit log", _log_args)(cmd_log)
+command("replay", "replay the audit log from the original model and compare the key mask", _replay_args)(cmd_replay)
+command("verify", "forget/retain accuracy, membership inference and relearning probe vs retraining",
+        _verify_args)(cmd_verify)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -41,6 +41,7 @@ class EncoderConfig:
         device: ``cpu`` or ``cuda``.
         amp: ``None``, ``bf16`` or ``fp16`` autocast while encoding (GPU).
         dtype: storage dtype of the cached embeddings, ``float32`` or ``float16``.
+        pretrained: False builds the encoder with seeded random weights (tests; no download).
     """
 
     name: str = "effnet-lite0"
@@ -50,6 +51,7 @@ class EncoderConfig:
     device: str = "cpu"
     amp: str | None = None
     dtype: str = "float32"
+    pretrained: bool = True
 
 
 @dataclass

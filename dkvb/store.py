@@ -4,40 +4,68 @@ Layout::
 
     model/
       HEAD                    # name of the current version, replaced atomically
+      .lock                   # advisory writer lock (flock); held while a writer changes the store
+      audit.jsonl             # forget/restore requests, when served by dkvb.service
       versions/000001/
         config.json           # what rebuilds the module (kind, sizes, seed, ...)
         tensors.safetensors   # keys, projection, values, decoder, key mask, activation counts
         manifest.json         # format version, encoder, embedding dim, class names, sha256 of files
+                              # and of every tensor, model digest, shared tensors, extra
+      versions/000002/        # a shared version: tensors.safetensors holds only the key mask
 
-A save writes a new version folder completely (files fsynced) before ``HEAD`` is replaced, so
-killing the writer at any point leaves either the old or the new model. Loading verifies the
-manifest and checksums and names the field that does not match.
+Writes. A save writes a new version folder completely (files fsynced) under a temporary name,
+renames it into place and only then replaces ``HEAD``, so killing the writer at any point leaves
+either the old or the new model; leftovers of a killed writer (``versions/.tmp-*``, ``.HEAD.*.tmp``)
+are removed by the next save. Every writer holds ``.lock`` (``filelock``, i.e. ``flock``): a second
+concurrent writer fails at once with :class:`StoreLockedError` instead of interleaving. The kernel
+drops the lock when its holder dies, so a killed writer never leaves a stale lock.
+
+Shared tensors. ``save_model(..., base=VERSION)`` writes only the tensors that differ from the
+full version ``VERSION`` rests on (for a masking unlearner: the key mask); the manifest's ``shared``
+field names that version, the sha256 of its tensors file and the tensors taken from it. A shared
+version is one level deep (its base is always a full version) and versions are never deleted, so
+the base is always there; loading verifies both files.
+
+Reads. Loading verifies the manifest and the checksums and names the field that does not match.
+Readers take no lock: versions are immutable and ``HEAD`` is replaced atomically. A caller that
+loads many versions passes a ``cache`` dict so each full version is read and hashed once.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Mapping
 
+import filelock
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from torch import nn
+from torch import Tensor, nn
 
-from .io import atomic_write, atomic_write_json, atomic_write_text, fsync_dir
+from .io import atomic_write_text, fsync_dir
 from .models import build_model
 
-FORMAT_VERSION = 1
-TENSORS, CONFIG, MANIFEST = "tensors.safetensors", "config.json", "manifest.json"
+FORMAT_VERSION = 2  # what this dkvb writes; 2 adds per-tensor digests and shared tensors
+READABLE_FORMATS = (1, 2)
+TENSORS, CONFIG, MANIFEST, LOCK = "tensors.safetensors", "config.json", "manifest.json", ".lock"
+_VERSION_NAME = re.compile(r"^\d{6}$")
 
 
 class StoreError(RuntimeError):
     """A stored model is missing, corrupt or does not match what the caller expects."""
 
 
+class StoreLockedError(StoreError):
+    """Another writer holds the store's lock."""
+
+
+# ------------------------------------------------------------------ digests
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -46,62 +74,279 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def tensor_sha256(t: Tensor) -> str:
+    """Digest of a tensor's dtype, shape and bytes (independent of how it is stored on disk)."""
+    t = t.detach().cpu().contiguous()
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    if t.numel():
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def state_sha256(digests: Mapping[str, str]) -> str:
+    """The model digest: sha256 over the per-tensor digests, sorted by tensor name."""
+    return hashlib.sha256(json.dumps(dict(sorted(digests.items()))).encode()).hexdigest()
+
+
+def model_sha256(model: nn.Module) -> str:
+    """Digest of a module's full state; equals the manifest's ``model_sha256`` of a saved copy."""
+    return state_sha256({k: tensor_sha256(v) for k, v in model.state_dict().items()})
+
+
+# ------------------------------------------------------------------ lock
+_HELD: dict[tuple[str, int], list] = {}  # (store, thread) -> [FileLock, depth]
+
+
+@contextmanager
+def writer_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold the store's writer lock; re-entrant within one thread, fails at once elsewhere.
+
+    Raises :class:`StoreLockedError` when another process (or thread) is writing to the store.
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    key = (str(root.resolve()), threading.get_ident())
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield
+        finally:
+            _HELD[key][1] -= 1
+        return
+    lock = filelock.FileLock(str(root / LOCK), timeout=0)
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        raise StoreLockedError(
+            f"{root}: another writer holds the store lock ({root / LOCK}); wait for it to finish and retry"
+        ) from None
+    _HELD[key] = [lock, 1]
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        lock.release()
+
+
+def _clean_leftovers(root: Path) -> None:
+    """Remove what killed writers left behind (called with the lock held, so no writer is active)."""
+    versions = root / "versions"
+    if versions.is_dir():
+        for p in versions.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+    for p in root.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------ versions
 def current_version(path: str | os.PathLike) -> str | None:
     """The version ``HEAD`` points to, or ``None`` for an empty/new store."""
     head = Path(path) / "HEAD"
-    return head.read_text().strip() if head.is_file() else None
+    return head.read_bytes().decode("utf-8", errors="replace").strip() if head.is_file() else None
 
 
 def list_versions(path: str | os.PathLike) -> list[str]:
     root = Path(path) / "versions"
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and _VERSION_NAME.match(p.name)) if root.is_dir() else []
+
+
+def set_head(path: str | os.PathLike, version: str) -> None:
+    """Point ``HEAD`` at an existing version (atomically, under the writer lock)."""
+    root = Path(path)
+    with writer_lock(root):
+        read_manifest(root, version)  # exists and is readable
+        atomic_write_text(root / "HEAD", version + "\n")
 
 
 def save_model(
-    model: nn.Module, path: str | os.PathLike, *, class_names: list[str], encoder: str, extra: dict | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    class_names: list[str],
+    encoder: str,
+    extra: dict | None = None,
+    base: str | None = None,
+    base_tensors: Mapping[str, Tensor] | None = None,
+    update_head: bool = True,
 ) -> str:
-    """Save ``model`` as a new version of the store at ``path`` and point ``HEAD`` at it; returns the version."""
+    """Save ``model`` as a new version of the store at ``path``; returns the version.
+
+    Args:
+        base: an existing version; tensors equal to those of the full version it rests on are
+            not written again but shared (see the module docstring). ``None`` writes every tensor.
+        base_tensors: tensors of that full version as the caller already loaded and verified them
+            (all or some); spares reading and hashing its file again. Only tensors equal to these
+            are shared.
+        update_head: point ``HEAD`` at the new version (``False`` leaves ``HEAD`` alone; the caller
+            moves it later with :func:`set_head`).
+
+    Raises :class:`StoreLockedError` if another writer is active.
+    """
     if len(class_names) != model.num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries, the model has {model.num_classes} classes")
     if len(set(class_names)) != len(class_names):
         raise ValueError("duplicate class names")
     root = Path(path)
-    (root / "versions").mkdir(parents=True, exist_ok=True)
-    existing = list_versions(root)
-    version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
-    tmp = root / "versions" / f".tmp-{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write(tmp / TENSORS, lambda p: save_file(state, str(p)))
-    atomic_write_json(tmp / CONFIG, model.config)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "encoder": encoder,
-        "embedding_dim": model.input_dim,
-        "num_classes": model.num_classes,
-        "class_names": list(class_names),
-        "kind": model.config["kind"],
-        "sha256": {TENSORS: sha256_file(tmp / TENSORS), CONFIG: sha256_file(tmp / CONFIG)},
-        **({"extra": extra} if extra else {}),
-    }
-    atomic_write_json(tmp / MANIFEST, manifest)
-    fsync_dir(tmp)
-    os.replace(tmp, root / "versions" / version)
-    fsync_dir(root / "versions")
-    atomic_write_text(root / "HEAD", version + "\n")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"refusing to save a model with NaN or inf in {bad}")
+    with writer_lock(root):
+        _clean_leftovers(root)
+        (root / "versions").mkdir(parents=True, exist_ok=True)
+        shared = _shared_with(root, base, state, base_tensors) if base is not None else None
+        own = {k: v for k, v in state.items() if shared is None or k not in shared["tensors"]}
+        digests = {k: tensor_sha256(v) for k, v in own.items()}
+        if shared is not None:
+            digests.update(shared.pop("digests"))
+        existing = list_versions(root)
+        version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
+        tmp = root / "versions" / f".tmp-{version}-{os.getpid()}"
+        try:
+            tmp.mkdir()  # files go straight in: the folder becomes visible only by the rename below
+            save_file(own, str(tmp / TENSORS))
+            _fsync_file(tmp / TENSORS)
+            _write_synced(tmp / CONFIG, _json_bytes(model.config))
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "encoder": encoder,
+                "embedding_dim": model.input_dim,
+                "num_classes": model.num_classes,
+                "class_names": list(class_names),
+                "kind": model.config["kind"],
+                "sha256": {TENSORS: sha256_file(tmp / TENSORS), CONFIG: sha256_file(tmp / CONFIG)},
+                "tensor_sha256": dict(sorted(digests.items())),
+                "model_sha256": state_sha256(digests),
+                **({"shared": shared} if shared is not None else {}),
+                **({"extra": extra} if extra else {}),
+            }
+            _write_synced(tmp / MANIFEST, _json_bytes(manifest))
+            fsync_dir(tmp)
+            os.replace(tmp, root / "versions" / version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        fsync_dir(root / "versions")
+        if update_head:
+            atomic_write_text(root / "HEAD", version + "\n")
     return version
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return (json.dumps(obj, indent=2) + "\n").encode()
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def _shared_with(
+    root: Path, base: str, state: dict[str, Tensor], base_tensors: Mapping[str, Tensor] | None
+) -> dict[str, Any]:
+    """Which tensors of ``state`` equal those of the full version under ``base`` (with their digests)."""
+    manifest = read_manifest(root, base)
+    info = manifest.get("shared")
+    full = info.get("version", base) if isinstance(info, dict) else base
+    full_manifest = read_manifest(root, full) if full != base else manifest
+    file_sha = full_manifest.get("sha256", {}).get(TENSORS)
+    if file_sha is None:
+        raise StoreError(f"{_version_dir(root, full) / MANIFEST}: manifest field sha256.{TENSORS} is missing")
+    if base_tensors is None:
+        base_tensors, _ = load_tensors(root, full, shared=False)
+    known = full_manifest.get("tensor_sha256", {})
+    names, digests = [], {}
+    for name, t in base_tensors.items():
+        mine = state.get(name)
+        if mine is not None and t.dtype == mine.dtype and t.shape == mine.shape and torch.equal(t.cpu(), mine):
+            names.append(name)
+            digests[name] = known.get(name) or tensor_sha256(t)
+    return {"version": full, "sha256": file_sha, "tensors": sorted(names), "digests": digests}
+
+
+# ------------------------------------------------------------------ reading
 def read_manifest(path: str | os.PathLike, version: str | None = None) -> dict[str, Any]:
     """The manifest of ``version`` (default: ``HEAD``) without loading tensors."""
     vdir = _version_dir(Path(path), version)
     try:
-        return json.loads((vdir / MANIFEST).read_text())
+        manifest = json.loads((vdir / MANIFEST).read_text())
     except FileNotFoundError as e:
         raise StoreError(f"{vdir}: manifest.json is missing") from e
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StoreError(f"{vdir / MANIFEST}: corrupt manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{vdir / MANIFEST}: corrupt manifest (not a JSON object)")
+    return manifest
+
+
+def load_tensors(
+    path: str | os.PathLike,
+    version: str | None = None,
+    *,
+    shared: bool = True,
+    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Verified tensors of a version and its manifest.
+
+    Args:
+        shared: also return the tensors the version shares with its full version (``False``
+            reads only its own file).
+        cache: ``{full version: (sha256 of its tensors file, tensors)}`` of full versions already
+            verified in this process; consulted before hashing a base file again and filled after.
+            Versions are immutable, so a long-lived caller (:class:`dkvb.service.ModelService`)
+            verifies each full version once; the version's own file is always verified.
+    """
+    root = Path(path)
+    vdir = _version_dir(root, version)
+    manifest = read_manifest(root, vdir.name)
+    fmt = manifest.get("format_version")
+    if type(fmt) is not int or fmt not in READABLE_FORMATS:
+        raise StoreError(
+            f"{vdir}: manifest field format_version is {manifest.get('format_version')!r}, "
+            f"this dkvb reads {' or '.join(map(str, READABLE_FORMATS))}"
+        )
+    sums = manifest.get("sha256")
+    if not isinstance(sums, dict) or not isinstance(sums.get(TENSORS), str):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field sha256.{TENSORS} is missing")
+    info = manifest.get("shared")
+    if cache is not None and info is None and cache.get(vdir.name, ("",))[0] == sums[TENSORS]:
+        state = dict(cache[vdir.name][1])
+        for name, digest in sums.items():
+            if name != TENSORS:
+                _check_file(vdir / name, digest, f"sha256.{name}")
+        return state, manifest
+    for name, digest in sums.items():
+        _check_file(vdir / name, digest, f"sha256.{name}")
+    state = _read_tensors(vdir / TENSORS)
+    if cache is not None and info is None:
+        cache[vdir.name] = (sums[TENSORS], dict(state))
+    if shared and info is not None:
+        try:
+            full, digest, names = info["version"], info["sha256"], list(info["tensors"])
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field shared is malformed ({e!r})") from e
+        if not isinstance(full, str) or not _VERSION_NAME.match(full) or full == vdir.name:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field shared.version is {full!r}, not another version")
+        fdir = _version_dir(root, full)
+        if cache is not None and cache.get(full, ("",))[0] == digest:
+            base = cache[full][1]
+        else:
+            _check_file(fdir / TENSORS, digest, f"shared.sha256 of {vdir / MANIFEST}")
+            base = _read_tensors(fdir / TENSORS)
+            if cache is not None:
+                cache[full] = (digest, base)
+        missing = [n for n in names if n not in base]
+        if missing:
+            raise StoreError(f"{fdir / TENSORS}: lacks shared tensor(s) {missing} (manifest field shared.tensors)")
+        state = {**{n: base[n] for n in names}, **state}
+    return state, manifest
 
 
 def load_model(
@@ -110,41 +355,56 @@ def load_model(
     *,
     expect_encoder: str | None = None,
     expect_dim: int | None = None,
+    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load and verify a stored model; returns ``(model, manifest)``.
 
-    Raises :class:`StoreError` naming the field for a wrong format version, a checksum
-    mismatch, an encoder or embedding size other than expected, or unreadable tensors.
+    ``cache`` is passed to :func:`load_tensors`. Raises :class:`StoreError` naming the field for a
+    wrong format version, a checksum mismatch, an encoder or embedding size other than expected,
+    a config that disagrees with the manifest, or unreadable tensors.
     """
     root = Path(path)
     vdir = _version_dir(root, version)
-    manifest = read_manifest(root, vdir.name)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise StoreError(
-            f"{vdir}: manifest field format_version is {manifest.get('format_version')!r}, "
-            f"this dkvb reads {FORMAT_VERSION}"
-        )
-    for name, digest in manifest.get("sha256", {}).items():
-        if not (vdir / name).is_file():
-            raise StoreError(f"{vdir}: {name} is missing")
-        if sha256_file(vdir / name) != digest:
-            raise StoreError(f"{vdir / name}: checksum mismatch (manifest field sha256.{name}); the file is corrupt")
+    state, manifest = load_tensors(root, vdir.name, cache=cache)
+    for field in ("encoder", "embedding_dim", "num_classes", "class_names"):
+        if field not in manifest:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field {field} is missing")
     if expect_encoder is not None and manifest["encoder"] != expect_encoder:
         raise StoreError(f"manifest field encoder is {manifest['encoder']!r}, expected {expect_encoder!r}")
     if expect_dim is not None and manifest["embedding_dim"] != expect_dim:
         raise StoreError(f"manifest field embedding_dim is {manifest['embedding_dim']}, expected {expect_dim}")
-    config = json.loads((vdir / CONFIG).read_text())
-    for field in ("input_dim", "num_classes"):
-        key = {"input_dim": "embedding_dim", "num_classes": "num_classes"}[field]
-        if config.get(field) != manifest.get(key):
-            raise StoreError(f"config field {field}={config.get(field)} disagrees with manifest field {key}")
-    model = build_model(config, config["input_dim"], config["num_classes"], seed=config.get("seed", 0))
+    names = manifest["class_names"]
+    if not isinstance(names, list) or len(names) != manifest["num_classes"]:
+        raise StoreError(f"{vdir / MANIFEST}: manifest field class_names does not list num_classes="
+                         f"{manifest['num_classes']!r} names")
+    if len(set(map(str, names))) != len(names):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field class_names has duplicates")
+    digests = manifest.get("tensor_sha256")
+    if manifest["format_version"] >= 2:  # the recorded names and model digest must agree with the tensors
+        if not isinstance(digests, dict) or sorted(digests) != sorted(state):
+            raise StoreError(f"{vdir / MANIFEST}: manifest field tensor_sha256 does not name the stored tensors")
+        if state_sha256(digests) != manifest.get("model_sha256"):
+            raise StoreError(f"{vdir / MANIFEST}: manifest field model_sha256 does not match tensor_sha256")
     try:
-        state = load_file(str(vdir / TENSORS))
-    except (SafetensorError, OSError, ValueError) as e:
-        raise StoreError(f"{vdir / TENSORS}: unreadable tensors ({e})") from e
-    if "activation_counts" in state and hasattr(model, "activation_counts"):
-        model.activation_counts = torch.zeros_like(state["activation_counts"])
+        config = json.loads((vdir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{vdir / CONFIG}: unreadable config ({e})") from e
+    if not isinstance(config, dict):
+        raise StoreError(f"{vdir / CONFIG}: unreadable config (not a JSON object)")
+    for field, key in (("input_dim", "embedding_dim"), ("num_classes", "num_classes"), ("kind", "kind")):
+        if key in manifest and config.get(field) != manifest.get(key):
+            raise StoreError(f"config field {field}={config.get(field)!r} disagrees with manifest field {key}")
+    try:
+        model = build_model(config, config["input_dim"], config["num_classes"], seed=config.get("seed", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{vdir / CONFIG}: cannot rebuild the model ({e!r})") from e
+    counts = state.get("activation_counts")
+    if counts is not None and hasattr(model, "activation_counts"):
+        b = model.bottleneck
+        if counts.numel() and tuple(counts.shape) != (model.num_classes, b.num_codebooks, b.codebook_size):
+            raise StoreError(f"{vdir / TENSORS}: activation_counts has shape {tuple(counts.shape)}, expected "
+                             f"{(model.num_classes, b.num_codebooks, b.codebook_size)} or empty")
+        model.activation_counts = torch.zeros_like(counts)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
@@ -153,13 +413,36 @@ def load_model(
     return model, manifest
 
 
+def _check_file(path: Path, digest: str, field: str) -> None:
+    if not path.is_file():
+        raise StoreError(f"{path.parent}: {path.name} is missing")
+    if sha256_file(path) != digest:
+        raise StoreError(f"{path}: checksum mismatch (manifest field {field}); the file is corrupt")
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable tensors ({e})") from e
+
+
 def _version_dir(root: Path, version: str | None) -> Path:
     if not root.is_dir():
         raise StoreError(f"no stored model at {root}")
     version = version or current_version(root)
     if version is None:
         raise StoreError(f"{root}: HEAD is missing; not a dkvb model store")
+    if not _VERSION_NAME.match(version):
+        raise StoreError(f"{root}: {version!r} is not a version name (six digits); HEAD or the request is corrupt")
     vdir = root / "versions" / version
     if not vdir.is_dir():
         raise StoreError(f"{root}: version {version} does not exist (have {list_versions(root)})")
     return vdir
+
+
+__all__ = [
+    "StoreError", "StoreLockedError", "save_model", "load_model", "load_tensors", "read_manifest", "list_versions",
+    "current_version", "set_head", "writer_lock", "model_sha256", "tensor_sha256", "state_sha256", "sha256_file",
+    "FORMAT_VERSION",
+]

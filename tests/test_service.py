@@ -1,0 +1,370 @@
+"""Unlearning as a service: logged, idempotent forget/restore requests, replay bit for bit,
+crash recovery, the CLI, and the sequential-forgetting benchmark on a tiny synthetic config."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, evaluate, fit
+from dkvb.cli import main
+from dkvb.service import (
+    LOG, ModelService, ReplayError, audit_log, forget, load_embeddings_file, read_log, replay, restore,
+)
+from dkvb.store import StoreError, StoreLockedError, current_version, list_versions, load_model, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def stored(clusters, tmp_path_factory):
+    """A trained DKVB model with cached activation counts, saved once; tests copy it."""
+    train, _ = clusters
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4), train.dim, train.num_classes)
+    fit(model, train, TrainConfig(epochs=2, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    path = tmp_path_factory.mktemp("stored") / "model"
+    save_model(model, path, class_names=list(train.class_names), encoder="synthetic")
+    return path
+
+
+@pytest.fixture
+def store(stored, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(stored, path)
+    return path
+
+
+def mask_of(path, version=None):
+    return load_model(path, version)[0].key_mask
+
+
+# ------------------------------------------------------------------ requests
+def test_activations_request_needs_no_embeddings_and_is_logged(store, clusters):
+    train, test = clusters
+    rec = forget(store, "class1")
+    assert rec["op"] == "forget" and rec["method"] == "dkvb-activations" and rec["classes"] == ["class1"]
+    assert rec["keys_masked"] == len(rec["mask_delta"]) > 0 and "metrics" not in rec
+    assert rec["version_before"] == "000001" and rec["version_after"] == current_version(store) == "000002"
+    assert rec["model_sha256_before"] != rec["model_sha256_after"]
+    model, manifest = load_model(store)
+    assert manifest["model_sha256"] == rec["model_sha256_after"]
+    assert evaluate(model, train, test, [1])["forget_test_acc"] <= 0.01
+    # the version holds only the key mask; everything else is shared with the trained model
+    assert list(load_file(str(store / "versions/000002/tensors.safetensors"))) == ["bottleneck.key_mask"]
+    log = audit_log(store)
+    assert [r["op"] for r in log] == ["origin", "forget"] and log[-1]["request_id"] == rec["request_id"]
+    for field in ("request_id", "time", "classes", "method", "params", "keys_masked", "model_sha256_before",
+                  "model_sha256_after"):
+        assert field in log[-1]
+
+
+def test_forgetting_again_is_a_logged_noop(store):
+    first = forget(store, ["class1"])
+    again = forget(store, "class1")
+    assert again["noop"] and again["already_forgotten"] == ["class1"] and again["keys_masked"] == 0
+    assert current_version(store) == first["version_after"] and len(list_versions(store)) == 2
+    both = forget(store, "class1,class2")
+    assert not both["noop"] and both["already_forgotten"] == ["class1"] and both["new_classes"] == ["class2"]
+    assert both["forgotten"] == ["class1", "class2"]
+
+
+def test_examples_request_reads_embeddings_and_records_metrics(store, clusters):
+    train, test = clusters
+    with pytest.raises(ValueError, match="reads training embeddings"):
+        forget(store, "class3", "examples")
+    rec = forget(store, "class3", "examples", {"num_examples": 5}, data=train, test=test, seed=4)
+    assert rec["method"] == "dkvb-examples" and rec["params"]["num_examples"] == 5 and rec["data_sha256"]
+    assert set(rec["metrics"]) == {"forget_train_acc", "forget_test_acc", "retain_train_acc", "retain_test_acc", "mia"}
+    only_train = forget(store, "class4", data=train)
+    assert set(only_train["metrics"]) == {"forget_train_acc", "retain_train_acc"}
+
+
+def test_bad_requests_change_nothing(store, clusters):
+    train, _ = clusters
+    versions = list_versions(store)
+    for args, match in [(("class9",), "unknown class name"), (("7",), "out of range"), (("",), "empty forget set"),
+                        (("class1", "retrain"), "masking methods only"),
+                        (("class1", "activations", {"nope": 1}), "unknown parameter")]:
+        with pytest.raises(ValueError, match=match):
+            forget(store, *args)
+    with pytest.raises(ValueError, match="every class"):
+        forget(store, "class0,class1,class2,class3,class4")
+    with pytest.raises(ValueError, match="wrong embedding size"):
+        forget(store, "class1", data=EmbeddingSet(train.x[:, :5], train.y, train.class_names))
+    with pytest.raises(StoreError, match="no stored model"):
+        forget(store.parent / "typo", "class1")
+    assert not (store.parent / "typo").exists()
+    assert list_versions(store) == versions and not (store / LOG).exists()  # a failed request writes nothing
+
+
+def test_the_service_refuses_non_dkvb_models(tmp_path, clusters):
+    train, _ = clusters
+    linear = build_model({"kind": "linear"}, train.dim, train.num_classes)
+    save_model(linear, tmp_path / "linear", class_names=list(train.class_names), encoder="synthetic")
+    with pytest.raises(ValueError, match="holds a 'linear' model"):
+        forget(tmp_path / "linear", "class1")
+    assert not (tmp_path / "linear" / LOG).exists()
+
+
+# ------------------------------------------------------------------ restore and replay
+def test_restore_moves_head_back_and_is_logged(store):
+    r1 = forget(store, "class1")
+    r2 = forget(store, "class2")
+    back = restore(store, r1["request_id"])
+    assert back["op"] == "restore" and back["version_after"] == r1["version_after"] == current_version(store)
+    assert back["forgotten"] == ["class1"]
+    assert torch.equal(mask_of(store), mask_of(store, r1["version_after"]))
+    r3 = forget(store, "class3")  # builds on the restored model
+    assert r3["forgotten"] == ["class1", "class3"] and r3["version_before"] == r1["version_after"]
+    assert restore(store, "origin")["version_after"] == "000001" and not mask_of(store).any()
+    assert restore(store, "origin")["noop"]
+    with pytest.raises(ValueError, match="unknown request id"):
+        restore(store, "req-999999")
+    assert r2["version_after"] in list_versions(store)  # versions are never deleted
+
+
+def test_replay_reproduces_the_mask_bit_for_bit(store, clusters):
+    train, _ = clusters
+    svc = ModelService(store)
+    svc.forget("class1")
+    svc.forget("class2", params={"num_keys": 3})
+    ex = svc.forget("class3", "examples", {"num_examples": 3, "rounds": 2}, data=train, seed=7)
+    svc.forget("class2")
+    svc.restore(ex["request_id"])
+    svc.forget("class0", params={"min_share": 0.5})
+    mask = replay(store)
+    assert torch.equal(mask, mask_of(store))
+    without = svc.replay()
+    assert without.matches_head and [s["how"] for s in without.steps].count("logged delta") == 1
+    full = svc.replay(train)
+    assert full.matches_head and full.recomputed == 4 and torch.equal(full.mask, mask)
+    other = EmbeddingSet(train.x + 1, train.y, train.class_names)
+    with pytest.raises(ReplayError, match="data_sha256"):
+        svc.replay(other)
+
+
+def test_a_tampered_log_is_detected(store):
+    forget(store, "class1")
+    forget(store, "class2")
+    lines = (store / LOG).read_text().splitlines()
+    rec = json.loads(lines[1])
+    rec["mask_delta"] = rec["mask_delta"][1:]
+    (store / LOG).write_text("\n".join([lines[0], json.dumps(rec, separators=(",", ":")), lines[2]]) + "\n")
+    with pytest.raises(StoreError, match="line 3: field prev_sha256"):
+        read_log(store)
+    (store / LOG).write_text("\n".join([lines[0], lines[2]]) + "\n")
+    with pytest.raises(StoreError, match="lines were removed"):
+        replay(store)
+    (store / LOG).write_text("not json\n")
+    with pytest.raises(StoreError, match="line 1 is not a JSON record"):
+        forget(store, "class3")
+
+
+def test_replay_detects_a_head_that_does_not_match(store):
+    forget(store, "class1")
+    model, _ = load_model(store)
+    model.bottleneck.key_mask[0, 0] = ~model.bottleneck.key_mask[0, 0]
+    save_model(model, store, class_names=[f"class{i}" for i in range(5)], encoder="synthetic", base="000001")
+    with pytest.raises(ReplayError, match="differs from HEAD"):
+        replay(store)
+    # the next request logs the foreign HEAD as a new origin and replay agrees again
+    rec = forget(store, "class2")
+    log = audit_log(store)
+    assert [r["op"] for r in log] == ["origin", "forget", "origin", "forget"] and "outside" in log[2]["note"]
+    assert rec["version_before"] == log[2]["version"]
+    assert torch.equal(replay(store), mask_of(store))
+
+
+# ------------------------------------------------------------------ crash recovery
+def test_a_request_killed_after_logging_is_completed_by_the_next(store, monkeypatch):
+    import dkvb.service as service
+
+    forget(store, "class1")
+    monkeypatch.setattr(service, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        forget(store, "class2")
+    monkeypatch.undo()
+    assert current_version(store) == "000002" and audit_log(store)[-1]["version_after"] == "000003"
+    rec = forget(store, "class3")
+    assert rec["version_before"] == "000003" and rec["forgotten"] == ["class1", "class2", "class3"]
+    assert torch.equal(replay(store), mask_of(store))
+
+
+def test_a_cut_last_line_is_dropped(store):
+    forget(store, "class1")
+    with open(store / LOG, "ab") as f:
+        f.write(b'{"request_id":"req-0000')
+    assert len(audit_log(store)) == 2  # readers skip it
+    forget(store, "class2")
+    assert [r["op"] for r in audit_log(store)] == ["origin", "forget", "forget"]
+    assert torch.equal(replay(store), mask_of(store))
+
+
+def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, monkeypatch, tmp_path):
+    """Kill a forget request at its n-th fsync/rename (real SIGKILL of a forked child), for every n."""
+    forget(store, "class1")
+    probe = tmp_path / "probe"
+    shutil.copytree(store, probe)
+    calls = []
+    with monkeypatch.context() as mp:
+        for name in ("fsync", "replace"):
+            mp.setattr(os, name, lambda *a, _r=getattr(os, name): calls.append(1) or _r(*a))
+        forget(probe, "class2")
+    outcomes = set()
+    for n in range(1, len(calls) + 2):
+        path = tmp_path / f"s{n}"
+        shutil.copytree(store, path)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                count = [0]
+                for name in ("fsync", "replace"):
+                    def wrapped(*a, _r=getattr(os, name)):
+                        count[0] += 1
+                        if count[0] == n:
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        return _r(*a)
+                    setattr(os, name, wrapped)
+                forget(path, "class2")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        load_model(path)  # HEAD loads: the old model or the new one
+        logged = audit_log(path)[-1]["request_id"] == "req-000003"
+        outcomes.add((logged, current_version(path)))
+        rec = forget(path, "class3")  # the next request recovers
+        assert rec["forgotten"] == (["class1", "class2", "class3"] if logged else ["class1", "class3"])
+        assert torch.equal(replay(path), mask_of(path))
+    assert (False, "000002") in outcomes and (True, "000003") in outcomes
+
+
+def test_a_second_writer_fails_cleanly(store, capsys):
+    from dkvb.store import writer_lock
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            with writer_lock(store):
+                os.write(w, b"x")
+                signal.pause()
+        finally:
+            os._exit(0)
+    try:
+        assert os.read(r, 1) == b"x"
+        with pytest.raises(StoreLockedError):
+            forget(store, "class1")
+        assert main(["forget", "--model", str(store), "--classes", "class1"]) == 2
+        err = capsys.readouterr().err
+        assert "another writer holds the store lock" in err and "Traceback" not in err
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert not (store / LOG).exists() and list_versions(store) == ["000001"]
+
+
+# ------------------------------------------------------------------ embeddings files
+@pytest.mark.parametrize("fmt", ["pt", "safetensors", "npz", "npy"])
+def test_embeddings_files(tmp_path, clusters, fmt):
+    train, _ = clusters
+    x, y = train.x[:50], train.y[:50]
+    path = tmp_path / f"emb.{fmt}"
+    if fmt == "pt":
+        torch.save({"x": x, "y": y}, path)
+    elif fmt == "safetensors":
+        save_file({"x": x, "y": y}, str(path))
+    elif fmt == "npz":
+        np.savez(path, x=x.numpy(), y=y.numpy())
+    else:
+        np.save(path, x.numpy())
+        np.save(tmp_path / "emb_labels.npy", y.numpy())
+    data = load_embeddings_file(path, train.class_names)
+    assert torch.equal(data.x, x) and torch.equal(data.y, y)
+
+
+def test_bad_embeddings_files_are_rejected(tmp_path, clusters):
+    train, _ = clusters
+    names = train.class_names
+    x = train.x[:10].clone()
+    x[3, 2] = float("nan")
+    torch.save({"x": x, "y": train.y[:10]}, tmp_path / "nan.pt")
+    torch.save({"x": train.x[:10], "y": train.y[:10] + 10}, tmp_path / "range.pt")
+    torch.save({"emb": train.x[:10]}, tmp_path / "keys.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    for name, match in [("nan.pt", "NaN or inf"), ("range.pt", r"labels must lie in \[0, 5\)"),
+                        ("keys.pt", "expected arrays 'x'"), ("junk.pt", "unreadable embeddings"),
+                        ("emb.csv", "not found")]:
+        with pytest.raises((ValueError, FileNotFoundError), match=match):
+            load_embeddings_file(tmp_path / name, names)
+
+
+# ------------------------------------------------------------------ CLI
+def test_cli_forget_log_replay_restore(store, clusters, tmp_path, capsys):
+    train, test = clusters
+    torch.save({"x": train.x, "y": train.y}, tmp_path / "train.pt")
+    torch.save({"x": test.x, "y": test.y}, tmp_path / "test.pt")
+    m = ["--model", str(store)]
+    assert main(["forget", *m, "--classes", "class1,class2"]) == 0
+    assert "req-000002: forgot class1, class2 with dkvb-activations" in capsys.readouterr().out
+    assert main(["forget", *m, "--classes", "class1"]) == 0
+    out = capsys.readouterr().out
+    assert "already forgotten, skipped: class1" in out and "no-op" in out
+    assert main(["forget", *m, "--classes", "3", "--method", "examples", "--param", "num_examples=4",
+                 "--embeddings", str(tmp_path / "train.pt"), "--test-embeddings", str(tmp_path / "test.pt")]) == 0
+    out = capsys.readouterr().out
+    assert "forgot class3 with dkvb-examples" in out and "forget_test_acc" in out
+    assert main(["log", *m]) == 0
+    out = capsys.readouterr().out
+    assert "req-000004" in out and "dkvb-examples" in out and "no-op" in out
+    assert main(["replay", *m, "--embeddings", str(tmp_path / "train.pt")]) == 0
+    assert "bit for bit" in capsys.readouterr().out
+    assert main(["restore", *m, "--to", "req-000002"]) == 0
+    assert "restored the model after req-000002" in capsys.readouterr().out
+    assert main(["log", *m, "--json"]) == 0
+    assert [json.loads(line)["op"] for line in capsys.readouterr().out.splitlines()][-1] == "restore"
+    assert main(["replay", *m]) == 0
+    assert main(["forget", *m, "--classes", "class9"]) == 2
+    assert "unknown class name 'class9'" in capsys.readouterr().err
+    assert main(["forget", *m, "--classes", "1", "--param", "oops"]) == 2
+    assert "must look like key=value" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ sequential-forgetting benchmark
+@pytest.mark.slow
+def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "name: tiny\n"
+        "dataset: {name: synthetic}\n"
+        "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
+        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
+        "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
+        f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
+    )
+    out = tmp_path / "seq"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/sequential_forgetting.py"), str(cfg),
+                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "tiny.json").read_text())
+    assert (out / "tiny.png").stat().st_size > 0
+    assert [r["forgotten"] for r in result["dkvb"]] == [0, 1, 2]  # 4 classes: up to half
+    assert [r["forgotten"] for r in result["baseline"]] == [0, 1, 2]
+    for row in result["dkvb"][1:]:
+        assert row["forget_test_acc"] <= 0.5 and 0 <= row["retain_test_acc"] <= 1
+    assert result["replay_matches"]
