@@ -70,6 +70,15 @@ def fit(
     bottleneck = getattr(model, "bottleneck", None)
     if bottleneck is not None and not bool(bottleneck.initted):
         model.prepare(data.x)
+    # Keys and mask are frozen while values train, so a DKVB's nearest keys never change:
+    # look them up once and train on the cached indices (the lookup is counted once).
+    indices = None
+    if bottleneck is not None and loss_fn is None:
+        indices = bottleneck.lookup(data.x)
+        if flops is not None:
+            from .unlearn.masking import lookup_flops
+
+            flops.add(lookup_flops(model, len(data)))
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y))
     params = model.trainable_parameters()
     opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
@@ -80,14 +89,21 @@ def fit(
     for _ in range(config.epochs):
         for idx in batches(len(data), config.batch_size, g):
             x, y = data.x[idx], data.y[idx]
-            loss = loss_fn(model, x, y)
+            if indices is not None:
+                values = bottleneck.get_output_from_indices(indices[idx])
+                loss = F.cross_entropy(model.decoder(values), y)
+            else:
+                loss = loss_fn(model, x, y)
             if not torch.isfinite(loss):
                 raise DivergenceError(f"{desc}: loss became {loss.item()} — training diverged")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if flops is not None:
-                flops.step(model, x)
+                if indices is not None:
+                    flops.step(model.decoder, values)
+                else:
+                    flops.step(model, x)
             bar.update()
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()

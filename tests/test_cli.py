@@ -1,0 +1,146 @@
+"""End to end through ``dkvb.cli.main``: ``run`` on the tiny config writes the report and resumes;
+errors exit with code 2 and a message that names the culprit."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dkvb.experiment
+from dkvb.cli import main
+from dkvb.evaluate import METRICS
+
+CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "tiny_synthetic.yaml"
+RECORD_FIELDS = {"dataset", "encoder", "method", "forget_classes", "seed", "metrics", "flops", "seconds", "params"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory) -> list[str]:
+    root = tmp_path_factory.mktemp("cli")
+    return ["--set", f"cache_dir={root / 'cache'}", "--set", f"output_dir={root / 'out'}"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(dirs) -> Path:
+    assert main(["run", str(CONFIG), *dirs]) == 0
+    return Path(dirs[-1].split("=", 1)[1]) / "tiny_synthetic"
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results.json").read_text())["records"]
+
+
+def test_run_writes_results_table_and_plot(run_dir, capsys):
+    records = _records(run_dir)
+    requests = [["class0"], ["class2"]]
+    labels = {"dkvb-activations", "dkvb-examples[num_examples=1]", "dkvb-examples[num_examples=10]", "retrain",
+              "finetune"}
+    for r in records:
+        assert RECORD_FIELDS <= set(r), sorted(RECORD_FIELDS - set(r))
+        assert set(r["metrics"]) == set(METRICS)
+        assert all(0.0 <= v <= 1.0 for v in r["metrics"].values())
+        assert (r["dataset"], r["encoder"], r["seed"]) == ("synthetic", "effnet-lite0", 0)
+        assert isinstance(r["flops"], int) and r["flops"] >= 0 and r["seconds"] >= 0
+    for names in requests:
+        mine = [r for r in records if r["forget_classes"] == names]
+        assert {r["method"] for r in mine} == labels | {"original"}
+        originals = [r for r in mine if r["method"] == "original"]
+        assert {r["model"] for r in originals} == {"dkvb", "linear"}  # one per trained model and request
+        assert all(r["flops"] == 0 for r in originals)
+        act = next(r for r in mine if r["method"] == "dkvb-activations")
+        assert act["model"] == "dkvb" and act["flops"] > 0
+        assert act["metrics"]["forget_test_acc"] < next(o for o in originals if o["model"] == "dkvb")["metrics"][
+            "forget_test_acc"]
+    assert len(records) == len(requests) * (len(labels) + 2)
+
+    table = (run_dir / "table.md").read_text()
+    assert table.startswith("# tiny_synthetic") and "| dkvb-activations | dkvb |" in table and "| retrain |" in table
+    assert (run_dir / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run_dir / "config.yaml").is_file()
+
+
+def test_rerun_resumes_without_recomputing(run_dir, dirs, monkeypatch, capsys):
+    before = _records(run_dir)
+
+    def forbidden(what):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"{what} ran again on a resumed run")
+        return fail
+
+    monkeypatch.setattr(dkvb.experiment, "create_unlearner", forbidden("an unlearner"))
+    monkeypatch.setattr(dkvb.experiment, "fit", forbidden("training"))
+    monkeypatch.setattr("dkvb.encoders.Encoder.encode", forbidden("the encoder"))
+    assert main(["run", str(CONFIG), *dirs]) == 0
+    assert _records(run_dir) == before  # same timings too: nothing was redone
+    assert "| dkvb-activations | dkvb |" in capsys.readouterr().out
+
+
+def test_rerun_after_a_partial_run_computes_only_the_missing_results(run_dir, dirs, monkeypatch):
+    data = json.loads((run_dir / "results.json").read_text())
+    full = data["records"]
+    data["records"] = full[:-3]  # as if interrupted before the last three results were saved
+    (run_dir / "results.json").write_text(json.dumps(data))
+    calls: list[str] = []
+    real = dkvb.experiment.create_unlearner
+
+    def counting(name, **params):
+        calls.append(name)
+        return real(name, **params)
+
+    monkeypatch.setattr(dkvb.experiment, "create_unlearner", counting)
+    assert main(["run", str(CONFIG), *dirs]) == 0
+    assert calls == [r["method"].split("[")[0] for r in full[-3:]]
+    after = _records(run_dir)
+    assert after[:-3] == full[:-3] and len(after) == len(full)
+    assert [(r["method"], r["forget_classes"]) for r in after] == [(r["method"], r["forget_classes"]) for r in full]
+
+
+def test_train_evaluate_and_unlearn_commands(run_dir, dirs, capsys):
+    assert main(["train", str(CONFIG), *dirs]) == 0
+    assert "dkvb     test accuracy" in capsys.readouterr().out
+    assert main(["evaluate", str(CONFIG), *dirs]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {(r["model"], tuple(r["forget_classes"])) for r in lines} >= {("dkvb", ("class0",)), ("linear", ("class2",))}
+    assert main(["unlearn", str(CONFIG), *dirs, "--classes", "class1", "--method", "dkvb-activations"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("dkvb-activations:") and "forget_test_acc" in out
+
+
+def test_unlearn_unknown_class_exits_2_naming_it(run_dir, dirs, capsys):
+    assert main(["unlearn", str(CONFIG), *dirs, "--classes", "zebra"]) == 2
+    err = capsys.readouterr().err
+    assert "zebra" in err and "unknown class name" in err and "class0" in err  # lists the known classes
+
+
+def test_unknown_method_exits_2(dirs, capsys):
+    assert main(["unlearn", str(CONFIG), *dirs, "--classes", "class1", "--method", "forget-harder"]) == 2
+    assert "forget-harder" in capsys.readouterr().err
+
+
+def test_missing_dataset_path_is_a_clear_error(tmp_path, dirs, capsys):
+    missing = tmp_path / "no" / "such" / "folder"
+    code = main(["embed", str(CONFIG), *dirs, "--set", f"dataset.name=imagefolder:{missing}"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dkvb embed: error:") and str(missing) in err and "Traceback" not in err
+
+
+def test_config_errors_exit_2(tmp_path, dirs, capsys):
+    assert main(["run", str(tmp_path / "nope.yaml")]) == 2
+    assert "experiment config not found" in capsys.readouterr().err
+    assert main(["run", str(CONFIG), *dirs, "--set", "train.epochz=3"]) == 2
+    assert "train.epochz" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "embed" in capsys.readouterr().out

@@ -1,0 +1,60 @@
+"""Every experiment YAML parses and names only registered datasets, encoders and methods."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dkvb import encoders
+from dkvb.config import ExperimentConfig, load_config
+from dkvb.datasets import list_datasets
+from dkvb.experiment import expand_methods, method_model
+from dkvb.unlearn import UNLEARNERS, create_unlearner
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+def test_there_are_experiments():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"tiny_synthetic", "fashion_mnist_effnet_lite0", "cifar10_effnet_lite0"} <= names
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_experiment_config_is_valid(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.name == path.stem  # results go to <output_dir>/<file name>
+
+    prefix, _, arg = cfg.dataset.name.partition(":")
+    assert prefix in list_datasets(), f"{path.name}: unknown dataset {cfg.dataset.name!r}"
+    assert bool(arg) == (prefix == "imagefolder"), f"{path.name}: {cfg.dataset.name!r}"  # paths may not exist here
+
+    enc_prefix, _, enc_arg = cfg.encoder.name.partition(":")
+    assert enc_prefix in encoders._BUILDERS, f"{path.name}: unknown encoder {cfg.encoder.name!r}"
+    if enc_prefix == "torchvision":
+        import torchvision
+
+        assert enc_arg in torchvision.models.list_models(module=torchvision.models)
+    if enc_prefix == "clip":
+        import open_clip
+
+        model, _, tag = enc_arg.partition("/")
+        assert model in open_clip.list_models() and tag in open_clip.list_pretrained_tags_by_model(model)
+    assert cfg.encoder.dtype in ("float32", "float16") and cfg.encoder.amp in (None, "bf16", "fp16")
+
+    assert cfg.methods, f"{path.name}: no methods"
+    for method in cfg.methods:
+        assert method.name in UNLEARNERS, f"{path.name}: unknown method {method.name!r}"
+        assert method_model(method) in ("dkvb", "linear", "sharded")
+    for label, method, params in expand_methods(cfg):  # every swept value is a valid hyperparameter
+        create_unlearner(method.name, **params)
+    if any(method_model(m) == "sharded" for m in cfg.methods):
+        assert cfg.sharded.get("num_shards", 0) >= 2, f"{path.name}: sharded method without sharded.num_shards"
+
+    assert cfg.forget == "each" or (isinstance(cfg.forget, list) and all(isinstance(r, list) for r in cfg.forget))
+    assert cfg.model.codebook_size >= cfg.model.topk >= 1
+
+
+def test_overrides_win_over_the_file():
+    cfg = load_config(EXPERIMENTS[0], ["train.epochs=1", "encoder.device=cuda", "forget=[[0]]"])
+    assert (cfg.train.epochs, cfg.encoder.device, cfg.forget) == (1, "cuda", [[0]])
