@@ -86,6 +86,9 @@ class ExperimentConfig:
         forget: forget requests: a list of class lists (names or indices), or ``"each"`` for one
             request per class.
         methods: the unlearning methods to compare.
+        verify: relearning probe for every result (:class:`dkvb.verify.ProbeConfig` fields, e.g.
+            ``{examples: 10, lr: 1.0, max_steps: 100}``); empty = no probe. Its step count is the
+            ``relearn_steps`` metric; compare each method with the ``retrain`` row.
         cache_dir: embedding cache folder.
         output_dir: results folder.
     """
@@ -100,6 +103,7 @@ class ExperimentConfig:
     sharded: dict[str, Any] = field(default_factory=dict)
     forget: Any = "each"
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("dkvb-activations")])
+    verify: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = field(default_factory=lambda: os.environ.get("DKVB_CACHE", "~/.cache/dkvb/embeddings"))
     output_dir: str = "results"
 

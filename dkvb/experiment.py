@@ -23,6 +23,7 @@ from .io import atomic_write_json
 from .models import build_model
 from .store import StoreError, load_model, save_model
 from .train import fit
+from .verify import ProbeConfig, probe_relearning
 from .unlearn import UNLEARNERS, ForgetRequest, create_unlearner
 
 log = logging.getLogger("dkvb")
@@ -40,7 +41,8 @@ def load_embeddings(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[Em
             image_size=cfg.encoder.image_size,
             dataset_kwargs={"root": cfg.dataset.root, "download": cfg.dataset.download},
             batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers, dtype=cfg.encoder.dtype,
-            limit=limit, seed=cfg.seed, device=cfg.encoder.device, amp=cfg.encoder.amp, progress=progress,
+            limit=limit, seed=cfg.seed, device=cfg.encoder.device, amp=cfg.encoder.amp, pretrained=cfg.encoder.pretrained,
+            progress=progress,
         ))
     return out[0], out[1]
 
@@ -160,6 +162,15 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     def save() -> None:
         atomic_write_json(results_path, {"fingerprint": _fingerprint(cfg), "records": records})
 
+    probe = ProbeConfig(**cfg.verify) if cfg.verify else None
+
+    def relearn(model: nn.Module, kind: str, classes: tuple[int, ...]) -> dict[str, float]:
+        """Relearning probe: steps until forget-test accuracy is back to ``probe.target`` x the original's."""
+        if probe is None:
+            return {}
+        original = metrics_from_logits(*logits[kind], train, test, classes, seed=cfg.seed)["forget_test_acc"]
+        return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
+
     bar = tqdm(total=len(requests) * (len(runs) + len(models)), desc="unlearn", disable=not progress)
     for classes in requests:
         names = [train.class_names[c] for c in classes]
@@ -168,6 +179,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             if ("original", kind, classes) in done:
                 continue
             metrics = metrics_from_logits(*logits[kind], train, test, classes, seed=cfg.seed)
+            metrics.update(relearn(model, kind, classes))
             records.append({**base, "method": "original", "model": kind, "forget_classes": names,
                             "forget_class_ids": list(classes), "metrics": metrics, "flops": 0, "seconds": 0.0,
                             "params": {}, "details": info})
@@ -181,6 +193,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
             metrics = metrics_from_logits(predict_logits(report.model, train.x), predict_logits(report.model, test.x),
                                           train, test, classes, seed=cfg.seed)
+            metrics.update(relearn(report.model, kind, classes))
             records.append({**base, "method": label, "model": kind, "forget_classes": names,
                             "forget_class_ids": list(classes), "metrics": metrics, "flops": report.flops,
                             "seconds": report.seconds, "params": report.params,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -28,6 +29,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"method": method, "model": model, "requests": len(runs)}
         for m in METRICS:
             row[m] = _mean(r["metrics"][m] for r in runs)
+        steps = sorted(r["metrics"]["relearn_steps"] for r in runs if "relearn_steps" in r["metrics"])
+        row["relearn_steps"] = steps[len(steps) // 2] if steps else float("nan")  # median: inf = never relearned
         row["flops"] = _mean(r["flops"] for r in runs)
         row["seconds"] = _mean(r["seconds"] for r in runs)
         row["flops_ratio"] = row["flops"] / ref_flops if ref_flops else float("nan")
@@ -45,11 +48,14 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
     """Accuracies and MIA in percent, FLOPs in scientific notation."""
-    head = ("| method | model | forget-train | forget-test | retain-train | retain-test | MIA | FLOPs | "
-            "seconds | FLOPs ÷ DKVB-act | gap to retrain |")
-    lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+    head = ("| method | model | forget-train | forget-test | retain-train | retain-test | MIA | relearn steps | "
+            "FLOPs | seconds | FLOPs ÷ DKVB-act | gap to retrain |")
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
-        cells = [r["method"], r["model"], *(_pct(r[m]) for m in METRICS), _sci(r["flops"]), f"{r['seconds']:.4f}",
+        steps = r.get("relearn_steps", float("nan"))
+        cells = [r["method"], r["model"], *(_pct(r[m]) for m in METRICS),
+                 "" if math.isnan(steps) else ("never" if math.isinf(steps) else f"{steps:g}"),
+                 _sci(r["flops"]), f"{r['seconds']:.4f}",
                  _sci(r["flops_ratio"]) if r["method"] != "original" else "", _pct(r["gap_to_retrain"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -77,13 +83,92 @@ def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") ->
     plt.close(fig)
 
 
+def paper_table(rows: list[dict[str, Any]]) -> str:
+    """The layout of the paper's tables: retain-test and forget-test accuracy before -> after, FLOPs."""
+    before = {r["model"]: r for r in rows if r["method"] == "original"}
+    lines = ["| method | model | retain-test before → after | forget-test before → after | FLOPs |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        b = before.get(r["model"])
+        if r["method"] == "original" or b is None:
+            continue
+        lines.append(f"| {r['method']} | {r['model']} | {_pct(b['retain_test_acc'])} → {_pct(r['retain_test_acc'])} | "
+                     f"{_pct(b['forget_test_acc'])} → {_pct(r['forget_test_acc'])} | {_sci(r['flops'])} |")
+    return "\n".join(lines) + "\n"
+
+
+_EXAMPLES = re.compile(r"^dkvb-examples\[num_examples=(\w+)\]$")
+
+
+def examples_plot(records: list[dict[str, Any]], path: Path, *, title: str = "") -> bool:
+    """Forget-test and retain-test accuracy vs the number of unlearning examples (Algorithm 2);
+    ``num_examples=None`` (all) is plotted at the mean size of the forget-train set."""
+    points: dict[float, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        m = _EXAMPLES.match(r["method"])
+        if m:
+            n = r.get("details", {}).get("num_examples") if m.group(1) == "None" else float(m.group(1))
+            points[float(n)].append(r)
+    if len(points) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(points)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, label in (("forget_test_acc", "forget-test"), ("retain_test_acc", "retain-test")):
+        ax.plot(xs, [100 * _mean(r["metrics"][metric] for r in points[x]) for x in xs], "o-", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("unlearning examples N_E (log)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title + "\nDKVB unlearning via examples")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+    return True
+
+
+def flops_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Retain-test and forget-test accuracy vs unlearning FLOPs (log), one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    for r in rows:
+        if r["method"] == "original":
+            continue
+        x = max(r["flops"], 1.0)
+        for ax, metric in zip(axes, ("retain_test_acc", "forget_test_acc")):
+            ax.scatter(x, 100 * r[metric], label=f"{r['method']} ({r['model']})", alpha=0.75)
+    for ax, name in zip(axes, ("retain-test accuracy (%)", "forget-test accuracy (%)")):
+        ax.set_xscale("log")
+        ax.set_xlabel("unlearning FLOPs (fvcore, log)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    plt.close(fig)
+
+
 def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "") -> str:
-    """Write ``table.md`` and ``tradeoff.png`` into ``run_dir``; returns the table."""
+    """Write ``table.md`` and the plots (``tradeoff.png``, ``accuracy_vs_flops.png``,
+    ``forget_vs_examples.png``) into ``run_dir``; returns the main table."""
     rows = summarize(records)
     table = markdown_table(rows)
     atomic_write_text(run_dir / "table.md", f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
-                      f"requests; accuracies and MIA in %.\n\n{table}")
+                      f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
+                      f"probe (compare with retrain).\n\n{table}\n## As in the paper's tables\n\n{paper_table(rows)}")
     tradeoff_plot(rows, run_dir / "tradeoff.png", title=title)
+    flops_plot(rows, run_dir / "accuracy_vs_flops.png", title=title)
+    examples_plot(records, run_dir / "forget_vs_examples.png", title=title)
     return table
 
 

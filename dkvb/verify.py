@@ -94,6 +94,19 @@ def relearn_steps(model: nn.Module, probe: EmbeddingSet, forget_test: EmbeddingS
     return math.inf
 
 
+def probe_relearning(model: nn.Module, train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
+                     target_acc: float, probe: ProbeConfig | None = None) -> float:
+    """The relearning probe of ``model``: :func:`relearn_steps` on ``probe.examples`` seeded
+    forget-train examples until forget-test accuracy reaches ``target_acc``."""
+    probe = probe or ProbeConfig()
+    classes = sorted(set(int(c) for c in forget_classes))
+    forget_train, _ = train.split(classes)
+    forget_test, _ = test.split(classes)
+    g = torch.Generator().manual_seed(probe.seed)
+    few = forget_train.subset(torch.randperm(len(forget_train), generator=g)[: probe.examples])
+    return relearn_steps(model, few, forget_test, target_acc, lr=probe.lr, max_steps=probe.max_steps)
+
+
 def unmasked_accuracy(model: nn.Module, data: EmbeddingSet) -> float:
     """Accuracy of a DKVB model on ``data`` with its key mask cleared (NaN for other models)."""
     if not hasattr(model, "bottleneck"):
@@ -141,9 +154,7 @@ def verify(
     ours = evaluate(unlearned, train, test, classes, seed=seed)
     ref = evaluate(retrained, train, test, classes, seed=seed)
     target = probe.target * accuracy(predict_logits(original, forget_test.x), forget_test.y)
-    g = torch.Generator().manual_seed(probe.seed)
-    few = forget_train.subset(torch.randperm(len(forget_train), generator=g)[: probe.examples])
-    steps = {name: relearn_steps(m, few, forget_test, target, lr=probe.lr, max_steps=probe.max_steps)
+    steps = {name: probe_relearning(m, train, test, classes, target, probe)
              for name, m in (("ours", unlearned), ("retrain", retrained))}
     return {
         "forget_train_acc": ours["forget_train_acc"],

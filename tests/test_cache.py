@@ -54,15 +54,6 @@ def spy(monkeypatch) -> EncodeSpy:
     return EncodeSpy(monkeypatch)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def reference_cache(tmp_path_factory) -> Path:
     """A cache holding the uninterrupted float32 result."""

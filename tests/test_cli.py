@@ -16,14 +16,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "experiments" / "tiny_synthetic.y
 RECORD_FIELDS = {"dataset", "encoder", "method", "forget_classes", "seed", "metrics", "flops", "seconds", "params"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("cli")

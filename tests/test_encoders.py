@@ -12,15 +12,6 @@ from dkvb import encoders
 from dkvb.encoders import Encoder, create_encoder, encoder_config, list_encoders
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions run faster on one thread, and far faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _images(encoder: Encoder, n: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 3, encoder.image_size, encoder.image_size, generator=g)

@@ -30,14 +30,6 @@ ORIGINAL: dict[str, str] = {}  # version -> model digest of the stored fixture
 FUZZ = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ bottleneck
 @st.composite
 def bottlenecks(draw, search=st.sampled_from(["torch", "faiss"])):

@@ -23,14 +23,6 @@ from dkvb.store import StoreError, StoreLockedError, current_version, list_versi
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def stored(clusters, tmp_path_factory):
     """A trained DKVB model with cached activation counts, saved once; tests copy it."""

@@ -14,14 +14,6 @@ RECIPE = TrainConfig(epochs=8, lr=1e-2)
 STEP = 3 * 32 * 5  # FLOPs of one example's forward + backward through a 32 -> 5 linear head
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def by_class(clusters):
     return train_sharded({"kind": "linear"}, clusters[0], RECIPE, 3, assignment="class", seed=0)

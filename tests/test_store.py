@@ -19,14 +19,6 @@ from dkvb.store import (
 NAMES = [f"class{i}" for i in range(5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny tensors: extra threads only contend on a shared CPU
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def model(clusters):
     train, _ = clusters

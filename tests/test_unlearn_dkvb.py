@@ -117,3 +117,21 @@ def test_wrong_embedding_size_is_rejected(clusters, trained_dkvb):
     other = EmbeddingSet(torch.randn(len(train), 7), train.y, train.class_names)
     with pytest.raises(ValueError, match="wrong embedding size"):
         create_unlearner("dkvb-activations").unlearn(trained_dkvb, ForgetRequest((1,), other))
+
+
+@pytest.mark.parametrize("method, params", [("dkvb-activations", {}), ("dkvb-examples", {"num_examples": None})])
+def test_erase_values_removes_the_class_from_the_weights(clusters, trained_dkvb, method, params):
+    from dkvb.verify import unmasked_accuracy
+
+    train, test = clusters
+    forget_test, _ = test.split([1])
+    request = ForgetRequest((1,), train)
+    hidden = create_unlearner(method, **params).unlearn(trained_dkvb, request).model
+    erased = create_unlearner(method, erase_values=True, **params).unlearn(trained_dkvb, request).model
+    assert torch.equal(hidden.key_mask, erased.key_mask)
+    assert torch.equal(erased.bottleneck.values[erased.key_mask], torch.zeros_like(erased.bottleneck.values[erased.key_mask]))
+    assert not erased.bottleneck.values[~erased.key_mask].eq(0).all()
+    # masking alone only hides the class: clearing the mask brings it back; erased values do not
+    assert unmasked_accuracy(hidden, forget_test) >= 0.9
+    assert unmasked_accuracy(erased, forget_test) <= unmasked_accuracy(hidden, forget_test) - 0.5
+    assert trained_dkvb.bottleneck.values.abs().sum() > 0  # the input model is untouched

@@ -14,14 +14,6 @@ from dkvb.verify import VERIFY_COLUMNS, ProbeConfig, format_columns, relearn_ste
 RETRAIN = {"epochs": 3, "lr": 1e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def original(clusters):
     train, _ = clusters

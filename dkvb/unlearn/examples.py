@@ -25,10 +25,12 @@ class UnlearnViaExamples(Unlearner):
             ``None`` uses all of them.
         rounds: repeat the lookup with the keys masked so far, so the examples' next-nearest
             keys are masked too (1 = the paper's single pass).
+        erase_values: also zero the masked keys' values, so the weights no longer hold them.
     """
 
     num_examples: int | None = 10
     rounds: int = 1
+    erase_values: bool = False
 
     model_kind = "dkvb"
 
@@ -56,4 +58,7 @@ class UnlearnViaExamples(Unlearner):
             check_selectable(mask, b.topk)
             b.key_mask = mask
         new_mask = b.key_mask & ~model.key_mask
+        if self.erase_values:
+            with torch.no_grad():
+                b.values[new_mask] = 0.0
         return out, flops, {"num_examples": n, **mask_summary(new_mask), "mask": new_mask}

@@ -10,12 +10,14 @@ from ..flops import forward_flops
 from ..models import DKVBClassifier
 
 
-def masked_copy(model: DKVBClassifier, new_mask: Tensor) -> DKVBClassifier:
+def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False) -> DKVBClassifier:
     """A copy of ``model`` whose key mask is ``model.key_mask | new_mask``.
 
     The frozen tensors (keys, projection, cached activation counts) are shared with the
     original, which is safe because nothing writes to them after key initialisation; values
     and decoder are copied so later training of the copy cannot touch the original.
+    ``erase_values`` also zeroes the values of the newly masked keys, so the copy's weights no
+    longer hold what those keys learned (clearing the mask then gives nothing back).
     """
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
@@ -23,6 +25,9 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor) -> DKVBClassifier:
     memo = {id(t): t for t in (b.keys, b.projection, model.activation_counts)}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
+    if erase_values:
+        with torch.no_grad():
+            out.bottleneck.values[new_mask.to(mask.device)] = 0.0
     return out
 
 
