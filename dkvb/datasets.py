@@ -18,7 +18,6 @@ name                     where the images come from                             
 from __future__ import annotations
 
 import gzip
-import hashlib
 import logging
 import os
 import shutil
@@ -30,6 +29,8 @@ from typing import Any, Callable, Literal, Sequence
 import numpy as np
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .io import sha256_file
 
 __all__ = ["ImageDataset", "load_dataset", "list_datasets", "ensure_cifar", "read_idx", "default_data_root"]
 
@@ -285,14 +286,6 @@ def shared_data_dir() -> Path:
     return Path(env).expanduser() if env else Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _expected_sha256(archive: Path) -> str:
     sums = archive.parent / "SHA256SUMS"
     if not sums.is_file():
@@ -324,7 +317,7 @@ def ensure_cifar(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
             f"or unpack {name} yourself into {target}/{{train,test}}/<class>/)"
         )
     expected = _expected_sha256(archive)
-    actual = _sha256(archive)
+    actual = sha256_file(archive)
     if actual != expected:
         raise ValueError(f"checksum mismatch for {archive}: {actual} != {expected} (from SHA256SUMS)")
     cache.mkdir(parents=True, exist_ok=True)

@@ -18,11 +18,11 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
-from .evaluate import metrics_from_logits, predict_logits
+from .evaluate import METRICS, metrics_from_logits, predict_logits
 from .io import atomic_write_json
 from .models import build_model
 from .store import StoreError, load_model, save_model
-from .train import fit
+from .train import DivergenceError, fit
 from .verify import ProbeConfig, probe_relearning
 from .unlearn import UNLEARNERS, ForgetRequest, create_unlearner
 
@@ -190,7 +190,15 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             if (label, kind, classes) in done:
                 continue
             bar.set_postfix_str(f"{label} on {names}")
-            report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
+            try:
+                report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
+            except (ValueError, DivergenceError) as e:  # e.g. a mask that empties a codebook, a NaN loss
+                log.warning("%s on %s failed: %s", label, names, e)
+                records.append({**base, "method": label, "model": kind, "forget_classes": names,
+                                "forget_class_ids": list(classes), "metrics": {m: float("nan") for m in METRICS},
+                                "flops": float("nan"), "seconds": float("nan"), "params": dict(params),
+                                "details": {}, "error": str(e)})
+                continue
             metrics = metrics_from_logits(predict_logits(report.model, train.x), predict_logits(report.model, test.x),
                                           train, test, classes, seed=cfg.seed)
             metrics.update(relearn(report.model, kind, classes))

@@ -26,7 +26,8 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         r["flops"] for r in ref_runs)
     rows = []
     for (method, model), runs in groups.items():
-        row: dict[str, Any] = {"method": method, "model": model, "requests": len(runs)}
+        row: dict[str, Any] = {"method": method, "model": model, "requests": len(runs),
+                               "failed": sum("error" in r for r in runs)}
         for m in METRICS:
             row[m] = _mean(r["metrics"][m] for r in runs)
         steps = sorted(r["metrics"]["relearn_steps"] for r in runs if "relearn_steps" in r["metrics"])
@@ -53,7 +54,8 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
         steps = r.get("relearn_steps", float("nan"))
-        cells = [r["method"], r["model"], *(_pct(r[m]) for m in METRICS),
+        name = r["method"] + (f" ({r['failed']}/{r['requests']} failed)" if r.get("failed") else "")
+        cells = [name, r["model"], *(_pct(r[m]) for m in METRICS),
                  "" if math.isnan(steps) else ("never" if math.isinf(steps) else f"{steps:g}"),
                  _sci(r["flops"]), f"{r['seconds']:.4f}",
                  _sci(r["flops_ratio"]) if r["method"] != "original" else "", _pct(r["gap_to_retrain"])]
@@ -81,6 +83,24 @@ def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") ->
     fig.tight_layout()
     atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
     plt.close(fig)
+
+
+def headline(rows: list[dict[str, Any]]) -> str:
+    """DKVB before unlearning vs the linear probe, and what unlearning via activations cost."""
+    by = {(r["method"], r["model"]): r for r in rows}
+    dkvb, linear = by.get(("original", "dkvb")), by.get(("original", "linear"))
+    lines = []
+    if dkvb and linear:
+        lines.append(f"- Before unlearning, retain-test accuracy: DKVB {_pct(dkvb['retain_test_acc'])}%, linear probe "
+                     f"(logistic regression on the same embeddings) {_pct(linear['retain_test_acc'])}% "
+                     f"(gap {100 * (linear['retain_test_acc'] - dkvb['retain_test_acc']):.2f} points).")
+    for method in ("dkvb-activations", "dkvb-activations[use_cached_counts=True]", REFERENCE_METHOD):
+        r = by.get((method, "dkvb"))
+        if r and dkvb:
+            lines.append(f"- `{method}`: forget-test {_pct(r['forget_test_acc'])}%, retain-test drop "
+                         f"{100 * (dkvb['retain_test_acc'] - r['retain_test_acc']):.2f} points, "
+                         f"{1e3 * r['seconds']:.2f} ms and {_sci(r['flops'])} FLOPs per request (mean).")
+    return "\n".join(lines) + ("\n" if lines else "")
 
 
 def paper_table(rows: list[dict[str, Any]]) -> str:
@@ -165,7 +185,12 @@ def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "
     table = markdown_table(rows)
     atomic_write_text(run_dir / "table.md", f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
                       f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
-                      f"probe (compare with retrain).\n\n{table}\n## As in the paper's tables\n\n{paper_table(rows)}")
+                      f"probe (compare with retrain).\n\n{headline(rows)}\n{table}\n## As in the paper's tables\n\n"
+                      f"{paper_table(rows)}")
+    errors = sorted({f"- `{r['method']}` on {r['forget_classes']}: {r['error']}" for r in records if "error" in r})
+    if errors:
+        atomic_write_text(run_dir / "table.md", (run_dir / "table.md").read_text()
+                          + "\n## Failed runs\n\n" + "\n".join(errors) + "\n")
     tradeoff_plot(rows, run_dir / "tradeoff.png", title=title)
     flops_plot(rows, run_dir / "accuracy_vs_flops.png", title=title)
     examples_plot(records, run_dir / "forget_vs_examples.png", title=title)

@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .io import atomic_write_text, fsync_dir
+from .io import atomic_write_text, fsync_dir, sha256_file
 from .models import build_model
 
 FORMAT_VERSION = 2  # what this dkvb writes; 2 adds per-tensor digests and shared tensors
@@ -66,14 +66,6 @@ class StoreLockedError(StoreError):
 
 
 # ------------------------------------------------------------------ digests
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def tensor_sha256(t: Tensor) -> str:
     """Digest of a tensor's dtype, shape and bytes (independent of how it is stored on disk)."""
     t = t.detach().cpu().contiguous()

@@ -136,3 +136,17 @@ def test_config_errors_exit_2(tmp_path, dirs, capsys):
         main(["--help"])
     assert info.value.code == 0
     assert "embed" in capsys.readouterr().out
+
+
+def test_a_failing_method_is_recorded_and_the_run_goes_on(dirs, tmp_path):
+    """A method that cannot apply (here: masking every key of a codebook) becomes an error record."""
+    out = ["--set", f"output_dir={tmp_path}", "--set", "name=failing"]
+    methods = '[{name: dkvb-examples, params: {num_examples: null, rounds: 1000}}, dkvb-activations]'
+    assert main(["run", str(CONFIG), *dirs[:2], *out, "--set", f"methods={methods}"]) == 0
+    records = _records(tmp_path / "failing")
+    failed = [r for r in records if "error" in r]
+    assert failed and all("every key masked" in r["error"] for r in failed)
+    assert all(r["method"].startswith("dkvb-examples") for r in failed)
+    assert any(r["method"] == "dkvb-activations" and "error" not in r for r in records)
+    table = (tmp_path / "failing" / "table.md").read_text()
+    assert "failed" in table and "## Failed runs" in table
