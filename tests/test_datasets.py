@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dkvb import datasets
+from dkvb.io import sha256_file
 from dkvb.datasets import (
     CIFAR10_CLASSES,
     FASHION_MNIST_CLASSES,
@@ -197,7 +198,7 @@ def test_cifar_missing_everywhere_names_the_paths(tmp_path, monkeypatch):
 @pytest.mark.skipif(not CIFAR10_ARCHIVE.is_file(), reason=f"offline CIFAR-10 archive not at {CIFAR10_ARCHIVE}")
 def test_real_cifar10_archive_counts():
     """Checksum and per-split, per-class counts from the archive listing (nothing decoded or unpacked)."""
-    assert datasets._sha256(CIFAR10_ARCHIVE) == datasets._expected_sha256(CIFAR10_ARCHIVE)
+    assert sha256_file(CIFAR10_ARCHIVE) == datasets._expected_sha256(CIFAR10_ARCHIVE)
     counts: collections.Counter = collections.Counter()
     with tarfile.open(CIFAR10_ARCHIVE, "r:gz") as tar:
         for member in tar:
