@@ -126,7 +126,7 @@ def examples_plot(records: list[dict[str, Any]], path: Path, *, title: str = "")
     points: dict[float, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         m = _EXAMPLES.match(r["method"])
-        if m:
+        if m and "error" not in r:
             n = r.get("details", {}).get("num_examples") if m.group(1) == "None" else float(m.group(1))
             points[float(n)].append(r)
     if len(points) < 2:
