@@ -360,3 +360,15 @@ def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path):
     for row in result["dkvb"][1:]:
         assert row["forget_test_acc"] <= 0.5 and 0 <= row["retain_test_acc"] <= 1
     assert result["replay_matches"]
+
+
+def test_erase_values_request_stores_the_zeroed_values_and_replays(store, clusters):
+    from dkvb.verify import unmasked_accuracy
+
+    train, test = clusters
+    forget(store, "class1", params={"erase_values": True})
+    model, _ = load_model(store)
+    assert model.bottleneck.values[model.key_mask].abs().sum() == 0
+    forget_test, _ = test.split([1])
+    assert unmasked_accuracy(model, forget_test) < 0.5  # clearing the mask gives the class back no more
+    assert torch.equal(replay(store), model.key_mask)
