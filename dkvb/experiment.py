@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
-from .evaluate import METRICS, metrics_from_logits, predict_logits
+from .evaluate import METRICS, accuracy, metrics_from_logits, predict_logits
 from .io import atomic_write_json
 from .models import build_model
 from .store import StoreError, load_model, save_model
@@ -168,7 +168,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         """Relearning probe: steps until forget-test accuracy is back to ``probe.target`` x the original's."""
         if probe is None:
             return {}
-        original = metrics_from_logits(*logits[kind], train, test, classes, seed=cfg.seed)["forget_test_acc"]
+        forget = test.class_mask(list(classes))  # the original's forget-test accuracy, from its cached logits
+        original = accuracy(logits[kind][1][forget], test.y[forget])
         return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
 
     bar = tqdm(total=len(requests) * (len(runs) + len(models)), desc="unlearn", disable=not progress)
