@@ -44,3 +44,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def _sigkill_at_nth_sync(n: int) -> None:
+    """In a forked child: SIGKILL this process at its n-th ``os.fsync``/``os.replace`` call."""
+    import os
+    import signal
+
+    count = [0]
+    for name in ("fsync", "replace"):
+        def wrapped(*a, _r=getattr(os, name)):
+            count[0] += 1
+            if count[0] == n:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return _r(*a)
+        setattr(os, name, wrapped)
+
+
+@pytest.fixture(scope="session")
+def sigkill_at_nth_sync():
+    """Crash tests: ``sigkill_at_nth_sync(n)`` makes a forked writer die at its n-th fsync/rename."""
+    return _sigkill_at_nth_sync

@@ -208,7 +208,7 @@ def test_a_cut_last_line_is_dropped(store):
     assert torch.equal(replay(store), mask_of(store))
 
 
-def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, monkeypatch, tmp_path):
+def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, monkeypatch, tmp_path, sigkill_at_nth_sync):
     """Kill a forget request at its n-th fsync/rename (real SIGKILL of a forked child), for every n."""
     forget(store, "class1")
     probe = tmp_path / "probe"
@@ -225,14 +225,7 @@ def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, mon
         pid = os.fork()
         if pid == 0:  # pragma: no cover - child
             try:
-                count = [0]
-                for name in ("fsync", "replace"):
-                    def wrapped(*a, _r=getattr(os, name)):
-                        count[0] += 1
-                        if count[0] == n:
-                            os.kill(os.getpid(), signal.SIGKILL)
-                        return _r(*a)
-                    setattr(os, name, wrapped)
+                sigkill_at_nth_sync(n)
                 forget(path, "class2")
             finally:
                 os._exit(0)

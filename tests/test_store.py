@@ -257,7 +257,7 @@ def test_sigkill_at_random_times_in_a_loop_of_saves_leaves_old_or_new(tmp_path, 
     assert not list((path / "versions").glob(".tmp-*")) and not list(path.glob(".*.tmp"))
 
 
-def test_sigkill_at_every_step_of_a_save_leaves_old_or_new(tmp_path, model, monkeypatch):
+def test_sigkill_at_every_step_of_a_save_leaves_old_or_new(tmp_path, model, monkeypatch, sigkill_at_nth_sync):
     """Kill the writer at its n-th fsync or rename, for every n a save makes."""
     old, new = model, masked(model, 1)
     allowed = {model_sha256(old): "old", model_sha256(new): "new"}
@@ -275,14 +275,7 @@ def test_sigkill_at_every_step_of_a_save_leaves_old_or_new(tmp_path, model, monk
         save(old, path)
 
         def writer(n=n, path=path):
-            count = [0]
-            for name in ("fsync", "replace"):
-                def wrapped(*a, _r=getattr(os, name)):
-                    count[0] += 1
-                    if count[0] == n:
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    return _r(*a)
-                setattr(os, name, wrapped)  # in the child only
+            sigkill_at_nth_sync(n)  # in the child only
             save(new, path, base="000001")
 
         os.waitpid(fork(writer), 0)
