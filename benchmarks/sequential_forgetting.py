@@ -1,7 +1,8 @@
 """Sequential forgetting: forget 1, 2, ..., half of the classes one request at a time.
 
 DKVB requests go through the service (:mod:`dkvb.service`: a model store with an audit log, one
-key-mask version per request); the baseline acts on the linear head with the cumulative forget
+key-mask version per request), one store per DKVB series (``--dkvb``: method and parameters, e.g.
+two ``min_share`` rules side by side); a request the service refuses ends its series. The baseline acts on the linear head with the cumulative forget
 set at every step (``retrain`` by default: retraining from scratch on what remains, the
 exact-unlearning reference). After every step both models are evaluated on the retain and
 forget classes; the result is a JSON file and a plot of retain-test and forget-test accuracy
@@ -9,6 +10,8 @@ against the number of classes forgotten. ``seconds``/``flops`` are those of the 
 computation (for DKVB also ``request_seconds``: the whole logged request, file writes included).
 
     python benchmarks/sequential_forgetting.py experiments/fashion_mnist_effnet_lite0.yaml
+    python benchmarks/sequential_forgetting.py experiments/cifar100_effnet_lite0.yaml \
+        --dkvb activations --dkvb activations:min_share=0.03
     python benchmarks/sequential_forgetting.py experiments/clip_vit_b32_cifar100.yaml --limit 10 --baseline scrub
 
 Embeddings come from the experiment's cache and the trained models from its run folder
@@ -45,10 +48,26 @@ def _params(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None, method: str = "activations",
-        params: dict[str, Any] | None = None, baseline: str = "retrain", baseline_params: dict[str, Any] | None = None,
-        out: Path = Path("results/sequential")) -> dict[str, Any]:
-    """Run the benchmark; returns (and writes) the result dictionary."""
+def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"activations"`` or ``"activations:min_share=0.03,erase_values=true"`` -> (method, params)."""
+    method, _, rest = spec.partition(":")
+    return method_name(method), _params([p for p in rest.split(",") if p])
+
+
+def label(method: str, params: dict[str, Any]) -> str:
+    inner = ", ".join(f"{k}={v}" for k, v in params.items())
+    return f"{method}[{inner}]" if inner else method
+
+
+def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
+        variants: Sequence[tuple[str, dict[str, Any]]] = (("dkvb-activations", {}),), baseline: str = "retrain",
+        baseline_params: dict[str, Any] | None = None, out: Path = Path("results/sequential")) -> dict[str, Any]:
+    """Run the benchmark; returns (and writes) the result dictionary.
+
+    Every DKVB variant (method, params) serves the same request order from its own store. A
+    request the service refuses (it would mask every key of a codebook) ends that variant's
+    series; the refusal is recorded and the other series go on.
+    """
     cfg = load_config(config, list(overrides))
     train, test = load_embeddings(cfg, progress=False)
     models = train_models(cfg, train, kinds={"dkvb", "linear"}, progress=False)
@@ -58,13 +77,6 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
     if baseline == "retrain" and not baseline_params:
         t = cfg.linear_train  # retrain with the recipe the linear head was trained with
         baseline_params = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size}
-
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / f"{cfg.name}-store"
-    shutil.rmtree(store, ignore_errors=True)
-    dkvb_model = models["dkvb"][0]
-    save_model(dkvb_model, store, class_names=list(train.class_names), encoder=cfg.encoder.name)
-    service = ModelService(store)
 
     def row(model, forgotten: list[int], seconds: float, flops: int) -> dict[str, Any]:
         if forgotten:
@@ -76,34 +88,59 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
         return {"forgotten": len(forgotten), "classes": [train.class_names[c] for c in forgotten], **metrics,
                 "seconds": seconds, "flops": flops}
 
-    dkvb_rows = [row(dkvb_model, [], 0.0, 0)]
+    out.mkdir(parents=True, exist_ok=True)
+    dkvb_model = models["dkvb"][0]
+    start_row = row(dkvb_model, [], 0.0, 0)
+    series = []
+    for i, (method, params) in enumerate(variants):
+        store = out / f"{cfg.name}-store-{i}"
+        shutil.rmtree(store, ignore_errors=True)
+        save_model(dkvb_model, store, class_names=list(train.class_names), encoder=cfg.encoder.name)
+        series.append({"method": method, "params": params, "label": label(method, params), "store": str(store),
+                       "service": ModelService(store), "rows": [dict(start_row)], "refused": None})
     base_rows = [row(models["linear"][0], [], 0.0, 0)]
     base_model = models["linear"][0]
     unlearner = create_unlearner(baseline, **(baseline_params or {}))
-    needs_data = method_name(method) == "dkvb-examples"  # activations runs on the model's cached counts
     for k in range(1, steps + 1):
         forgotten = order[:k]
-        start = time.perf_counter()
-        rec = service.forget([order[k - 1]], method, params, data=train if needs_data else None, metrics=False)
-        dkvb_rows.append({**row(service.load()[0], forgotten, rec["seconds"], rec["flops"]),
-                          "request_seconds": time.perf_counter() - start})  # load, mask, save, log
+        for s in series:
+            if s["refused"] is not None:
+                continue
+            needs_data = s["method"] == "dkvb-examples"  # activations runs on the model's cached counts
+            start = time.perf_counter()
+            try:
+                rec = s["service"].forget([order[k - 1]], s["method"], s["params"],
+                                          data=train if needs_data else None, metrics=False)
+            except ValueError as e:  # the request would empty a codebook: the service refuses it
+                s["refused"] = {"forgotten": k, "class": train.class_names[order[k - 1]], "error": str(e)}
+                print(f"{k:3d} {s['label']}: request refused: {e}", flush=True)
+                continue
+            s["rows"].append({**row(s["service"].load()[0], forgotten, rec["seconds"], rec["flops"]),
+                              "request_seconds": time.perf_counter() - start})  # load, mask, save, log
         report = unlearner.unlearn(base_model, ForgetRequest(tuple(forgotten), train, seed=cfg.seed))
         base_model = report.model
         base_rows.append(row(base_model, forgotten, report.seconds, report.flops))
-        d, b = dkvb_rows[-1], base_rows[-1]
-        print(f"{k:3d} forgotten  retain/forget-test accuracy: dkvb {100 * d['retain_test_acc']:6.2f} / "
-              f"{100 * d['forget_test_acc']:6.2f}   {baseline} {100 * b['retain_test_acc']:6.2f} / "
-              f"{100 * b['forget_test_acc']:6.2f}", flush=True)
-    replayed = service.replay(train if needs_data else None)
+        cells = [f"{s['label']} {_pct(s['rows'][-1], k)}" for s in series]
+        print(f"{k:3d} forgotten  retain/forget-test accuracy: " + "   ".join(cells)
+              + f"   {baseline} {_pct(base_rows[-1], k)}", flush=True)
+    for s in series:  # None: the first request was refused, nothing to replay
+        service = s.pop("service")
+        s["replay_matches"] = (service.replay(train if s["method"] == "dkvb-examples" else None).matches_head
+                               if len(s["rows"]) > 1 else None)
     result = {
-        "config": cfg.to_dict(), "order": [train.class_names[c] for c in order],
-        "method": method_name(method), "params": params or {}, "baseline_name": baseline,
-        "baseline_params": baseline_params or {}, "dkvb": dkvb_rows, "baseline": base_rows,
-        "replay_matches": replayed.matches_head, "store": str(store),
+        "config": cfg.to_dict(), "order": [train.class_names[c] for c in order], "dkvb": series,
+        "baseline_name": baseline, "baseline_params": baseline_params or {}, "baseline": base_rows,
+        "replay_matches": all(s["replay_matches"] is not False for s in series),
     }
     atomic_write_json(out / f"{cfg.name}.json", result)
     plot(result, out / f"{cfg.name}.png", title=cfg.name)
     return result
+
+
+def _pct(r: dict[str, Any], k: int) -> str:
+    if r["forgotten"] != k:
+        return "   refused"
+    return f"{100 * r['retain_test_acc']:6.2f} / {100 * r['forget_test_acc']:6.2f}"
 
 
 def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
@@ -114,12 +151,12 @@ def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for key, label, style in (("dkvb", f"DKVB ({result['method']})", "o-"),
-                              ("baseline", f"{result['baseline_name']} (linear head)", "s--")):
-        rows = result[key]
+    lines = [(s["rows"], f"DKVB {s['label']}" + (f" (refused at {s['refused']['forgotten']})" if s["refused"] else ""),
+              "o-") for s in result["dkvb"]]
+    for rows, name, style in lines + [(result["baseline"], f"{result['baseline_name']} (linear head)", "s--")]:
         xs = [r["forgotten"] for r in rows]
-        axes[0].plot(xs, [100 * r["retain_test_acc"] for r in rows], style, label=label)
-        axes[1].plot(xs[1:], [100 * r["forget_test_acc"] for r in rows[1:]], style, label=label)
+        axes[0].plot(xs, [100 * r["retain_test_acc"] for r in rows], style, label=name)
+        axes[1].plot(xs[1:], [100 * r["forget_test_acc"] for r in rows[1:]], style, label=name)
     axes[0].set_title("retain-test accuracy (%)  ↑ better")
     axes[1].set_title("forget-test accuracy (%)  ↓ better")
     for ax in axes:
@@ -139,8 +176,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", help="experiment YAML (embeddings and trained models come from its cache/run folder)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--limit", type=int, help="forget at most this many classes (default: half of them)")
-    p.add_argument("--method", default="activations", help="DKVB method: activations or examples")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="DKVB method parameter")
+    p.add_argument("--dkvb", dest="variants", action="append", metavar="METHOD[:KEY=VALUE,...]",
+                   help="a DKVB series: activations or examples with parameters, e.g. "
+                        "'activations:min_share=0.03' (repeatable; default: activations)")
     p.add_argument("--baseline", default="retrain", help="registered unlearner acting on the linear head")
     p.add_argument("--baseline-param", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("results/sequential"), help="output folder")
@@ -148,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.config, overrides=args.overrides, limit=args.limit, method=args.method,
-                 params=_params(args.param), baseline=args.baseline, baseline_params=_params(args.baseline_param),
+    result = run(args.config, overrides=args.overrides, limit=args.limit,
+                 variants=[parse_variant(v) for v in args.variants or ["activations"]], baseline=args.baseline, baseline_params=_params(args.baseline_param),
                  out=args.out)
     name = result["config"]["name"]
     print(f"replay from the audit log reproduces the final mask: {result['replay_matches']}")

@@ -344,14 +344,24 @@ def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path):
     )
     out = tmp_path / "seq"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/sequential_forgetting.py"), str(cfg),
-                           "--out", str(out), "--threads", "1"], capture_output=True, text=True, timeout=300)
+                           "--out", str(out), "--threads", "1",
+                           "--set", "model.codebook_size=4", "--dkvb", "activations", "--dkvb", "activations:min_share=0,min_count=1"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "tiny.json").read_text())
     assert (out / "tiny.png").stat().st_size > 0
-    assert [r["forgotten"] for r in result["dkvb"]] == [0, 1, 2]  # 4 classes: up to half
+    default, greedy = result["dkvb"]
+    assert [r["forgotten"] for r in default["rows"]] == [0, 1, 2]  # 4 classes: up to half
     assert [r["forgotten"] for r in result["baseline"]] == [0, 1, 2]
-    for row in result["dkvb"][1:]:
+    for row in default["rows"][1:]:
         assert row["forget_test_acc"] <= 0.5 and 0 <= row["retain_test_acc"] <= 1
+    assert default["refused"] is None and default["replay_matches"]
+    # min_share 0 masks every key a forget class touches: the service refuses a request that would
+    # empty a codebook, the series stops there and the refusal is recorded, not raised
+    assert greedy["params"] == {"min_share": 0, "min_count": 1}
+    assert greedy["refused"] is not None and "codebook" in greedy["refused"]["error"]
+    assert len(greedy["rows"]) == greedy["refused"]["forgotten"]
+    assert greedy["replay_matches"] is (True if len(greedy["rows"]) > 1 else None)  # None: nothing accepted
     assert result["replay_matches"]
 
 
