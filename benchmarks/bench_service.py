@@ -3,7 +3,7 @@
 Builds (or, with ``--config``, loads) a CIFAR-100-sized DKVB model (100 classes), saves it to a
 fresh model store and sends ``--requests`` requests through :class:`dkvb.service.ModelService`:
 mostly ``activations`` forget requests on random classes (some of them already forgotten, i.e.
-no-ops), some ``examples`` requests with forget embeddings (without the optional metrics, which
+no-ops; some refused because they would mask every key of a codebook), some ``examples`` requests with forget embeddings (without the optional metrics, which
 cost a forward pass over the embeddings), and restores to random earlier requests. Reports
 requests/s, latency, audit-log and store size, and whether replaying the log from the original
 model reproduces the final key mask bit for bit; prints a table and writes JSON to
@@ -72,7 +72,7 @@ def bench(model, train: EmbeddingSet, encoder: str, store: Path, *, requests: in
     rng = random.Random(seed)
     n = train.num_classes
     ids: list[str] = []
-    latency: dict[str, list[float]] = {"forget": [], "noop": [], "restore": []}
+    latency: dict[str, list[float]] = {"forget": [], "noop": [], "restore": [], "refused": []}
     forgotten = 0
     start = time.perf_counter()
     for i in range(requests):
@@ -84,9 +84,13 @@ def bench(model, train: EmbeddingSet, encoder: str, store: Path, *, requests: in
             c = rng.randrange(n)
             examples = rng.random() < examples_share
             t = time.perf_counter()
-            rec = service.forget([c], "examples" if examples else "activations",
-                                 {"num_examples": 10} if examples else None,
-                                 data=train if examples else None, seed=i, metrics=False)
+            try:
+                rec = service.forget([c], "examples" if examples else "activations",
+                                     {"num_examples": 10} if examples else None,
+                                     data=train if examples else None, seed=i, metrics=False)
+            except ValueError:  # it would mask a whole codebook: refused, the store is unchanged
+                latency["refused"].append(time.perf_counter() - t)
+                continue
             latency["noop" if rec["noop"] else "forget"].append(time.perf_counter() - t)
             ids.append(rec["request_id"])
         forgotten = len(rec["forgotten"])

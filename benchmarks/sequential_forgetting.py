@@ -2,12 +2,13 @@
 
 DKVB requests go through the service (:mod:`dkvb.service`: a model store with an audit log, one
 key-mask version per request), one store per DKVB series (``--dkvb``: method and parameters, e.g.
-two ``min_share`` rules side by side); a request the service refuses ends its series. The baseline acts on the linear head with the cumulative forget
-set at every step (``retrain`` by default: retraining from scratch on what remains, the
-exact-unlearning reference). After every step both models are evaluated on the retain and
-forget classes; the result is a JSON file and a plot of retain-test and forget-test accuracy
-against the number of classes forgotten. ``seconds``/``flops`` are those of the unlearning
-computation (for DKVB also ``request_seconds``: the whole logged request, file writes included).
+two ``min_share`` rules side by side); a request the service refuses ends its series. The
+baseline acts on the linear head with the cumulative forget set at every step (``retrain`` by
+default: retraining from scratch on what remains, the exact-unlearning reference). After every
+step all models are evaluated on the retain and forget classes; the result is a JSON file and a
+plot of retain-test and forget-test accuracy against the number of classes forgotten.
+``seconds``/``flops`` are those of the unlearning computation (for DKVB also
+``request_seconds``: the whole logged request, file writes included).
 
     python benchmarks/sequential_forgetting.py experiments/fashion_mnist_effnet_lite0.yaml
     python benchmarks/sequential_forgetting.py experiments/cifar100_effnet_lite0.yaml \
@@ -143,6 +144,22 @@ def _pct(r: dict[str, Any], k: int) -> str:
     return f"{100 * r['retain_test_acc']:6.2f} / {100 * r['forget_test_acc']:6.2f}"
 
 
+def table(result: dict[str, Any]) -> str:
+    """Markdown: retain-test / forget-test accuracy (%) per step for every series."""
+    names = [s["label"] for s in result["dkvb"]] + [f"{result['baseline_name']} (linear head)"]
+    series = [s["rows"] for s in result["dkvb"]] + [result["baseline"]]
+    lines = ["| forgotten | " + " | ".join(f"{n} retain / forget" for n in names) + " |",
+             "|---|" + "---|" * len(names)]
+    for k in range(len(result["baseline"])):
+        cells = []
+        for rows in series:
+            r = rows[k] if k < len(rows) else None
+            cells.append("refused" if r is None else f"{100 * r['retain_test_acc']:.2f} / "
+                         + ("–" if r["forget_test_acc"] is None else f"{100 * r['forget_test_acc']:.2f}"))
+        lines.append(f"| {k} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
     import matplotlib
 
@@ -190,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  variants=[parse_variant(v) for v in args.variants or ["activations"]], baseline=args.baseline, baseline_params=_params(args.baseline_param),
                  out=args.out)
     name = result["config"]["name"]
+    print(table(result))
     print(f"replay from the audit log reproduces the final mask: {result['replay_matches']}")
     print(f"wrote {args.out / (name + '.json')} and {args.out / (name + '.png')}")
     return 0 if result["replay_matches"] else 1

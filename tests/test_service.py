@@ -363,6 +363,7 @@ def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path):
     assert len(greedy["rows"]) == greedy["refused"]["forgotten"]
     assert greedy["replay_matches"] is (True if len(greedy["rows"]) > 1 else None)  # None: nothing accepted
     assert result["replay_matches"]
+    assert "| forgotten |" in proc.stdout and "| refused |" in proc.stdout  # the printed table
 
 
 def test_erase_values_request_stores_the_zeroed_values_and_replays(store, clusters):

@@ -1,0 +1,75 @@
+"""Benchmark scripts run end to end on tiny inputs (the sequential-forgetting one: tests/test_service.py)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path):
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "name: tiny\n"
+        "dataset: {name: synthetic}\n"
+        "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
+        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
+        "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
+        f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
+    )
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/share_sweep.py"), str(cfg), "--factors", "1", "2", "4",
+                           "--classes", "0,1", "--out", str(out), "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((out / "share_sweep_tiny.json").read_text())
+    rows = result["rows"]
+    assert [r["factor"] for r in rows] == [1, 2, 4] and len(result["classes"]) == 2
+    assert [r["min_share"] for r in rows] == [0.25, 0.5, 1.0]  # 4 classes
+    masked = [r["keys_masked_pct"] for r in rows]
+    assert masked[0] >= masked[1] >= masked[2] and masked[0] > 0
+    for r in rows:
+        assert 0 <= r["forget_test_mean"] <= r["forget_test_max"] <= 100
+    assert "factor 1.00" in proc.stdout
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_bench_lookup_agrees_across_backends(tmp_path):
+    _run("bench_lookup.py", "--shapes", "64x256", "--embeddings", "256", "--repeats", "1", "--threads", "1",
+         "--out", str(tmp_path / "lookup.json"))
+    runs = json.loads((tmp_path / "lookup.json").read_text())["runs"]
+    assert {r["method"] for r in runs} == {"dkvb-torch", "dkvb-faiss", "faiss-flat", "torch-cdist"}
+    for r in runs:  # every backend finds the same nearest keys, at a positive measured rate
+        assert r["agreement"] == 1.0 and r["embeddings_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_bench_service_counts_refusals_and_replays(tmp_path):
+    # 8 x 16 keys for 100 classes: some requests would mask a whole codebook and must be refused
+    _run("bench_service.py", "--requests", "30", "--per-class", "10", "--dim", "32", "--codebooks", "8",
+         "--codebook-size", "16", "--epochs", "1", "--out", str(tmp_path))
+    r = json.loads((tmp_path / "service_30.json").read_text())
+    assert sum(r["counts"].values()) == 30
+    assert r["log_records"] == 30 - r["counts"]["refused"] + 1  # + the origin record
+    assert r["replay_matches_head"]
+
+
+@pytest.mark.slow
+def test_bench_embedding_reports_the_full_path_against_the_forward_pass(tmp_path):
+    _run("bench_embedding.py", "--dataset", "synthetic", "--encoder", "torchvision:resnet18", "--random-weights",
+         "--image-size", "32", "--images", "32", "--batch-size", "16", "--repeats", "1", "--threads", "1",
+         "--out", str(tmp_path / "embedding.json"))
+    (run,) = json.loads((tmp_path / "embedding.json").read_text())["runs"]
+    assert run["images"] == 32 and run["forward_images_per_s"] > 0 and run["full_images_per_s"] > 0
+    # the full path (dataset, decode, preprocess, forward, cache write) includes the forward pass
+    assert run["median_ratio"] == pytest.approx(run["forward_images_per_s"] / run["full_images_per_s"], rel=0.5)
