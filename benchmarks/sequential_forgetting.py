@@ -168,7 +168,7 @@ def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
     from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    lines = [(s["rows"], f"DKVB {s['label']}" + (f" (refused at {s['refused']['forgotten']})" if s["refused"] else ""),
+    lines = [(s["rows"], s["label"] + (f" (refused at {s['refused']['forgotten']})" if s["refused"] else ""),
               "o-") for s in result["dkvb"]]
     for rows, name, style in lines + [(result["baseline"], f"{result['baseline_name']} (linear head)", "s--")]:
         xs = [r["forgotten"] for r in rows]
