@@ -3,8 +3,9 @@
 Builds (or, with ``--config``, loads) a CIFAR-100-sized DKVB model (100 classes), saves it to a
 fresh model store and sends ``--requests`` requests through :class:`dkvb.service.ModelService`:
 mostly ``activations`` forget requests on random classes (some of them already forgotten, i.e.
-no-ops; some refused because they would mask every key of a codebook), some ``examples`` requests with forget embeddings (without the optional metrics, which
-cost a forward pass over the embeddings), and restores to random earlier requests. Reports
+no-ops; some refused because they would mask every key of a codebook), some ``examples``
+requests with forget embeddings (without the optional metrics, which cost a forward pass over
+the embeddings), and restores to random earlier requests. Reports
 requests/s, latency, audit-log and store size, and whether replaying the log from the original
 model reproduces the final key mask bit for bit; prints a table and writes JSON to
 ``results/benchmarks/``.

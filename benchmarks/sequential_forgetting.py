@@ -204,7 +204,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run(args.config, overrides=args.overrides, limit=args.limit,
-                 variants=[parse_variant(v) for v in args.variants or ["activations"]], baseline=args.baseline, baseline_params=_params(args.baseline_param),
+                 variants=[parse_variant(v) for v in args.variants or ["activations"]], baseline=args.baseline,
+                 baseline_params=_params(args.baseline_param),
                  out=args.out)
     name = result["config"]["name"]
     print(table(result))

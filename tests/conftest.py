@@ -65,3 +65,18 @@ def _sigkill_at_nth_sync(n: int) -> None:
 def sigkill_at_nth_sync():
     """Crash tests: ``sigkill_at_nth_sync(n)`` makes a forked writer die at its n-th fsync/rename."""
     return _sigkill_at_nth_sync
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A tiny experiment YAML (synthetic images, random ResNet-18, 8 x 16 keys) for end-to-end script runs."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(
+        "name: tiny\n"
+        "dataset: {name: synthetic}\n"
+        "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
+        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
+        "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
+        f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
+    )
+    return cfg

@@ -9,22 +9,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
-def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        "name: tiny\n"
-        "dataset: {name: synthetic}\n"
-        "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
-        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
-        "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
-        f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
-    )
-    out = tmp_path / "bench"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/share_sweep.py"), str(cfg), "--factors", "1", "2", "4",
-                           "--classes", "0,1", "--out", str(out), "--threads", "1"],
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+@pytest.mark.slow
+def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path, tiny_config):
+    out = tmp_path / "bench"
+    proc = _run("share_sweep.py", str(tiny_config), "--factors", "1", "2", "4", "--classes", "0,1", "--out", str(out),
+                "--threads", "1")
     result = json.loads((out / "share_sweep_tiny.json").read_text())
     rows = result["rows"]
     assert [r["factor"] for r in rows] == [1, 2, 4] and len(result["classes"]) == 2
@@ -34,13 +30,6 @@ def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path):
     for r in rows:
         assert 0 <= r["forget_test_mean"] <= r["forget_test_max"] <= 100
     assert "factor 1.00" in proc.stdout
-
-
-def _run(script: str, *args: str) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return proc
 
 
 @pytest.mark.slow

@@ -332,20 +332,13 @@ def test_cli_forget_log_replay_restore(store, clusters, tmp_path, capsys):
 
 # ------------------------------------------------------------------ sequential-forgetting benchmark
 @pytest.mark.slow
-def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path):
-    cfg = tmp_path / "tiny.yaml"
-    cfg.write_text(
-        "name: tiny\n"
-        "dataset: {name: synthetic}\n"
-        "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
-        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
-        "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
-        f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
-    )
+def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path, tiny_config):
+    cfg = tiny_config
     out = tmp_path / "seq"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/sequential_forgetting.py"), str(cfg),
                            "--out", str(out), "--threads", "1",
-                           "--set", "model.codebook_size=4", "--dkvb", "activations", "--dkvb", "activations:min_share=0,min_count=1"],
+                           "--set", "model.codebook_size=4",
+                           "--dkvb", "activations", "--dkvb", "activations:min_share=0,min_count=1"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((out / "tiny.json").read_text())
