@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny, well-separated synthetic embedding problem."""
+"""Shared fixtures: a tiny, well-separated synthetic embedding problem, and helpers built on it."""
 from __future__ import annotations
+
+import shutil
 
 import pytest
 import torch
@@ -80,3 +82,11 @@ def tiny_config(tmp_path):
         f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
     )
     return cfg
+
+
+@pytest.fixture
+def store(stored, tmp_path):
+    """A writable copy of the test module's ``stored`` model (each module that uses it defines ``stored``)."""
+    path = tmp_path / "model"
+    shutil.copytree(stored, path)
+    return path

@@ -154,13 +154,6 @@ def stored(clusters, tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def store(stored, tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(stored, path)
-    return path
-
-
 @FUZZ
 @given(where=st.floats(0, 1, exclude_max=True), version=st.sampled_from(["000001", "000002"]),
        how=st.sampled_from(["truncate", "flip", "truncate+fix-checksum"]))

@@ -35,13 +35,6 @@ def stored(clusters, tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def store(stored, tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(stored, path)
-    return path
-
-
 def mask_of(path, version=None):
     return load_model(path, version)[0].key_mask
 
