@@ -28,36 +28,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import yaml
 
-from dkvb.config import load_config
+from dkvb.config import load_config, parse_assignments
 from dkvb.evaluate import accuracy, evaluate, predict_logits
-from dkvb.experiment import load_embeddings, train_models
-from dkvb.io import atomic_write, atomic_write_json
+from dkvb.experiment import load_embeddings, method_label, train_models
+from dkvb.io import atomic_write_json
+from dkvb.report import pyplot, save_figure
 from dkvb.service import ModelService, method_name
 from dkvb.store import save_model
 from dkvb.unlearn import ForgetRequest, create_unlearner
 
 
-def _params(items: Sequence[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise SystemExit(f"parameter {item!r} must look like key=value")
-        k, v = item.split("=", 1)
-        out[k] = yaml.safe_load(v)
-    return out
-
-
 def parse_variant(spec: str) -> tuple[str, dict[str, Any]]:
     """``"activations"`` or ``"activations:min_share=0.03,erase_values=true"`` -> (method, params)."""
     method, _, rest = spec.partition(":")
-    return method_name(method), _params([p for p in rest.split(",") if p])
-
-
-def label(method: str, params: dict[str, Any]) -> str:
-    inner = ", ".join(f"{k}={v}" for k, v in params.items())
-    return f"{method}[{inner}]" if inner else method
+    return method_name(method), dict(parse_assignments([p for p in rest.split(",") if p]))
 
 
 def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
@@ -70,14 +55,18 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
     series; the refusal is recorded and the other series go on.
     """
     cfg = load_config(config, list(overrides))
+    if baseline == "retrain" and not baseline_params:
+        t = cfg.linear_train  # retrain with the recipe the linear head was trained with
+        baseline_params = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size}
+    # unknown methods or parameters fail here, before any work, not later as refused requests
+    unlearner = create_unlearner(baseline, **(baseline_params or {}))
+    for method, params in variants:
+        create_unlearner(method, **params)
     train, test = load_embeddings(cfg, progress=False)
     models = train_models(cfg, train, kinds={"dkvb", "linear"}, progress=False)
     n = train.num_classes
     steps = n // 2 if limit is None else min(limit, n // 2)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[:steps].tolist()
-    if baseline == "retrain" and not baseline_params:
-        t = cfg.linear_train  # retrain with the recipe the linear head was trained with
-        baseline_params = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size}
 
     def row(model, forgotten: list[int], seconds: float, flops: int) -> dict[str, Any]:
         if forgotten:
@@ -97,21 +86,22 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
         store = out / f"{cfg.name}-store-{i}"
         shutil.rmtree(store, ignore_errors=True)
         save_model(dkvb_model, store, class_names=list(train.class_names), encoder=cfg.encoder.name)
-        series.append({"method": method, "params": params, "label": label(method, params), "store": str(store),
-                       "service": ModelService(store), "rows": [dict(start_row)], "refused": None})
+        # "service" and "data" (examples draws forget embeddings; activations runs on the cached counts)
+        # are dropped before the result is written
+        series.append({"method": method, "params": params, "label": method_label(method, params),
+                       "store": str(store), "rows": [dict(start_row)], "refused": None,
+                       "service": ModelService(store), "data": train if method == "dkvb-examples" else None})
     base_rows = [row(models["linear"][0], [], 0.0, 0)]
     base_model = models["linear"][0]
-    unlearner = create_unlearner(baseline, **(baseline_params or {}))
     for k in range(1, steps + 1):
         forgotten = order[:k]
         for s in series:
             if s["refused"] is not None:
                 continue
-            needs_data = s["method"] == "dkvb-examples"  # activations runs on the model's cached counts
             start = time.perf_counter()
             try:
                 rec = s["service"].forget([order[k - 1]], s["method"], s["params"],
-                                          data=train if needs_data else None, metrics=False)
+                                          data=s["data"], metrics=False)
             except ValueError as e:  # the request would empty a codebook: the service refuses it
                 s["refused"] = {"forgotten": k, "class": train.class_names[order[k - 1]], "error": str(e)}
                 print(f"{k:3d} {s['label']}: request refused: {e}", flush=True)
@@ -125,9 +115,8 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
         print(f"{k:3d} forgotten  retain/forget-test accuracy: " + "   ".join(cells)
               + f"   {baseline} {_pct(base_rows[-1], k)}", flush=True)
     for s in series:  # None: the first request was refused, nothing to replay
-        service = s.pop("service")
-        s["replay_matches"] = (service.replay(train if s["method"] == "dkvb-examples" else None).matches_head
-                               if len(s["rows"]) > 1 else None)
+        service, data = s.pop("service"), s.pop("data")
+        s["replay_matches"] = service.replay(data).matches_head if len(s["rows"]) > 1 else None
     result = {
         "config": cfg.to_dict(), "order": [train.class_names[c] for c in order], "dkvb": series,
         "baseline_name": baseline, "baseline_params": baseline_params or {}, "baseline": base_rows,
@@ -161,13 +150,9 @@ def table(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 4), sharex=True)
     lines = [(s["rows"], s["label"] + (f" (refused at {s['refused']['forgotten']})" if s["refused"] else ""),
               "o-") for s in result["dkvb"]]
     for rows, name, style in lines + [(result["baseline"], f"{result['baseline_name']} (linear head)", "s--")]:
@@ -183,9 +168,7 @@ def plot(result: dict[str, Any], path: Path, *, title: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -203,10 +186,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run(args.config, overrides=args.overrides, limit=args.limit,
-                 variants=[parse_variant(v) for v in args.variants or ["activations"]], baseline=args.baseline,
-                 baseline_params=_params(args.baseline_param),
-                 out=args.out)
+    try:
+        variants = [parse_variant(v) for v in args.variants or ["activations"]]
+        baseline_params = dict(parse_assignments(args.baseline_param, what="--baseline-param"))
+    except ValueError as e:  # a malformed --dkvb / --baseline-param: name it, no traceback
+        p.error(str(e))
+    result = run(args.config, overrides=args.overrides, limit=args.limit, variants=variants,
+                 baseline=args.baseline, baseline_params=baseline_params, out=args.out)
     name = result["config"]["name"]
     print(table(result))
     print(f"replay from the audit log reproduces the final mask: {result['replay_matches']}")

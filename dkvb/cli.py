@@ -7,9 +7,7 @@ import logging
 import sys
 from typing import Callable, Sequence
 
-import yaml
-
-from .config import MethodConfig, load_config
+from .config import MethodConfig, load_config, parse_assignments
 from .report import markdown_table, summarize
 
 
@@ -63,11 +61,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _params(items: list[str]) -> dict:
+    return dict(parse_assignments(items, what="--param"))
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .experiment import unlearn_once
 
-    params = {k: yaml.safe_load(v) for k, v in (p.split("=", 1) for p in args.param)}
-    before, after, report = unlearn_once(_config(args), args.classes, MethodConfig(args.method, params=params))
+    method = MethodConfig(args.method, params=_params(args.param))
+    before, after, report = unlearn_once(_config(args), args.classes, method)
     print(f"{report.method}: {report.flops:.3g} FLOPs, {report.seconds * 1e3:.2f} ms")
     for key in before:
         print(f"  {key:17s} {100 * before[key]:6.2f} -> {100 * after[key]:6.2f}")
@@ -98,11 +100,16 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
     return wrap
 
 
+def _request_args(p: argparse.ArgumentParser, *, method: str, method_help: str) -> None:
+    """--classes, --method and --param of a forget request (``dkvb unlearn`` and ``dkvb forget``)."""
+    p.add_argument("--classes", required=True, help="comma-separated class names or indices to forget")
+    p.add_argument("--method", default=method, help=method_help)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+
+
 def _unlearn_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
-    p.add_argument("--classes", required=True, help="comma-separated class names or indices to forget")
-    p.add_argument("--method", default="dkvb-activations", help="registered unlearning method")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+    _request_args(p, method="dkvb-activations", method_help="registered unlearning method")
 
 
 def _run_args(p: argparse.ArgumentParser) -> None:
@@ -118,16 +125,6 @@ command("run", "embed, train, unlearn every request with every method, write the
 
 
 # ------------------------------------------------------------------ service: forget / restore / log / replay / verify
-def _params(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--param {item!r} must look like key=value")
-        key, raw = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(raw)
-    return out
-
-
 def _store_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, metavar="PATH", help="model store folder (see dkvb.store)")
 
@@ -185,9 +182,7 @@ def cmd_forget(args: argparse.Namespace) -> int:
 
 def _forget_args(p: argparse.ArgumentParser) -> None:
     _store_args(p)
-    p.add_argument("--classes", required=True, help="comma-separated class names or indices to forget")
-    p.add_argument("--method", default="activations", help="activations or examples (default: activations)")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
+    _request_args(p, method="activations", method_help="activations or examples (default: activations)")
     p.add_argument("--seed", type=int, default=0, help="seeds the draw of forget examples")
     _data_args(p)
 
@@ -210,9 +205,9 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_log(args: argparse.Namespace) -> int:
-    from .service import audit_log
+    from .service import read_log
 
-    records = audit_log(args.model)
+    records = read_log(args.model)
     if args.json:
         for r in records:
             print(json.dumps(r))
@@ -283,7 +278,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         t = load_config(args.config, args.overrides).train
         retrain = {"epochs": t.epochs, "lr": t.lr, "batch_size": t.batch_size}
     retrain.update({k: v for k, v in (("epochs", args.retrain_epochs), ("lr", args.retrain_lr)) if v is not None})
-    probe = ProbeConfig(examples=args.probe_examples, lr=args.probe_lr, max_steps=args.max_steps)
+    probe = ProbeConfig(**{k: v for k, v in (("examples", args.probe_examples), ("lr", args.probe_lr),
+                                              ("max_steps", args.max_steps)) if v is not None})
     row = verify(unlearned, original, train, test, ids, retrain_params=retrain, probe=probe, seed=args.seed)
     if args.json:
         print(json.dumps({"version": version, "origin": origin, "forgotten": forgotten, **row}))
@@ -314,14 +310,17 @@ def _verify_target(records: list, request: str | None) -> tuple[str, str]:
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
+    from .verify import ProbeConfig
+
     _store_args(p)
     p.add_argument("--request", metavar="REQUEST_ID", help="verify the model after this request (default: the latest)")
     _data_args(p)
     p.add_argument("--retrain-epochs", type=int, help="epochs of the retrain-from-scratch reference")
     p.add_argument("--retrain-lr", type=float, help="learning rate of the retrain-from-scratch reference")
-    p.add_argument("--probe-examples", type=int, default=10, help="forget examples the relearning probe tunes on")
-    p.add_argument("--probe-lr", type=float, default=1.0, help="SGD learning rate of the relearning probe")
-    p.add_argument("--max-steps", type=int, default=200, help="relearning probe step budget")
+    p.add_argument("--probe-examples", type=int, help="forget examples the relearning probe tunes on "
+                   f"(default {ProbeConfig.examples})")
+    p.add_argument("--probe-lr", type=float, help=f"SGD learning rate of the relearning probe (default {ProbeConfig.lr})")
+    p.add_argument("--max-steps", type=int, help=f"relearning probe step budget (default {ProbeConfig.max_steps})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 

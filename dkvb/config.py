@@ -6,7 +6,7 @@ import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
@@ -183,14 +183,27 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ValueError(f"{p}: an experiment config must be a YAML mapping")
         data = loaded
         data.setdefault("name", p.stem)
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like key.sub=value")
-        key, raw = item.split("=", 1)
+    for key, value in parse_assignments(overrides or [], what="override", form="key.sub=value"):
         upd: dict[str, Any] = {}
-        _set_path(upd, key.strip(), yaml.safe_load(raw))
+        _set_path(upd, key, value)
         data = _merge(data, upd)
     return _build(ExperimentConfig, data, "")
+
+
+def parse_assignments(items: Sequence[str], *, what: str = "parameter", form: str = "key=value"
+                      ) -> list[tuple[str, Any]]:
+    """``["lr=0.5", "epochs=3"]`` -> ``[("lr", 0.5), ("epochs", 3)]``, values parsed as YAML.
+
+    The one parser of command-line ``key=value`` items (config overrides, method parameters);
+    ``ValueError`` names an item without ``=``, calling it ``what``.
+    """
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"{what} {item!r} must look like {form}")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
 
 
 def save_config(config: ExperimentConfig, path: Path) -> None:

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
-from .evaluate import METRICS, accuracy, metrics_from_logits, predict_logits
+from .evaluate import METRICS, accuracy, evaluate, metrics_from_logits, predict_logits
 from .io import atomic_write_json
 from .models import build_model
 from .store import StoreError, load_model, save_model
@@ -118,8 +118,12 @@ def expand_methods(cfg: ExperimentConfig) -> Iterator[tuple[str, MethodConfig, d
         fixed = {k: v for k, v in m.params.items() if not isinstance(v, list)}
         for values in itertools.product(*sweep.values()) if sweep else [()]:
             swept = dict(zip(sweep, values))
-            label = m.name + ("[" + ",".join(f"{k}={v}" for k, v in swept.items()) + "]" if swept else "")
-            yield label, m, {**fixed, **swept}
+            yield method_label(m.name, swept), m, {**fixed, **swept}
+
+
+def method_label(name: str, params: dict[str, Any]) -> str:
+    """How results name a method run: ``name[key=value,...]``, or ``name`` without parameters."""
+    return name + ("[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]" if params else "")
 
 
 def forget_requests(cfg: ExperimentConfig, class_names: tuple[str, ...]) -> list[tuple[int, ...]]:
@@ -172,6 +176,13 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         original = accuracy(logits[kind][1][forget], test.y[forget])
         return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
 
+    def add(method: str, kind: str, classes: tuple[int, ...], metrics: dict[str, float], flops: float,
+            seconds: float, params: dict[str, Any], details: dict[str, Any], **extra: Any) -> None:
+        names = [train.class_names[c] for c in classes]
+        records.append({**base, "method": method, "model": kind, "forget_classes": names,
+                        "forget_class_ids": list(classes), "metrics": metrics, "flops": flops, "seconds": seconds,
+                        "params": params, "details": details, **extra})
+
     bar = tqdm(total=len(requests) * (len(runs) + len(models)), desc="unlearn", disable=not progress)
     for classes in requests:
         names = [train.class_names[c] for c in classes]
@@ -181,9 +192,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                 continue
             metrics = metrics_from_logits(*logits[kind], train, test, classes, seed=cfg.seed)
             metrics.update(relearn(model, kind, classes))
-            records.append({**base, "method": "original", "model": kind, "forget_classes": names,
-                            "forget_class_ids": list(classes), "metrics": metrics, "flops": 0, "seconds": 0.0,
-                            "params": {}, "details": info})
+            add("original", kind, classes, metrics, 0, 0.0, {}, info)
         request = ForgetRequest(classes, train, seed=cfg.seed)
         for label, method, params in runs:
             bar.update()
@@ -195,18 +204,13 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                 report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
             except (ValueError, DivergenceError) as e:  # e.g. a mask that empties a codebook, a NaN loss
                 log.warning("%s on %s failed: %s", label, names, e)
-                records.append({**base, "method": label, "model": kind, "forget_classes": names,
-                                "forget_class_ids": list(classes), "metrics": {m: float("nan") for m in METRICS},
-                                "flops": float("nan"), "seconds": float("nan"), "params": dict(params),
-                                "details": {}, "error": str(e)})
+                add(label, kind, classes, {m: float("nan") for m in METRICS}, float("nan"), float("nan"),
+                    dict(params), {}, error=str(e))
                 continue
             metrics = metrics_from_logits(predict_logits(report.model, train.x), predict_logits(report.model, test.x),
                                           train, test, classes, seed=cfg.seed)
             metrics.update(relearn(report.model, kind, classes))
-            records.append({**base, "method": label, "model": kind, "forget_classes": names,
-                            "forget_class_ids": list(classes), "metrics": metrics, "flops": report.flops,
-                            "seconds": report.seconds, "params": report.params,
-                            "details": _json_safe(report.details)})
+            add(label, kind, classes, metrics, report.flops, report.seconds, report.params, _json_safe(report.details))
         save()
     bar.close()
     save()
@@ -222,11 +226,10 @@ def unlearn_once(
     kind = method_model(method)
     model = train_models(cfg, train, kinds={kind}, progress=False)[kind][0]
     ids = resolve_classes(classes, train.class_names)
-    from .evaluate import evaluate
-
     report = create_unlearner(method.name, **method.params).unlearn(model, ForgetRequest(ids, train, seed=cfg.seed))
     return (evaluate(model, train, test, ids, seed=cfg.seed), evaluate(report.model, train, test, ids, seed=cfg.seed),
             report)
 
 
-__all__ = ["load_embeddings", "train_models", "run_experiment", "unlearn_once", "expand_methods", "forget_requests"]
+__all__ = ["load_embeddings", "train_models", "run_experiment", "unlearn_once", "expand_methods", "method_label",
+           "forget_requests"]

@@ -63,13 +63,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
-    """Forget-test vs retain-test accuracy, marker size = log10 FLOPs, one marker per method."""
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend: plots are only written to files."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as PNG (atomically) and free it."""
+    fig.tight_layout()
+    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
+    pyplot().close(fig)
+
+
+def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
+    """Forget-test vs retain-test accuracy, marker size = log10 FLOPs, one marker per method."""
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
     for r in rows:
         size = 20 + 25 * max(0.0, math.log10(max(r["flops"], 1.0)))
@@ -80,9 +93,7 @@ def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") ->
     ax.set_title(title + "\nmarker size ∝ log10 FLOPs of unlearning")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def headline(rows: list[dict[str, Any]]) -> str:
@@ -131,11 +142,7 @@ def examples_plot(records: list[dict[str, Any]], path: Path, *, title: str = "")
             points[float(n)].append(r)
     if len(points) < 2:
         return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     xs = sorted(points)
     fig, ax = plt.subplots(figsize=(6, 4))
     for metric, label in (("forget_test_acc", "forget-test"), ("retain_test_acc", "retain-test")):
@@ -146,19 +153,13 @@ def examples_plot(records: list[dict[str, Any]], path: Path, *, title: str = "")
     ax.set_title(title + "\nDKVB unlearning via examples")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 
 def flops_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> None:
     """Retain-test and forget-test accuracy vs unlearning FLOPs (log), one point per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
     for r in rows:
         if r["method"] == "original":
@@ -173,9 +174,7 @@ def flops_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> No
         ax.grid(alpha=0.3)
     axes[1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "") -> str:
@@ -183,14 +182,12 @@ def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "
     ``forget_vs_examples.png``) into ``run_dir``; returns the main table."""
     rows = summarize(records)
     table = markdown_table(rows)
+    errors = sorted({f"- `{r['method']}` on {r['forget_classes']}: {r['error']}" for r in records if "error" in r})
+    failed = "\n## Failed runs\n\n" + "\n".join(errors) + "\n" if errors else ""
     atomic_write_text(run_dir / "table.md", f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
                       f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
                       f"probe (compare with retrain).\n\n{headline(rows)}\n{table}\n## As in the paper's tables\n\n"
-                      f"{paper_table(rows)}")
-    errors = sorted({f"- `{r['method']}` on {r['forget_classes']}: {r['error']}" for r in records if "error" in r})
-    if errors:
-        atomic_write_text(run_dir / "table.md", (run_dir / "table.md").read_text()
-                          + "\n## Failed runs\n\n" + "\n".join(errors) + "\n")
+                      f"{paper_table(rows)}{failed}")
     tradeoff_plot(rows, run_dir / "tradeoff.png", title=title)
     flops_plot(rows, run_dir / "accuracy_vs_flops.png", title=title)
     examples_plot(records, run_dir / "forget_vs_examples.png", title=title)

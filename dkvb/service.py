@@ -183,11 +183,6 @@ def _read_log(path: str | os.PathLike) -> tuple[list[dict[str, Any]], str | None
     return records, prev
 
 
-def audit_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The audit log of the store at ``path`` (see :func:`read_log`)."""
-    return read_log(path)
-
-
 def _mask_sha(mask: Tensor) -> str:
     return tensor_sha256(mask.bool())
 
@@ -200,8 +195,10 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _data_digest(x: Tensor, y: Tensor) -> str:
-    return hashlib.sha256(f"{tensor_sha256(x)}|{tensor_sha256(y)}".encode()).hexdigest()
+def _data_digest(data: EmbeddingSet, ids: Sequence[int]) -> str:
+    """Digest of the embeddings and labels of classes ``ids`` in ``data`` (what a request read)."""
+    rows = data.class_mask(ids)
+    return hashlib.sha256(f"{tensor_sha256(data.x[rows])}|{tensor_sha256(data.y[rows])}".encode()).hexdigest()
 
 
 # ------------------------------------------------------------------ service
@@ -525,8 +522,7 @@ def _request(
     if data is None:
         raise ValueError(f"{unlearner.name} reads training embeddings here (forget examples, or activation counts "
                          "the model has not cached): give them with --embeddings or --config")
-    rows = data.class_mask(ids)
-    return ForgetRequest(tuple(ids), data, seed=seed), _data_digest(data.x[rows], data.y[rows])
+    return ForgetRequest(tuple(ids), data, seed=seed), _data_digest(data, ids)
 
 
 def _replay_forget(
@@ -539,8 +535,7 @@ def _replay_forget(
     digest = rec.get("data_sha256")
     given = None
     if digest is not None and data is not None:
-        rows = data.class_mask(ids)
-        if list(data.class_names) != names or _data_digest(data.x[rows], data.y[rows]) != digest:
+        if list(data.class_names) != names or _data_digest(data, ids) != digest:
             raise ReplayError(f"{rec['request_id']}: the given embeddings differ from those the request read "
                               "(data_sha256); pass the same embeddings, or none to re-apply logged deltas")
         given = data
@@ -599,6 +594,6 @@ def replay(path: str | os.PathLike, data: EmbeddingSet | None = None) -> Tensor:
 
 
 __all__ = [
-    "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "replay", "audit_log", "read_log",
+    "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "replay", "read_log",
     "load_embeddings_file", "embeddings_from_config", "method_name", "METHODS", "LOG",
 ]

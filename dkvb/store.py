@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .io import atomic_write_text, fsync_dir, sha256_file
+from .io import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from .models import build_model
 
 FORMAT_VERSION = 2  # what this dkvb writes; 2 adds per-tensor digests and shared tensors
@@ -197,7 +197,7 @@ def save_model(
         try:
             tmp.mkdir()  # files go straight in: the folder becomes visible only by the rename below
             save_file(own, str(tmp / TENSORS))
-            _fsync_file(tmp / TENSORS)
+            fsync_file(tmp / TENSORS)
             _write_synced(tmp / CONFIG, _json_bytes(model.config))
             manifest = {
                 "format_version": FORMAT_VERSION,
@@ -232,11 +232,6 @@ def _write_synced(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb+") as f:
         os.fsync(f.fileno())
 
 

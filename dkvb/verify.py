@@ -149,7 +149,6 @@ def verify(
     classes = sorted(set(int(c) for c in forget_classes))
     if retrained is None:
         retrained = retrain_reference(original, train, classes, seed=seed, **(retrain_params or {}))
-    forget_train, _ = train.split(classes)
     forget_test, _ = test.split(classes)
     ours = evaluate(unlearned, train, test, classes, seed=seed)
     ref = evaluate(retrained, train, test, classes, seed=seed)

@@ -119,6 +119,11 @@ def test_unknown_method_exits_2(dirs, capsys):
     assert "forget-harder" in capsys.readouterr().err
 
 
+def test_unlearn_param_without_value_exits_2_naming_it(dirs, capsys):
+    assert main(["unlearn", str(CONFIG), *dirs, "--classes", "class1", "--param", "num_keys"]) == 2
+    assert "--param 'num_keys' must look like key=value" in capsys.readouterr().err
+
+
 def test_missing_dataset_path_is_a_clear_error(tmp_path, dirs, capsys):
     missing = tmp_path / "no" / "such" / "folder"
     code = main(["embed", str(CONFIG), *dirs, "--set", f"dataset.name=imagefolder:{missing}"])

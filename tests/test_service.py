@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, evaluate, fit
 from dkvb.cli import main
 from dkvb.service import (
-    LOG, ModelService, ReplayError, audit_log, forget, load_embeddings_file, read_log, replay, restore,
+    LOG, ModelService, ReplayError, forget, load_embeddings_file, read_log, replay, restore,
 )
 from dkvb.store import StoreError, StoreLockedError, current_version, list_versions, load_model, save_model
 
@@ -52,7 +52,7 @@ def test_activations_request_needs_no_embeddings_and_is_logged(store, clusters):
     assert evaluate(model, train, test, [1])["forget_test_acc"] <= 0.01
     # the version holds only the key mask; everything else is shared with the trained model
     assert list(load_file(str(store / "versions/000002/tensors.safetensors"))) == ["bottleneck.key_mask"]
-    log = audit_log(store)
+    log = read_log(store)
     assert [r["op"] for r in log] == ["origin", "forget"] and log[-1]["request_id"] == rec["request_id"]
     for field in ("request_id", "time", "classes", "method", "params", "keys_masked", "model_sha256_before",
                   "model_sha256_after"):
@@ -170,7 +170,7 @@ def test_replay_detects_a_head_that_does_not_match(store):
         replay(store)
     # the next request logs the foreign HEAD as a new origin and replay agrees again
     rec = forget(store, "class2")
-    log = audit_log(store)
+    log = read_log(store)
     assert [r["op"] for r in log] == ["origin", "forget", "origin", "forget"] and "outside" in log[2]["note"]
     assert rec["version_before"] == log[2]["version"]
     assert torch.equal(replay(store), mask_of(store))
@@ -185,7 +185,7 @@ def test_a_request_killed_after_logging_is_completed_by_the_next(store, monkeypa
     with pytest.raises(KeyboardInterrupt):
         forget(store, "class2")
     monkeypatch.undo()
-    assert current_version(store) == "000002" and audit_log(store)[-1]["version_after"] == "000003"
+    assert current_version(store) == "000002" and read_log(store)[-1]["version_after"] == "000003"
     rec = forget(store, "class3")
     assert rec["version_before"] == "000003" and rec["forgotten"] == ["class1", "class2", "class3"]
     assert torch.equal(replay(store), mask_of(store))
@@ -195,9 +195,9 @@ def test_a_cut_last_line_is_dropped(store):
     forget(store, "class1")
     with open(store / LOG, "ab") as f:
         f.write(b'{"request_id":"req-0000')
-    assert len(audit_log(store)) == 2  # readers skip it
+    assert len(read_log(store)) == 2  # readers skip it
     forget(store, "class2")
-    assert [r["op"] for r in audit_log(store)] == ["origin", "forget", "forget"]
+    assert [r["op"] for r in read_log(store)] == ["origin", "forget", "forget"]
     assert torch.equal(replay(store), mask_of(store))
 
 
@@ -224,7 +224,7 @@ def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, mon
                 os._exit(0)
         os.waitpid(pid, 0)
         load_model(path)  # HEAD loads: the old model or the new one
-        logged = audit_log(path)[-1]["request_id"] == "req-000003"
+        logged = read_log(path)[-1]["request_id"] == "req-000003"
         outcomes.add((logged, current_version(path)))
         rec = forget(path, "class3")  # the next request recovers
         assert rec["forgotten"] == (["class1", "class2", "class3"] if logged else ["class1", "class3"])
@@ -350,6 +350,16 @@ def test_sequential_forgetting_benchmark_on_a_tiny_synthetic_config(tmp_path, ti
     assert greedy["replay_matches"] is (True if len(greedy["rows"]) > 1 else None)  # None: nothing accepted
     assert result["replay_matches"]
     assert "| forgotten |" in proc.stdout and "| refused |" in proc.stdout  # the printed table
+
+
+@pytest.mark.parametrize("spec, message", [("activations:min_shar=0.1", "unknown parameter(s) ['min_shar']"),
+                                            ("activations:oops", "'oops' must look like key=value")])
+def test_sequential_forgetting_benchmark_rejects_a_bad_series_before_any_work(tmp_path, tiny_config, spec, message):
+    # a typo must not be recorded as a refused request: it fails before embedding or training
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks/sequential_forgetting.py"), str(tiny_config),
+                           "--out", str(tmp_path / "seq"), "--dkvb", spec], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and message in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "seq").exists()
 
 
 def test_erase_values_request_stores_the_zeroed_values_and_replays(store, clusters):

@@ -156,8 +156,8 @@ def accumulate_gradients(
 
     ``reduce`` says what is summed: the gradient itself (``"sum"``, so batches can cancel: the
     saliency of SalUn and RBM is the absolute value of that sum) or its square (``"square"``,
-    SSD's diagonal-Fisher estimate once divided by the batch count). Runs on ``model`` as given, in eval mode and dataset order,
-    through ``torch.autograd.grad`` (no ``.grad`` is left behind). Returns the sums and the
+    SSD's diagonal-Fisher estimate once divided by the batch count). Runs on ``model`` as given,
+    in eval mode and dataset order, through ``torch.autograd.grad`` (no ``.grad`` is left behind). Returns the sums and the
     number of batches; each batch counts as one forward + backward pass. A non-finite loss
     raises :class:`~dkvb.train.DivergenceError` naming ``method``.
     """

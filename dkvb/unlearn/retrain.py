@@ -66,10 +66,10 @@ class Retrain(Unlearner):
         weight_decay: Adam weight decay (default 0 = TrainConfig default).
     """
 
-    epochs: int = 10
-    lr: float = 1e-3
-    batch_size: int = 256
-    weight_decay: float = 0.0
+    epochs: int = TrainConfig.epochs
+    lr: float = TrainConfig.lr
+    batch_size: int = TrainConfig.batch_size
+    weight_decay: float = TrainConfig.weight_decay
 
     def __post_init__(self) -> None:
         require_count(self.name, "epochs", self.epochs)
