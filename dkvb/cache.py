@@ -5,11 +5,15 @@ Layout of one cached split (``<cache_dir>/<encoder>/<dataset>/<split>-<key>/``):
     chunks/000000.npy …   finished chunks of ``chunk_size`` rows (written atomically)
     embeddings.npy        (N, D) float32/float16, memory-mappable (written once all chunks exist)
     labels.npy            (N,) int64
-    meta.json             what the key hashes + shapes; written last, so its presence = complete
+    meta.json             what the key hashes + shapes + sha256 of both arrays; written last, so its
+                          presence = complete
 
 The key hashes the encoder's config (name, resolution, preprocessing, pretrained or random),
 the dataset name, split and resolved root, the subset (``limit`` + ``seed``) and the storage
-dtype. An interrupted run leaves finished chunks; the next call encodes only the missing ones.
+dtype; for datasets read from image files (``imagefolder:``, CIFAR folders) also the file list
+with sizes and modification times, so adding, removing, replacing or renaming an image makes a
+new entry instead of serving stale embeddings. Loading checks both arrays against the sha256 in
+``meta.json``. An interrupted run leaves finished chunks; the next call encodes only the missing ones.
 Under ``torch.distributed`` (``torchrun … -m dkvb embed``) rank r encodes chunks r, r+W, …
 and rank 0 merges, so the result equals a single-process run row for row.
 """
@@ -32,9 +36,9 @@ from tqdm.auto import tqdm
 
 from .data import EmbeddingSet
 from .distributed import barrier, rank_and_world
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write, atomic_write_json, sha256_file
 
-__all__ = ["embed_split", "encode_dataset", "cache_path", "load_cached", "subset_indices"]
+__all__ = ["embed_split", "encode_dataset", "cache_path", "load_cached", "read_meta", "files_digest", "subset_indices"]
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
@@ -62,14 +66,40 @@ def cache_path(cache_dir: str | os.PathLike, key_fields: dict[str, Any]) -> Path
     return Path(cache_dir).expanduser() / _slug(enc) / _slug(ds) / f"{key_fields['split']}-{digest}"
 
 
-def load_cached(folder: str | os.PathLike, class_names: Sequence[str] | None = None) -> EmbeddingSet:
-    """Read a complete cached split (memory-mapped, then converted to float32)."""
-    folder = Path(folder)
-    meta_file = folder / "meta.json"
+def files_digest(paths: Sequence[str]) -> str:
+    """Digest of image files' names, sizes and modification times (what the cache key holds for
+    file datasets: a changed folder gets a new cache entry without hashing every image)."""
+    h = hashlib.sha256()
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def read_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """``meta.json`` of a complete cached split; ``FileNotFoundError``/``ValueError`` naming the folder."""
+    meta_file = Path(folder) / "meta.json"
     if not meta_file.exists():
         raise FileNotFoundError(f"no complete embedding cache in {folder} (meta.json missing)")
     try:
         meta = json.loads(meta_file.read_text())
+    except (ValueError, OSError) as e:
+        raise ValueError(f"corrupt embedding cache in {folder}: meta.json: {e}; delete the folder to re-encode") from e
+    if not isinstance(meta, dict):
+        raise ValueError(f"corrupt embedding cache in {folder}: meta.json is not an object; delete the folder")
+    return meta
+
+
+def load_cached(folder: str | os.PathLike, class_names: Sequence[str] | None = None) -> EmbeddingSet:
+    """Read a complete cached split (memory-mapped, then converted to float32), verifying the
+    arrays' sha256 recorded in ``meta.json``."""
+    folder = Path(folder)
+    meta = read_meta(folder)
+    for name, digest in (meta.get("sha256") or {}).items():
+        if name in ("embeddings.npy", "labels.npy") and sha256_file(folder / name) != digest:
+            raise ValueError(f"corrupt embedding cache in {folder}: {name} does not match its sha256 in meta.json; "
+                             "delete the folder to re-encode")
+    try:
         x = np.load(folder / "embeddings.npy", mmap_mode="r")
         y = np.load(folder / "labels.npy")
         shape = tuple(meta["shape"])
@@ -187,7 +217,8 @@ def _merge(folder: Path, num_chunks: int, labels: np.ndarray, meta: dict[str, An
         raise RuntimeError(f"embedding cache {folder}: {x.shape[0]} embeddings for {len(labels)} labels")
     _save_npy(folder / "embeddings.npy", x)
     _save_npy(folder / "labels.npy", labels)
-    atomic_write_json(folder / "meta.json", {**meta, "shape": list(x.shape)})
+    sums = {name: sha256_file(folder / name) for name in ("embeddings.npy", "labels.npy")}
+    atomic_write_json(folder / "meta.json", {**meta, "shape": list(x.shape), "sha256": sums})
     for i in range(num_chunks):
         _chunk_file(folder, i).unlink(missing_ok=True)
 
@@ -241,6 +272,9 @@ def embed_split(
         "root": dataset.root, "limit": None if len(indices) == len(dataset) else [int(limit or 0), seed],
         "dtype": dtype, "amp": amp,
     }
+    paths = getattr(dataset.images, "paths", None) if hasattr(dataset, "images") else None
+    if paths is not None:  # images read from files: key by the files, not only the folder's path
+        key["files"] = files_digest(paths)
     folder = cache_path(cache_dir, key)
     if (folder / "meta.json").exists():
         log.info("embedding cache hit: %s", folder)

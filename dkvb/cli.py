@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import MethodConfig, load_config, parse_assignments
@@ -40,7 +41,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     train, test = load_embeddings(cfg)
-    for kind, (model, info) in train_models(cfg, train).items():
+    for kind, (model, info) in train_models(cfg, train, force=args.force).items():
         acc = accuracy(predict_logits(model, test.x), test.y)
         print(f"{kind:8s} test accuracy {100 * acc:.2f}%  trained in {info['train_seconds']:.1f}s  "
               f"-> {cfg.run_dir / 'models' / kind}")
@@ -65,22 +66,59 @@ def _params(items: list[str]) -> dict:
     return dict(parse_assignments(items, what="--param"))
 
 
+def _classes(args: argparse.Namespace) -> list[int | str]:
+    """The classes a request names: ``--classes`` (comma-separated names), ``--class`` (one exact
+    name), ``--classes-file`` (one exact name per line) and ``--class-ids`` (indices)."""
+    names: list[int | str] = [n.strip() for v in args.classes for n in v.split(",") if n.strip()]
+    names += args.class_names
+    if args.classes_file:
+        try:
+            lines = Path(args.classes_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--classes-file {args.classes_file}: unreadable ({e})") from None
+        names += [line for line in lines if line]
+    for value in args.class_ids:
+        for item in (i.strip() for i in value.split(",") if i.strip()):
+            try:
+                names.append(int(item))
+            except ValueError:
+                raise ValueError(f"--class-ids: {item!r} is not an integer class index") from None
+    if not names:
+        raise ValueError("name the classes: --classes NAME[,NAME], --class NAME, --classes-file FILE or "
+                         "--class-ids INDEX[,INDEX]")
+    return names
+
+
 def cmd_unlearn(args: argparse.Namespace) -> int:
     from .experiment import unlearn_once
 
     method = MethodConfig(args.method, params=_params(args.param))
-    before, after, report = unlearn_once(_config(args), args.classes, method)
+    before, after, report = unlearn_once(_config(args), _classes(args), method)
     print(f"{report.method}: {report.flops:.3g} FLOPs, {report.seconds * 1e3:.2f} ms")
     for key in before:
         print(f"  {key:17s} {100 * before[key]:6.2f} -> {100 * after[key]:6.2f}")
     return 0
 
 
+def _check_methods(cfg) -> None:
+    """Create every configured unlearner once, so an unknown method or parameter fails before any work."""
+    from .experiment import expand_methods, method_model
+    from .unlearn import create_unlearner
+
+    for label, method, params in expand_methods(cfg):
+        method_model(method)
+        try:
+            create_unlearner(method.name, **params)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"methods: {label}: {e}") from None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from .experiment import run_experiment
 
     cfg = _config(args)
-    records = run_experiment(cfg, fresh=args.fresh)
+    _check_methods(cfg)
+    records = run_experiment(cfg, fresh=args.fresh, force=args.force)
     print(markdown_table(summarize(records)))
     print(f"results: {cfg.run_dir / 'results.json'}  table: {cfg.run_dir / 'table.md'}  "
           f"plot: {cfg.run_dir / 'tradeoff.png'}")
@@ -101,8 +139,15 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 
 
 def _request_args(p: argparse.ArgumentParser, *, method: str, method_help: str) -> None:
-    """--classes, --method and --param of a forget request (``dkvb unlearn`` and ``dkvb forget``)."""
-    p.add_argument("--classes", required=True, help="comma-separated class names or indices to forget")
+    """The classes, --method and --param of a forget request (``dkvb unlearn`` and ``dkvb forget``)."""
+    p.add_argument("--classes", action="append", default=[], metavar="NAMES",
+                   help="comma-separated class names (repeatable); a name is never read as an index")
+    p.add_argument("--class", dest="class_names", action="append", default=[], metavar="NAME",
+                   help="one class name taken exactly, commas, spaces and a leading '-' kept (repeatable; "
+                   "write --class=-1 for names starting with '-')")
+    p.add_argument("--classes-file", metavar="FILE", help="class names, one per line, taken exactly")
+    p.add_argument("--class-ids", action="append", default=[], metavar="IDS",
+                   help="comma-separated class indices (0-based, in the model's class order)")
     p.add_argument("--method", default=method, help=method_help)
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="method hyperparameter")
 
@@ -112,13 +157,23 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
     _request_args(p, method="dkvb-activations", method_help="registered unlearning method")
 
 
-def _run_args(p: argparse.ArgumentParser) -> None:
+def _force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace a trained model even where it serves deletion "
+                   "requests (logged; the classes forgotten there are not forgotten in the new model)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
     _add_config(p)
+    _force_arg(p)
+
+
+def _run_args(p: argparse.ArgumentParser) -> None:
+    _train_args(p)
     p.add_argument("--fresh", action="store_true", help="ignore results already in the run folder")
 
 
 command("embed", "encode the dataset's splits into the embedding cache")(cmd_embed)
-command("train", "train the models the experiment's methods act on")(cmd_train)
+command("train", "train the models the experiment's methods act on", _train_args)(cmd_train)
 command("evaluate", "evaluate the trained models on every forget request")(cmd_evaluate)
 command("unlearn", "forget classes with one method and print before/after metrics", _unlearn_args)(cmd_unlearn)
 command("run", "embed, train, unlearn every request with every method, write the report", _run_args)(cmd_run)
@@ -138,19 +193,24 @@ def _data_args(p: argparse.ArgumentParser) -> None:
                    help="override a field of --config (repeatable)")
 
 
-def _service_data(args: argparse.Namespace, class_names: list[str]):
-    """(train, test) embeddings from --config or --embeddings/--test-embeddings; ``None`` where not given."""
-    from .service import embeddings_from_config, load_embeddings_file
+def _service_data(args: argparse.Namespace):
+    """(train, test) embeddings from --config or --embeddings/--test-embeddings, checked against the
+    served model's class names and encoder; ``None`` where not given."""
+    from .embeddings_io import embeddings_from_config, load_embeddings_file
+    from .store import read_manifest
 
     if args.config and (args.embeddings or args.test_embeddings):
         raise ValueError("give either --config or --embeddings/--test-embeddings, not both")
-    if args.config:
-        return embeddings_from_config(args.config, args.overrides)
     if args.test_embeddings and not args.embeddings:
         raise ValueError("--test-embeddings needs --embeddings (the training embeddings) too")
-    train = load_embeddings_file(args.embeddings, class_names) if args.embeddings else None
-    test = load_embeddings_file(args.test_embeddings, class_names) if args.test_embeddings else None
-    return train, test
+    if not (args.config or args.embeddings):
+        return None, None
+    manifest = read_manifest(args.model)
+    if args.config:
+        return embeddings_from_config(args.config, args.overrides, manifest)
+    names = list(manifest["class_names"])
+    test = load_embeddings_file(args.test_embeddings, names, manifest) if args.test_embeddings else None
+    return load_embeddings_file(args.embeddings, names, manifest), test
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -160,20 +220,20 @@ def _print_metrics(metrics: dict) -> None:
 
 def cmd_forget(args: argparse.Namespace) -> int:
     from .service import ModelService
-    from .store import read_manifest
 
-    train, test = _service_data(args, list(read_manifest(args.model)["class_names"]))
-    rec = ModelService(args.model).forget(args.classes, args.method, _params(args.param), data=train, test=test,
+    classes = _classes(args)
+    train, test = _service_data(args)
+    rec = ModelService(args.model).forget(classes, args.method, _params(args.param), data=train, test=test,
                                           seed=args.seed)
     if rec["already_forgotten"]:
-        print(f"notice: already forgotten, skipped: {', '.join(rec['already_forgotten'])}")
+        print(f"notice: already forgotten, skipped: {_shown(', '.join(rec['already_forgotten']))}")
     if rec["noop"]:
         print(f"{rec['request_id']}: nothing to do; logged as a no-op (HEAD stays {rec['version_after']})")
         return 0
-    print(f"{rec['request_id']}: forgot {', '.join(rec['new_classes'])} with {rec['method']}: "
+    print(f"{rec['request_id']}: forgot {_shown(', '.join(rec['new_classes']))} with {rec['method']}: "
           f"{rec['keys_masked']} keys masked ({rec['keys_masked_total']} in all), "
           f"version {rec['version_before']} -> {rec['version_after']}, {rec['seconds'] * 1e3:.2f} ms")
-    print(f"forgotten now: {', '.join(rec['forgotten'])}")
+    print(f"forgotten now: {_shown(', '.join(rec['forgotten']))}")
     if "metrics" in rec:
         print("metrics after (over all forgotten classes):")
         _print_metrics(rec["metrics"])
@@ -195,7 +255,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print(f"{rec['request_id']}: HEAD already is the model after {rec['to']}; logged as a no-op")
     else:
         print(f"{rec['request_id']}: restored the model after {rec['to']}: HEAD {rec['version_before']} -> "
-              f"{rec['version_after']}; forgotten: {', '.join(rec['forgotten']) or 'none'}")
+              f"{rec['version_after']}; forgotten: {_shown(', '.join(rec['forgotten'])) or 'none'}")
     return 0
 
 
@@ -204,9 +264,18 @@ def _restore_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--to", required=True, metavar="REQUEST_ID", help="request id from `dkvb log`, or 'origin'")
 
 
+def _shown(text: str) -> str:
+    """``text`` with control and other unprintable characters escaped (class names come from folder
+    names and files: they must not move the cursor or recolour the terminal)."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
 def cmd_log(args: argparse.Namespace) -> int:
     from .service import read_log
+    from .store import served_version
 
+    if served_version(args.model) is None:
+        raise FileNotFoundError(f"no stored model at {args.model}")
     records = read_log(args.model)
     if args.json:
         for r in records:
@@ -220,11 +289,13 @@ def cmd_log(args: argparse.Namespace) -> int:
                        else ""))
         elif r["op"] == "restore":
             what = f"to {r['to']}"
+        elif r["op"] == "prune":
+            what = f"deleted versions {','.join(r['removed'])}"
         else:
             what = r.get("note", "")
         versions = f"{r['version_before']}->{r['version_after']}" if "version_before" in r else r["version_after"]
-        print(f"{r['request_id']:11s} {r['time'][:19].replace('T', ' '):19s} {r['op']:8s} {versions:15s} {r.get('keys_masked', ''):>5}  "
-              f"{what}")
+        print(_shown(f"{r['request_id']:11s} {r['time'][:19].replace('T', ' '):19s} {r['op']:8s} {versions:15s} "
+                     f"{r.get('keys_masked', ''):>5}  {what}"))
     return 0
 
 
@@ -236,11 +307,10 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 def cmd_replay(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from .service import ModelService
-    from .store import read_manifest
+    from .service import ServedStore
 
-    train, _ = _service_data(args, list(read_manifest(args.model)["class_names"]))
-    result = ModelService(args.model).replay(train)
+    train, _ = _service_data(args)
+    result = ServedStore(args.model).replay(train)
     hows = Counter(s["how"] for s in result.steps)
     print(f"replayed {len(result.steps)} records: " + ", ".join(f"{n} {how}" for how, n in sorted(hows.items())))
     print(f"keys masked: {int(result.mask.sum())} of {result.mask.numel()}")
@@ -258,15 +328,15 @@ def _replay_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .service import ModelService
-    from .store import read_manifest
+    from .service import ServedStore
     from .verify import ProbeConfig, format_columns, verify
 
-    svc = ModelService(args.model)
-    train, test = _service_data(args, list(read_manifest(args.model)["class_names"]))
-    if train is None or test is None:
+    svc = ServedStore(args.model)
+    if not (args.config or (args.embeddings and args.test_embeddings)):
         raise ValueError("verify needs training and test embeddings: --config, or --embeddings and --test-embeddings")
-    version, origin = _verify_target(svc.log(), args.request)
+    records = svc.check()  # a cut, emptied or edited log is refused before any work
+    train, test = _service_data(args)
+    version, origin = _verify_target(records, args.request)
     unlearned, manifest = svc.load(version)
     original, _ = svc.load(origin)
     forgotten = svc.forgotten_of(manifest)
@@ -333,13 +403,34 @@ command("verify", "forget/retain accuracy, membership inference and relearning p
         _verify_args)(cmd_verify)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from .service import ModelService
+
+    removed = ModelService(args.model).prune(dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    print(f"{verb} {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+    return 0
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    _store_args(p)
+    p.add_argument("--dry-run", action="store_true", help="list what would be deleted, delete nothing")
+
+
+command("prune", "delete the versions that neither the served model nor the audit log's replay needs",
+        _prune_args)(cmd_prune)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkvb", description="Low-compute class unlearning with discrete "
                                      "key-value bottlenecks.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
+    verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too, without overriding one before
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="log progress details; show tracebacks")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, configure, fn) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text)
+        p = sub.add_parser(name, help=help_text, parents=[verbose])
         configure(p)
         p.set_defaults(func=fn)
     return parser
@@ -350,10 +441,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, TypeError, RuntimeError) as e:
+    except Exception as e:  # one line naming the file or field; the traceback with -v
         if args.verbose:
             raise
-        print(f"dkvb {args.command}: error: {e}", file=sys.stderr)
+        expected = isinstance(e, (ValueError, OSError, TypeError, RuntimeError))
+        text = " ".join(str(e).split()) if expected else f"{type(e).__name__}: {e} (run with -v for the traceback)"
+        print(f"dkvb {args.command}: error: {_shown(text)}", file=sys.stderr)
         return 2
 
 

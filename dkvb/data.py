@@ -1,6 +1,7 @@
 """Embedding sets: the cached encoder outputs every model and unlearner works on."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -69,22 +70,32 @@ class EmbeddingSet:
 
 
 def resolve_classes(spec: Sequence[int | str] | str, class_names: Sequence[str]) -> tuple[int, ...]:
-    """Turn class names or indices (or a comma-separated string) into sorted unique indices.
+    """Class names or indices -> sorted unique class indices.
 
-    Raises ``ValueError`` naming the offending entry for unknown names, out-of-range indices
-    or an empty request.
+    A string always means a class name, never an index: with classes ``1``, ``10``, ``2``, ``"1"``
+    is the class named ``1``. In a sequence every ``str`` is one exact name (spaces, commas and a
+    leading ``-`` kept) and every ``int`` an index into ``class_names``. A single string is that
+    class if it is one's exact name, else a comma-separated list of names (each stripped).
+
+    Raises ``ValueError`` naming the offending entry for unknown names, out-of-range indices,
+    entries that are neither, or an empty request.
     """
-    if isinstance(spec, str):
-        spec = [s.strip() for s in spec.split(",") if s.strip()]
     names = list(class_names)
+    index = {name: i for i, name in enumerate(names)}
+    if isinstance(spec, str):
+        spec = [spec] if spec in index else [s.strip() for s in spec.split(",") if s.strip()]
     out: set[int] = set()
     for item in spec:
-        if isinstance(item, str) and not item.lstrip("-").isdigit():
-            if item not in names:
-                raise ValueError(f"unknown class name {item!r}; known classes: {names}")
-            out.add(names.index(item))
+        if isinstance(item, str):
+            if item not in index:
+                hint = (f"; a class index is given as an integer (e.g. --class-ids {item.strip()})"
+                        if item.strip().lstrip("-").isdigit() else "")
+                raise ValueError(f"unknown class name {item!r}; known classes: {names}{hint}")
+            out.add(index[item])
             continue
-        idx = int(item)
+        if isinstance(item, bool) or not hasattr(item, "__index__"):
+            raise ValueError(f"class {item!r} must be a name (str) or an index (int), got {type(item).__name__}")
+        idx = operator.index(item)
         if not 0 <= idx < len(names):
             raise ValueError(f"class index {idx} out of range [0, {len(names)})")
         out.add(idx)

@@ -55,11 +55,13 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
 
 
 def train_models(
-    cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True
+    cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
+    force: bool = False,
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """Train (or load from ``<run_dir>/models``) the models the methods act on.
 
-    Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs.
+    Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
+    that serves deletion requests is not replaced unless ``force`` (see :func:`dkvb.store.save_model`).
     """
     from .flops import FlopCounter
 
@@ -93,7 +95,7 @@ def train_models(
             model.compute_activation_counts(train.x, train.y)
             info["count_seconds"] = time.perf_counter() - start
         save_model(model, path, class_names=list(train.class_names), encoder=cfg.encoder.name,
-                   extra={"fingerprint": _fingerprint(cfg), "train_info": info})
+                   extra={"fingerprint": _fingerprint(cfg), "train_info": info}, force=force)
         out[kind] = (model, info)
     return out
 
@@ -140,8 +142,10 @@ def _json_safe(details: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in details.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) the whole comparison; returns all result records and writes the report."""
+def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool = False,
+                   force: bool = False) -> list[dict[str, Any]]:
+    """Run (or resume) the whole comparison; returns all result records and writes the report
+    (``force``: see :func:`train_models`)."""
     from .report import write_report
 
     run_dir = cfg.run_dir
@@ -157,7 +161,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     done = {(r["method"], r["model"], tuple(r["forget_class_ids"])) for r in records}
 
     train, test = load_embeddings(cfg, progress=progress)
-    models = train_models(cfg, train, progress=progress)
+    models = train_models(cfg, train, progress=progress, force=force)
     logits = {k: (predict_logits(m, train.x), predict_logits(m, test.x)) for k, (m, _) in models.items()}
     runs = list(expand_methods(cfg))
     requests = forget_requests(cfg, train.class_names)

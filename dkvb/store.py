@@ -5,26 +5,36 @@ Layout::
     model/
       HEAD                    # name of the current version, replaced atomically
       .lock                   # advisory writer lock (flock); held while a writer changes the store
-      audit.jsonl             # forget/restore requests, when served by dkvb.service
+      audit.jsonl             # forget/restore requests, when served by dkvb.service (see dkvb.audit)
+      audit.anchor.json       # length and last-line digest of audit.jsonl
       versions/000001/
         config.json           # what rebuilds the module (kind, sizes, seed, ...)
         tensors.safetensors   # keys, projection, values, decoder, key mask, activation counts
         manifest.json         # format version, encoder, embedding dim, class names, sha256 of files
-                              # and of every tensor, model digest, shared tensors, extra
+                              # and of every tensor, model digest, shared tensors, extra, and the
+                              # sha256 of the manifest itself (manifest_sha256)
       versions/000002/        # a shared version: tensors.safetensors holds only the key mask
+      versions/.issued        # the last version name handed out: names are never reused
 
 Writes. A save writes a new version folder completely (files fsynced) under a temporary name,
 renames it into place and only then replaces ``HEAD``, so killing the writer at any point leaves
 either the old or the new model; leftovers of a killed writer (``versions/.tmp-*``, ``.HEAD.*.tmp``)
-are removed by the next save. Every writer holds ``.lock`` (``filelock``, i.e. ``flock``): a second
+are removed by the next save. Version names count up and are never reused, even after the newest
+versions were deleted (``versions/.issued`` remembers the last one). Every writer holds ``.lock`` (``filelock``, i.e. ``flock``): a second
 concurrent writer fails at once with :class:`StoreLockedError` instead of interleaving. The kernel
 drops the lock when its holder dies, so a killed writer never leaves a stale lock.
 
 Shared tensors. ``save_model(..., base=VERSION)`` writes only the tensors that differ from the
 full version ``VERSION`` rests on (for a masking unlearner: the key mask); the manifest's ``shared``
 field names that version, the sha256 of its tensors file and the tensors taken from it. A shared
-version is one level deep (its base is always a full version) and versions are never deleted, so
-the base is always there; loading verifies both files.
+version is one level deep (its base is always a full version); loading verifies both files.
+:func:`prune` deletes versions but never the base of one it keeps.
+
+Served stores. A store with an audit log (:mod:`dkvb.audit`) serves the version its last record
+names: readers that ask for the current model (``version=None``) get that version even when a
+writer was killed before moving ``HEAD`` or ``HEAD`` is missing or corrupt, and :func:`save_model`
+refuses to move ``HEAD`` of such a store (a retrained model would serve classes the log says are
+forgotten) unless ``force=True``, which logs the new model as an ``origin`` record.
 
 Reads. Loading verifies the manifest and the checksums and names the field that does not match.
 Readers take no lock: versions are immutable and ``HEAD`` is replaced atomically. A caller that
@@ -40,7 +50,7 @@ import shutil
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import filelock
 import torch
@@ -48,21 +58,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from . import audit
+from .errors import StoreError, StoreLockedError
 from .io import atomic_write_text, fsync_dir, fsync_file, sha256_file
 from .models import build_model
 
-FORMAT_VERSION = 2  # what this dkvb writes; 2 adds per-tensor digests and shared tensors
-READABLE_FORMATS = (1, 2)
-TENSORS, CONFIG, MANIFEST, LOCK = "tensors.safetensors", "config.json", "manifest.json", ".lock"
+FORMAT_VERSION = 3  # what this dkvb writes; 2 adds per-tensor digests and shared tensors, 3 manifest_sha256
+READABLE_FORMATS = (1, 2, 3)
+TENSORS, CONFIG, MANIFEST, LOCK, ISSUED = (
+    "tensors.safetensors", "config.json", "manifest.json", ".lock", ".issued")
 _VERSION_NAME = re.compile(r"^\d{6}$")
-
-
-class StoreError(RuntimeError):
-    """A stored model is missing, corrupt or does not match what the caller expects."""
-
-
-class StoreLockedError(StoreError):
-    """Another writer holds the store's lock."""
 
 
 # ------------------------------------------------------------------ digests
@@ -126,6 +131,8 @@ def _clean_leftovers(root: Path) -> None:
     if versions.is_dir():
         for p in versions.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
+        for p in versions.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
     for p in root.glob(".*.tmp"):
         p.unlink(missing_ok=True)
 
@@ -137,15 +144,43 @@ def current_version(path: str | os.PathLike) -> str | None:
     return head.read_bytes().decode("utf-8", errors="replace").strip() if head.is_file() else None
 
 
+def served_version(path: str | os.PathLike) -> str | None:
+    """The version the store serves: the last audit record's ``version_after`` for a served store
+    (the log is the commit point, see :mod:`dkvb.audit`), else ``HEAD``'s."""
+    last = audit.last_record(path)
+    return last["version_after"] if last is not None else current_version(path)
+
+
+def _next_version(root: Path) -> str:
+    """A version name never handed out before in this store (counts past deleted ones too)."""
+    issued = root / "versions" / ISSUED
+    try:
+        last = int(issued.read_text().strip()) if issued.is_file() else 0
+    except (OSError, ValueError):
+        last = 0
+    logged = audit.last_record(root)
+    names = list_versions(root) + ([logged["version_after"]] if logged else [])
+    last = max([last] + [int(v) for v in names if _VERSION_NAME.match(v)])
+    version = f"{last + 1:06d}"
+    atomic_write_text(issued, version + "\n")
+    return version
+
+
 def list_versions(path: str | os.PathLike) -> list[str]:
     root = Path(path) / "versions"
     return sorted(p.name for p in root.iterdir() if p.is_dir() and _VERSION_NAME.match(p.name)) if root.is_dir() else []
 
 
 def set_head(path: str | os.PathLike, version: str) -> None:
-    """Point ``HEAD`` at an existing version (atomically, under the writer lock)."""
+    """Point ``HEAD`` at an existing version (atomically, under the writer lock).
+
+    Raises :class:`StoreError` for a served store: there ``dkvb restore`` moves it, logged.
+    """
     root = Path(path)
     with writer_lock(root):
+        if audit.is_served(root):
+            raise StoreError(f"{root} serves deletion requests (it has an audit log): move HEAD with "
+                             "`dkvb restore`, which logs it")
         read_manifest(root, version)  # exists and is readable
         atomic_write_text(root / "HEAD", version + "\n")
 
@@ -160,6 +195,8 @@ def save_model(
     base: str | None = None,
     base_tensors: Mapping[str, Tensor] | None = None,
     update_head: bool = True,
+    force: bool = False,
+    encoder_config: Mapping[str, Any] | None = None,
 ) -> str:
     """Save ``model`` as a new version of the store at ``path``; returns the version.
 
@@ -170,9 +207,14 @@ def save_model(
             (all or some); spares reading and hashing its file again. Only tensors equal to these
             are shared.
         update_head: point ``HEAD`` at the new version (``False`` leaves ``HEAD`` alone; the caller
-            moves it later with :func:`set_head`).
+            moves it later).
+        encoder_config: the encoder's full description (:func:`dkvb.encoders.encoder_config`: image
+            size, preprocessing, weights), recorded so embeddings made otherwise are refused.
+        force: move ``HEAD`` of a served store too, logging the new model as an ``origin`` record
+            whose ``forgotten`` list is empty (the classes forgotten before are not forgotten in it).
 
-    Raises :class:`StoreLockedError` if another writer is active.
+    Raises :class:`StoreLockedError` if another writer is active, and :class:`StoreError` when
+    ``HEAD`` of a served store would move without ``force``.
     """
     if len(class_names) != model.num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries, the model has {model.num_classes} classes")
@@ -184,6 +226,15 @@ def save_model(
     if bad:
         raise ValueError(f"refusing to save a model with NaN or inf in {bad}")
     with writer_lock(root):
+        log = audit.AuditLog(root, audit.audit_key()) if update_head and audit.is_served(root) else None
+        if log is not None:
+            records = log.sync()
+            if not force:
+                forgotten = records[-1].get("forgotten", []) if records else []
+                raise StoreError(
+                    f"{root} serves deletion requests (see {audit.LOG}; forgotten now: {', '.join(forgotten) or 'none'}):"
+                    " saving a new model would serve one that has not forgotten them; retrain elsewhere, or pass "
+                    "force (--force) to replace it and log that nothing is forgotten in the new model")
         _clean_leftovers(root)
         (root / "versions").mkdir(parents=True, exist_ok=True)
         shared = _shared_with(root, base, state, base_tensors) if base is not None else None
@@ -191,8 +242,7 @@ def save_model(
         digests = {k: tensor_sha256(v) for k, v in own.items()}
         if shared is not None:
             digests.update(shared.pop("digests"))
-        existing = list_versions(root)
-        version = f"{int(existing[-1]) + 1 if existing else 1:06d}"
+        version = _next_version(root)
         tmp = root / "versions" / f".tmp-{version}-{os.getpid()}"
         try:
             tmp.mkdir()  # files go straight in: the folder becomes visible only by the rename below
@@ -210,8 +260,10 @@ def save_model(
                 "tensor_sha256": dict(sorted(digests.items())),
                 "model_sha256": state_sha256(digests),
                 **({"shared": shared} if shared is not None else {}),
+                **({"encoder_config": dict(encoder_config)} if encoder_config else {}),
                 **({"extra": extra} if extra else {}),
             }
+            manifest["manifest_sha256"] = manifest_sha256(manifest)
             _write_synced(tmp / MANIFEST, _json_bytes(manifest))
             fsync_dir(tmp)
             os.replace(tmp, root / "versions" / version)
@@ -219,9 +271,51 @@ def save_model(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(root / "versions")
+        if log is not None:
+            mask = state.get("bottleneck.key_mask")
+            log.append({"op": "origin", "version": version, "version_after": version,
+                        "note": "model replaced outside the service (save_model force=True); nothing is forgotten in it",
+                        "model_sha256": manifest["model_sha256"], "forgotten": [],
+                        "mask_sha256": tensor_sha256(mask.bool()) if mask is not None else None})
         if update_head:
             atomic_write_text(root / "HEAD", version + "\n")
     return version
+
+
+def manifest_sha256(manifest: Mapping[str, Any]) -> str:
+    """Digest of a manifest's fields other than ``manifest_sha256`` (class names and extra included)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = False) -> list[str]:
+    """Delete every version but the served one, ``HEAD``'s, those in ``keep`` and the full versions
+    any of them shares tensors with; returns the deleted names (``dry_run``: those it would delete).
+
+    Each version is first renamed out of sight, then removed, so a killed prune leaves no
+    half-deleted version. Raises :class:`StoreError` where a kept version's manifest is unreadable
+    (its base would be unknown).
+    """
+    root = Path(path)
+    with writer_lock(root):
+        _clean_leftovers(root)
+        existing = list_versions(root)
+        wanted = {v for v in (served_version(root), current_version(root), *keep) if v in existing}
+        if not wanted:
+            raise StoreError(f"no stored model at {root}: nothing to keep, refusing to delete every version")
+        needed = set(wanted)
+        for v in wanted:
+            info = read_manifest(root, v).get("shared")
+            if isinstance(info, dict):
+                needed.add(str(info.get("version")))
+        doomed = [v for v in existing if v not in needed]
+        if not dry_run:
+            for v in doomed:
+                gone = root / "versions" / f".tmp-pruned-{v}"
+                os.replace(root / "versions" / v, gone)
+                shutil.rmtree(gone)
+            fsync_dir(root / "versions")
+    return doomed
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -396,6 +490,9 @@ def load_model(
         model.load_state_dict(state)
     except RuntimeError as e:
         raise StoreError(f"{vdir / TENSORS}: tensors do not match config.json ({e})") from e
+    if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
+                         "it was edited (class names, extra, ...)")
     model.eval()
     return model, manifest
 
@@ -417,7 +514,7 @@ def _read_tensors(path: Path) -> dict[str, Tensor]:
 def _version_dir(root: Path, version: str | None) -> Path:
     if not root.is_dir():
         raise StoreError(f"no stored model at {root}")
-    version = version or current_version(root)
+    version = version or served_version(root)
     if version is None:
         raise StoreError(f"{root}: HEAD is missing; not a dkvb model store")
     if not _VERSION_NAME.match(version):
@@ -430,6 +527,6 @@ def _version_dir(root: Path, version: str | None) -> Path:
 
 __all__ = [
     "StoreError", "StoreLockedError", "save_model", "load_model", "load_tensors", "read_manifest", "list_versions",
-    "current_version", "set_head", "writer_lock", "model_sha256", "tensor_sha256", "state_sha256", "sha256_file",
-    "FORMAT_VERSION",
+    "current_version", "served_version", "set_head", "writer_lock", "model_sha256", "tensor_sha256", "state_sha256",
+    "manifest_sha256", "sha256_file", "prune", "FORMAT_VERSION",
 ]

@@ -258,8 +258,11 @@ def test_hostile_requests_through_the_cli_fail_cleanly(store, tmp_path, capsys, 
          "NaN or inf"),
         (["forget", *m, "--classes", "class1", "--method", "examples", "--embeddings", str(tmp_path / "range.pt")],
          "labels must lie in"),
-        (["forget", *m, "--classes", "5"], "out of range"),
-        (["forget", *m, "--classes", "-1"], "out of range"),
+        (["forget", *m, "--class-ids", "5"], "out of range"),
+        (["forget", *m, "--class-ids", "-1"], "out of range"),
+        (["forget", *m, "--classes", "5"], "unknown class name '5'"),
+        (["forget", *m, "--class-ids", "x"], "'x' is not an integer"),
+        (["forget", *m], "name the classes"),
         (["forget", *m, "--classes", ","], "empty forget set"),
         (["forget", "--model", str(tmp_path / "nothing"), "--classes", "1"], "no stored model"),
         (["restore", *m, "--to", "req-000042"], "unknown request id"),
@@ -271,7 +274,7 @@ def test_hostile_requests_through_the_cli_fail_cleanly(store, tmp_path, capsys, 
         err = capsys.readouterr().err
         assert match in err and "Traceback" not in err, (argv, err)
     assert list_versions(store) == ["000001", "000002"] and not (tmp_path / "nothing").exists()
-    assert main(["forget", *m, "--classes", "class1,class1,1"]) == 0  # duplicates collapse into one class
+    assert main(["forget", *m, "--classes", "class1,class1", "--class-ids", "1"]) == 0  # duplicates collapse
     assert "forgot class1 with" in capsys.readouterr().out
 
 

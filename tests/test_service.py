@@ -15,8 +15,9 @@ from safetensors.torch import load_file, save_file
 
 from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, evaluate, fit
 from dkvb.cli import main
+from dkvb.embeddings_io import load_embeddings_file
 from dkvb.service import (
-    LOG, ModelService, ReplayError, forget, load_embeddings_file, read_log, replay, restore,
+    LOG, ModelService, ReplayError, forget, read_log, replay, restore,
 )
 from dkvb.store import StoreError, StoreLockedError, current_version, list_versions, load_model, save_model
 
@@ -83,7 +84,7 @@ def test_examples_request_reads_embeddings_and_records_metrics(store, clusters):
 def test_bad_requests_change_nothing(store, clusters):
     train, _ = clusters
     versions = list_versions(store)
-    for args, match in [(("class9",), "unknown class name"), (("7",), "out of range"), (("",), "empty forget set"),
+    for args, match in [(("class9",), "unknown class name"), (([7],), "out of range"), (("7",), "unknown class name '7'"), (("",), "empty forget set"),
                         (("class1", "retrain"), "masking methods only"),
                         (("class1", "activations", {"nope": 1}), "unknown parameter")]:
         with pytest.raises(ValueError, match=match):
@@ -157,22 +158,23 @@ def test_a_tampered_log_is_detected(store):
     with pytest.raises(StoreError, match="lines were removed"):
         replay(store)
     (store / LOG).write_text("not json\n")
-    with pytest.raises(StoreError, match="line 1 is not a JSON record"):
+    with pytest.raises(StoreError, match="is not a JSON record"):
         forget(store, "class3")
 
 
-def test_replay_detects_a_head_that_does_not_match(store):
+def test_a_new_model_replaces_a_served_one_only_with_force_and_logged(store):
     forget(store, "class1")
-    model, _ = load_model(store)
-    model.bottleneck.key_mask[0, 0] = ~model.bottleneck.key_mask[0, 0]
-    save_model(model, store, class_names=[f"class{i}" for i in range(5)], encoder="synthetic", base="000001")
-    with pytest.raises(ReplayError, match="differs from HEAD"):
-        replay(store)
-    # the next request logs the foreign HEAD as a new origin and replay agrees again
-    rec = forget(store, "class2")
+    model, _ = load_model(store, "000001")
+    names = [f"class{i}" for i in range(5)]
+    with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1"):
+        save_model(model, store, class_names=names, encoder="synthetic")
+    assert current_version(store) == "000002" and list_versions(store) == ["000001", "000002"]
+    version = save_model(model, store, class_names=names, encoder="synthetic", force=True)
     log = read_log(store)
-    assert [r["op"] for r in log] == ["origin", "forget", "origin", "forget"] and "outside" in log[2]["note"]
-    assert rec["version_before"] == log[2]["version"]
+    assert [r["op"] for r in log] == ["origin", "forget", "origin"] and log[-1]["forgotten"] == []
+    assert log[-1]["version_after"] == version == current_version(store)
+    rec = forget(store, "class2")  # later requests build on the new model
+    assert rec["version_before"] == version and rec["forgotten"] == ["class2"]
     assert torch.equal(replay(store), mask_of(store))
 
 
@@ -303,7 +305,7 @@ def test_cli_forget_log_replay_restore(store, clusters, tmp_path, capsys):
     assert main(["forget", *m, "--classes", "class1"]) == 0
     out = capsys.readouterr().out
     assert "already forgotten, skipped: class1" in out and "no-op" in out
-    assert main(["forget", *m, "--classes", "3", "--method", "examples", "--param", "num_examples=4",
+    assert main(["forget", *m, "--class-ids", "3", "--method", "examples", "--param", "num_examples=4",
                  "--embeddings", str(tmp_path / "train.pt"), "--test-embeddings", str(tmp_path / "test.pt")]) == 0
     out = capsys.readouterr().out
     assert "forgot class3 with dkvb-examples" in out and "forget_test_acc" in out

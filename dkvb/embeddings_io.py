@@ -1,0 +1,124 @@
+"""Embeddings with labels from files, for requests against a stored model (``dkvb forget``/``replay``/
+``verify``): ``.pt``/``.pth``, ``.safetensors``, ``.npz``, ``.npy`` or an embedding-cache folder.
+
+A cache folder (:mod:`dkvb.cache`) and an experiment config also say which encoder setting made
+the embeddings (name, image size, preprocessing): :func:`check_encoder` refuses embeddings made
+with another setting than the stored model's, which would put the request's examples in another
+space than the one the model's keys live in. The other formats carry no such description.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import EmbeddingSet
+
+
+def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
+                         encoder: Mapping[str, Any] | None = None) -> EmbeddingSet:
+    """Embeddings with labels from a file: ``.pt``/``.pth`` or ``.safetensors`` or ``.npz`` holding
+    ``x`` and ``y``; ``.npy`` holding ``x`` with labels in ``labels.npy`` (beside ``embeddings.npy``)
+    or ``<stem>_labels.npy``; or a cached split folder of :mod:`dkvb.cache`.
+
+    ``encoder`` (a stored model's manifest) is checked against a cache folder's encoder description.
+    Raises ``ValueError`` naming the file and the problem (missing arrays, wrong shapes, NaN/inf,
+    labels out of range, another encoder) and ``FileNotFoundError``.
+    """
+    p = Path(path)
+    if p.is_dir():
+        from .cache import load_cached, read_meta
+
+        if encoder is not None:
+            check_encoder(read_meta(p).get("encoder"), encoder, str(p))
+        data = load_cached(p, class_names)
+        _check_finite(data.x, p)
+        return data
+    if not p.is_file():
+        raise FileNotFoundError(f"embeddings file not found: {p}")
+    suffix = p.suffix.lower()
+    try:
+        if suffix in (".pt", ".pth"):
+            obj = torch.load(p, map_location="cpu", weights_only=True)
+            x, y = _pick(obj, p)
+        elif suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            x, y = _pick(load_file(str(p)), p)
+        elif suffix == ".npz":
+            with np.load(p, allow_pickle=False) as z:
+                x, y = _pick({k: z[k] for k in z.files}, p)
+        elif suffix == ".npy":
+            labels = p.with_name("labels.npy") if p.name == "embeddings.npy" else p.with_name(f"{p.stem}_labels.npy")
+            if not labels.is_file():
+                raise ValueError(f"{p}: labels not found (expected {labels})")
+            x, y = np.load(p, allow_pickle=False), np.load(labels, allow_pickle=False)
+        else:
+            raise ValueError(f"{p}: unsupported embeddings file (use .pt, .safetensors, .npz, .npy or a cache folder)")
+    except ValueError:
+        raise
+    except Exception as e:  # unpickling/format errors of the readers above
+        raise ValueError(f"{p}: unreadable embeddings ({type(e).__name__}: {e})") from e
+    x, y = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y))
+    if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)) or x.ndim != 2:
+        raise ValueError(f"{p}: x must be a 2-D float array (N, D), got {tuple(x.shape)} {x.dtype}")
+    if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1:
+        raise ValueError(f"{p}: y must be a 1-D integer array, got {tuple(y.shape)} {y.dtype}")
+    x = x.float()
+    _check_finite(x, p)
+    try:
+        return EmbeddingSet(x, y.long(), tuple(class_names))
+    except ValueError as e:
+        raise ValueError(f"{p}: {e}") from None
+
+
+def check_encoder(described: Any, manifest: Mapping[str, Any], where: str) -> None:
+    """Refuse embeddings whose encoder description (a cache's ``encoder`` dict, or ``None`` when
+    unknown) differs from the model's: the manifest's ``encoder`` name, and its full
+    ``encoder_config`` (image size, preprocessing, weights) where the manifest records one."""
+    if not isinstance(described, Mapping):
+        return
+    name, full = manifest.get("encoder"), manifest.get("encoder_config")
+    if isinstance(full, Mapping):
+        diff = sorted(k for k in set(full) | set(described) if full.get(k) != described.get(k))
+        if diff:
+            raise ValueError(f"{where}: embeddings made with another encoder setting than the model's (fields "
+                             f"{diff}: {[described.get(k) for k in diff]} vs the model's {[full.get(k) for k in diff]})")
+    elif name is not None and described.get("name") != name:
+        raise ValueError(f"{where}: embeddings made with encoder {described.get('name')!r}, the model was trained on "
+                         f"{name!r} embeddings")
+
+
+def _pick(obj: Any, p: Path) -> tuple[Any, Any]:
+    if not isinstance(obj, dict) or "x" not in obj or "y" not in obj:
+        keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+        raise ValueError(f"{p}: expected arrays 'x' (embeddings) and 'y' (labels), found {keys}")
+    return obj["x"], obj["y"]
+
+
+def _check_finite(x: Tensor, p: Path) -> None:
+    if x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{p}: embeddings contain NaN or inf values")
+
+
+def embeddings_from_config(
+    path: str | os.PathLike, overrides: list[str] | None = None, manifest: Mapping[str, Any] | None = None,
+) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(train, test) embeddings of an experiment config, from its embedding cache; with ``manifest``,
+    refused when the config's encoder setting differs from the stored model's."""
+    from .config import load_config
+    from .encoders import encoder_config
+    from .experiment import load_embeddings
+
+    cfg = load_config(path, overrides)
+    if manifest is not None:
+        e = cfg.encoder
+        check_encoder(encoder_config(e.name, image_size=e.image_size, pretrained=e.pretrained), manifest, str(path))
+    return load_embeddings(cfg, progress=False)
+
+
+__all__ = ["load_embeddings_file", "embeddings_from_config", "check_encoder"]

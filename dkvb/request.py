@@ -1,0 +1,93 @@
+"""What one forget request of the service reads and writes: the method, the unlearner's request,
+the digests the audit log keeps of the embeddings it read and of the key mask it produced, and
+the metrics it reports. Shared by the service (:mod:`dkvb.service`) and replay (:mod:`dkvb.replay`)."""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+from .data import EmbeddingSet
+from .models import DKVBClassifier
+from .store import tensor_sha256
+from .unlearn import ForgetRequest
+
+METHODS = {"activations": "dkvb-activations", "examples": "dkvb-examples"}
+
+
+def method_name(name: str) -> str:
+    """Registry name of a service method: ``activations``/``examples`` or their full names."""
+    full = METHODS.get(name, name)
+    if full not in METHODS.values():
+        raise ValueError(f"unknown method {name!r}: the service applies masking methods only, "
+                         f"choose from {sorted(METHODS)} (or {sorted(METHODS.values())})")
+    return full
+
+
+def mask_sha(mask: Tensor) -> str:
+    return tensor_sha256(mask.bool())
+
+
+def flat_mask(mask: Tensor) -> list[int]:
+    """Flat indices of the set entries of a key mask (how the log stores a mask delta)."""
+    return mask.flatten().nonzero().flatten().tolist()
+
+
+def data_digest(data: EmbeddingSet, ids: Sequence[int]) -> str:
+    """Digest of the embeddings and labels of classes ``ids`` in ``data`` (what a request read)."""
+    rows = data.class_mask(ids)
+    return hashlib.sha256(f"{tensor_sha256(data.x[rows])}|{tensor_sha256(data.y[rows])}".encode()).hexdigest()
+
+
+def check_data(data: EmbeddingSet | None, model: DKVBClassifier, names: list[str], what: str) -> None:
+    """Refuse embeddings the model cannot take (size, class names, NaN/inf), naming ``what``."""
+    if data is None:
+        return
+    if data.dim != model.input_dim:
+        raise ValueError(f"{what}: wrong embedding size: the model expects {model.input_dim}, got {data.dim}")
+    if list(data.class_names) != names:
+        raise ValueError(f"{what}: class names {list(data.class_names)[:5]}... differ from the model's "
+                         f"{names[:5]}...")
+    if len(data) and not bool(torch.isfinite(data.x).all()):
+        raise ValueError(f"{what}: embeddings contain NaN or inf values")
+
+
+def needs_data(unlearner: Any, model: DKVBClassifier) -> bool:
+    """Whether the method reads embeddings (else it runs on the model's cached counts alone)."""
+    cached = getattr(unlearner, "use_cached_counts", False) and model.activation_counts.numel() > 0
+    return unlearner.name != "dkvb-activations" or not cached
+
+
+def make_request(
+    unlearner: Any, model: DKVBClassifier, ids: Sequence[int], data: EmbeddingSet | None, seed: int
+) -> tuple[ForgetRequest, str | None]:
+    """The request for ``ids`` and the digest of the forget embeddings the method reads (or None).
+
+    A method that runs on cached counts alone gets a placeholder training set with one zero row
+    per class: the cached-count path of ``dkvb-activations`` reads only the class list.
+    """
+    if not needs_data(unlearner, model):
+        names = tuple(data.class_names) if data is not None else tuple(f"c{i}" for i in range(model.num_classes))
+        stub = EmbeddingSet(torch.zeros(model.num_classes, model.input_dim), torch.arange(model.num_classes), names)
+        return ForgetRequest(tuple(ids), stub, seed=seed), None
+    if data is None:
+        raise ValueError(f"{unlearner.name} reads training embeddings here (forget examples, or activation counts "
+                         "the model has not cached): give them with --embeddings or --config")
+    return ForgetRequest(tuple(ids), data, seed=seed), data_digest(data, ids)
+
+
+def metrics(model: DKVBClassifier, train: EmbeddingSet, test: EmbeddingSet | None, ids: list[int]) -> dict[str, float]:
+    """Accuracies after a request on all forgotten classes ``ids`` (full metrics with ``test``)."""
+    from .evaluate import accuracy, evaluate, predict_logits
+
+    if test is not None:
+        return evaluate(model, train, test, ids)
+    logits = predict_logits(model, train.x)
+    f = train.class_mask(ids)
+    return {"forget_train_acc": accuracy(logits[f], train.y[f]), "retain_train_acc": accuracy(logits[~f], train.y[~f])}
+
+
+__all__ = ["METHODS", "method_name", "mask_sha", "flat_mask", "data_digest", "check_data", "needs_data",
+           "make_request", "metrics"]
