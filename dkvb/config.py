@@ -3,10 +3,13 @@ defaults, and ``key.sub=value`` command-line overrides (defaults < file < comman
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence, Union
 
 import yaml
 
@@ -127,16 +130,80 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown config field(s) {[f'{path}{k}' for k in unknown]}; known: {sorted(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         sub = _NESTED.get((cls, key))
         if sub is list:
+            if not isinstance(value, list):
+                raise ValueError(f"config: {path}{key} must be a list, got {value!r}")
             kwargs[key] = [_method(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
         elif sub is not None:
             kwargs[key] = _build(sub, value, f"{path}{key}.")
         else:
-            kwargs[key] = value
+            kwargs[key] = check_type(value, hints[key], f"{path}{key}")
     return cls(**kwargs)
+
+
+def check_type(value: Any, hint: Any, where: str) -> Any:
+    """``value`` checked against a config field's declared type; returns it (a float field takes
+    an int, and a number YAML read as text, e.g. ``1e-3``, as the number it spells).
+
+    Raises ``ValueError`` as ``config: <field> must be <rule>, got <value>``: booleans must be
+    booleans, integers integers (not ``1e12``, which YAML reads as text), floats finite, and
+    ``None``/``nan`` spelled as text are refused with the YAML spelling to use.
+    """
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+
+    def bad(rule: str, hint_text: str = "") -> ValueError:
+        return ValueError(f"config: {where} must be {rule}, got {value!r}{hint_text}")
+
+    if hint is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in args:
+            raise bad(f"{_rule(rest[0])} or null", " (YAML spells none as null or ~)")
+        return check_type(value, rest[0], where) if len(rest) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise bad("one of " + ", ".join(map(repr, args)))
+        return value
+    if hint is bool and not isinstance(value, bool):
+        raise bad("true or false")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise bad("an integer", " (YAML reads 1e12 as text: write the digits)" if isinstance(value, str) else "")
+    if hint is float:
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                raise bad("a number") from None
+        if isinstance(number, bool) or not isinstance(number, (int, float)):
+            raise bad("a number")
+        if not math.isfinite(number):
+            raise bad("a finite number")
+        return number
+    if hint is str and not isinstance(value, str):
+        raise bad("text")
+    if (origin or hint) in (dict, list) and not isinstance(value, origin or hint):
+        raise bad("a mapping" if (origin or hint) is dict else "a list")
+    return value
+
+
+def _rule(hint: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))
+
+
+def check_run_name(name: str) -> str:
+    """A run name must be one folder name (it becomes ``<output_dir>/<name>``): no path separators,
+    not ``.`` or ``..``, at most 100 characters."""
+    if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") or len(name.encode()) > 100:
+        raise ValueError(f"config: name must be one folder name of at most 100 bytes without '/', got {name!r}")
+    return name
 
 
 def _method(value: Any, path: str) -> MethodConfig:
@@ -178,7 +245,14 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"experiment config not found: {p}")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ValueError(f"{p}: malformed YAML{where}: {getattr(e, 'problem', None) or e}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"{p}: an experiment config must be a YAML mapping")
         data = loaded
@@ -187,7 +261,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         upd: dict[str, Any] = {}
         _set_path(upd, key, value)
         data = _merge(data, upd)
-    return _build(ExperimentConfig, data, "")
+    config = _build(ExperimentConfig, data, "")
+    check_run_name(config.name)
+    return config
 
 
 def parse_assignments(items: Sequence[str], *, what: str = "parameter", form: str = "key=value"
@@ -202,7 +278,10 @@ def parse_assignments(items: Sequence[str], *, what: str = "parameter", form: st
         if "=" not in item:
             raise ValueError(f"{what} {item!r} must look like {form}")
         key, raw = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        try:
+            out.append((key.strip(), yaml.safe_load(raw)))
+        except yaml.YAMLError as e:
+            raise ValueError(f"{what} {item!r}: malformed YAML value ({getattr(e, 'problem', None) or e})") from None
     return out
 
 

@@ -89,9 +89,13 @@ class _FileImages:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> Image.Image:
-        with Image.open(self.paths[i]) as img:
-            img.load()
-            return img
+        """The image; ``ValueError`` naming the file for a corrupt, truncated, empty or oversized one."""
+        try:
+            with Image.open(self.paths[i]) as img:
+                img.load()
+                return img
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{self.paths[i]}: unreadable image ({type(e).__name__}: {e})") from None
 
 
 class _TorchvisionImages:

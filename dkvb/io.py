@@ -29,6 +29,24 @@ def fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where it can be, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode a newly created file gets under the process umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     """Call ``write(tmp_path)`` then atomically move ``tmp_path`` to ``path``.
 
@@ -40,6 +58,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, file_mode())  # mkstemp makes it 0600: give it the mode any new file gets
         write(tmp_path)
         fsync_file(tmp_path)
         os.replace(tmp_path, path)

@@ -60,7 +60,7 @@ from torch import Tensor, nn
 
 from . import audit
 from .errors import StoreError, StoreLockedError
-from .io import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from .io import atomic_write_text, file_mode, fsync_dir, fsync_file, sha256_file
 from .models import build_model
 
 FORMAT_VERSION = 3  # what this dkvb writes; 2 adds per-tensor digests and shared tensors, 3 manifest_sha256
@@ -247,6 +247,7 @@ def save_model(
         try:
             tmp.mkdir()  # files go straight in: the folder becomes visible only by the rename below
             save_file(own, str(tmp / TENSORS))
+            os.chmod(tmp / TENSORS, file_mode())  # safetensors writes 0600; follow the umask like other files
             fsync_file(tmp / TENSORS)
             _write_synced(tmp / CONFIG, _json_bytes(model.config))
             manifest = {
