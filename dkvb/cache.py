@@ -95,11 +95,10 @@ def load_cached(folder: str | os.PathLike, class_names: Sequence[str] | None = N
     arrays' sha256 recorded in ``meta.json``."""
     folder = Path(folder)
     meta = read_meta(folder)
-    for name, digest in (meta.get("sha256") or {}).items():
-        if name in ("embeddings.npy", "labels.npy") and sha256_file(folder / name) != digest:
-            raise ValueError(f"corrupt embedding cache in {folder}: {name} does not match its sha256 in meta.json; "
-                             "delete the folder to re-encode")
     try:
+        for name, digest in (meta.get("sha256") or {}).items():
+            if name in ("embeddings.npy", "labels.npy") and sha256_file(folder / name) != digest:
+                raise ValueError(f"{name} does not match its sha256 in meta.json")
         x = np.load(folder / "embeddings.npy", mmap_mode="r")
         y = np.load(folder / "labels.npy")
         shape = tuple(meta["shape"])

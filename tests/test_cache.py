@@ -151,16 +151,23 @@ def test_float16_storage(tmp_path, reference):
         embed_split(**SPLIT, cache_dir=tmp_path, **SMALL, dtype="int8")
 
 
+def _flip_last_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(
     "damage, match",
     [
         (lambda f: (f / "embeddings.npy").write_bytes(b"\x93NUMPY garbage"), "corrupt embedding cache"),
         (lambda f: (f / "meta.json").write_text('{"shape": [64'), "corrupt embedding cache"),
         (lambda f: (f / "meta.json").write_text("{}"), "corrupt embedding cache"),
-        (lambda f: np.save(f / "embeddings.npy", np.zeros((63, 1280), np.float32)), "do not match"),
+        (lambda f: np.save(f / "embeddings.npy", np.zeros((63, 1280), np.float32)), "does not match its sha256"),
+        (lambda f: _flip_last_byte(f / "embeddings.npy"), "embeddings.npy does not match its sha256"),
         (lambda f: (f / "labels.npy").unlink(), "corrupt embedding cache"),
     ],
-    ids=["embeddings", "truncated-meta", "empty-meta", "wrong-shape", "missing-labels"],
+    ids=["embeddings", "truncated-meta", "empty-meta", "wrong-shape", "flipped-bit", "missing-labels"],
 )
 def test_corrupt_cache_gives_a_clear_error(reference_cache, tmp_path, damage, match):
     shutil.copytree(reference_cache, tmp_path, dirs_exist_ok=True)
@@ -193,3 +200,44 @@ def test_cache_path_is_readable_and_keyed():
     a = cache_path("/c", key)
     assert a.parts[:4] == ("/", "c", "clip_ViT-B-32_openai", "imagefolder_data_x") and a.name.startswith("train-")
     assert cache_path("/c", {**key, "dtype": "float16"}) != a
+
+
+def _image_folder(root: Path, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for cls in ("a", "b"):
+        (root / "train" / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "train" / cls / f"{i}.png")
+    return root
+
+
+def test_an_image_folder_cache_is_keyed_by_its_contents_not_its_path(tmp_path, spy):
+    from PIL import Image
+
+    folder = _image_folder(tmp_path / "images")
+    args = dict(encoder_name="effnet-lite0", dataset_name=f"imagefolder:{folder}", split="train",
+                cache_dir=tmp_path / "cache", **SMALL)
+    first = embed_split(**args)
+    embed_split(**args)
+    assert spy.rows == 8  # the second call was a cache hit
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "train" / "a" / "0.png")  # same path, new image
+    spy.reset()
+    second = embed_split(**args)
+    assert spy.rows == 8 and not torch.equal(first.x[0], second.x[0]) and torch.equal(first.x[1:], second.x[1:])
+    assert len(list((tmp_path / "cache").rglob("meta.json"))) == 2
+
+
+def test_cached_embeddings_from_another_encoder_are_refused_by_the_service(reference_cache):
+    from dkvb.embeddings_io import load_embeddings_file
+
+    folder = _folder(reference_cache)
+    names = json.loads((folder / "meta.json").read_text())["class_names"]
+    assert len(load_embeddings_file(folder, names, {"encoder": "effnet-lite0"})) == 64
+    with pytest.raises(ValueError, match="made with encoder 'effnet-lite0', the model was trained on 'clip"):
+        load_embeddings_file(folder, names, {"encoder": "clip:ViT-B-32/openai"})
+    described = json.loads((folder / "meta.json").read_text())["encoder"]
+    other = {**described, "image_size": 224}
+    with pytest.raises(ValueError, match=r"another encoder setting.*image_size"):
+        load_embeddings_file(folder, names, {"encoder": "effnet-lite0", "encoder_config": other})
