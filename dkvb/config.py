@@ -263,6 +263,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
         data = _merge(data, upd)
     config = _build(ExperimentConfig, data, "")
     check_run_name(config.name)
+    prefix, colon, arg = config.dataset.name.partition(":")
+    if prefix == "imagefolder" and not arg.strip():
+        raise ValueError(f"config: dataset.name must be 'imagefolder:<path>' with a folder, got {config.dataset.name!r}")
     return config
 
 

@@ -246,7 +246,10 @@ def save_model(
         tmp = root / "versions" / f".tmp-{version}-{os.getpid()}"
         try:
             tmp.mkdir()  # files go straight in: the folder becomes visible only by the rename below
-            save_file(own, str(tmp / TENSORS))
+            try:
+                save_file(own, str(tmp / TENSORS))
+            except SafetensorError as e:  # its I/O errors (a full disk, a file size limit) name no file
+                raise OSError(f"{root / 'versions' / version / TENSORS}: cannot write tensors ({e})") from None
             os.chmod(tmp / TENSORS, file_mode())  # safetensors writes 0600; follow the umask like other files
             fsync_file(tmp / TENSORS)
             _write_synced(tmp / CONFIG, _json_bytes(model.config))

@@ -287,3 +287,365 @@ def test_a_second_writer_process_fails_cleanly_with_store_locked_error(store):
     assert proc.returncode == 2
     assert "another writer holds the store lock" in proc.stderr and "Traceback" not in proc.stderr
     assert list_versions(store) == ["000001", "000002"] and not (store / "audit.jsonl").exists()
+
+
+# ------------------------------------------------------------------ issue 12: deletion requests that can be trusted
+from dkvb.audit import ANCHOR, LOG, KEY_ENV  # noqa: E402
+from dkvb.errors import AuditError  # noqa: E402
+from dkvb.service import ModelService, ServedStore, forget, read_log, replay, restore  # noqa: E402
+
+ODD = ["1", "10", "2", "-1", " sp ", "x,y"]  # sorted as a folder lists them: "1" < "10" < "2"
+
+
+@pytest.fixture(scope="module")
+def odd_store(tmp_path_factory):
+    """A DKVB model whose class names look like numbers, options, padded text and lists."""
+    from tests.conftest import make_clusters
+
+    train = make_clusters(600, num_classes=len(ODD))
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes)
+    fit(model, train, TrainConfig(epochs=1, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    path = tmp_path_factory.mktemp("odd") / "model"
+    save_model(model, path, class_names=ODD, encoder="synthetic")
+    return path
+
+
+def _forgotten_by_cli(odd_store, tmp_path, *args) -> list[str]:
+    path = tmp_path / "m"
+    shutil.copytree(odd_store, path)
+    assert main(["forget", "--model", str(path), *args]) == 0
+    return read_log(path)[-1]["forgotten"]
+
+
+@pytest.mark.parametrize("args, forgotten", [
+    (["--classes", "1"], ["1"]),
+    (["--classes", "2,10"], ["10", "2"]),
+    (["--class", "-1"], ["-1"]),
+    (["--class", " sp "], [" sp "]),
+    (["--class", "x,y"], ["x,y"]),
+    (["--class-ids", "1"], ["10"]),
+    (["--class-ids", "0,2", "--classes", "1"], ["1", "2"]),
+])
+def test_a_class_name_means_that_name(odd_store, tmp_path, args, forgotten):
+    assert _forgotten_by_cli(odd_store, tmp_path, *args) == forgotten
+
+
+def test_class_names_from_a_file_are_taken_exactly(odd_store, tmp_path):
+    names = tmp_path / "names.txt"
+    names.write_text(" sp \nx,y\n")
+    assert _forgotten_by_cli(odd_store, tmp_path, "--classes-file", str(names)) == [" sp ", "x,y"]
+
+
+def test_strings_are_never_guessed_as_indices():
+    from dkvb.config import load_config
+    from dkvb.experiment import forget_requests
+
+    assert resolve_classes("1", ODD) == (0,) and resolve_classes(["x,y"], ODD) == (5,)
+    assert resolve_classes([1], ODD) == (1,)  # an int is an index
+    for spec in ("0001", ["01"], [" 1"], "3"):
+        with pytest.raises(ValueError, match="unknown class name"):
+            resolve_classes(spec, ODD)
+    with pytest.raises(ValueError, match="must be a name"):
+        resolve_classes([1.0], ODD)
+    assert forget_requests(load_config(None, ['forget=[["1"], ["2", "-1"]]']), tuple(ODD)) == [(0,), (2, 3)]
+
+
+def test_readers_serve_the_logged_version_when_a_writer_dies_before_moving_head(store, monkeypatch):
+    import dkvb.service as service
+
+    forget(store, "class1")
+    monkeypatch.setattr(service, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        forget(store, "class2")
+    monkeypatch.undo()
+    assert current_version(store) == "000003" and read_log(store)[-1]["version_after"] == "000004"
+    model, manifest = load_model(store)  # a plain reader, no writer has run since
+    assert ServedStore(store).forgotten_of(manifest) == ["class1", "class2"]
+    assert model_sha256(model) == read_log(store)[-1]["model_sha256_after"]
+
+
+def test_sigkill_at_any_step_never_serves_a_model_the_log_does_not_name(store, tmp_path, sigkill_at_nth_sync):
+    forget(store, "class1")
+    for n in range(1, 14):
+        path = tmp_path / f"k{n}"
+        shutil.copytree(store, path)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - child
+            try:
+                sigkill_at_nth_sync(n)
+                forget(path, "class2")
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        model, manifest = load_model(path)
+        last = ServedStore(path).log()[-1]
+        assert model_sha256(model) == last["model_sha256_after"], n
+        assert ServedStore(path).forgotten_of(manifest) == last["forgotten"], n
+
+
+@pytest.mark.parametrize("head", [None, b"", b"garbage\n", b"999999\n"])
+def test_restore_works_with_head_missing_or_corrupt(store, head):
+    r1 = forget(store, "class1")
+    forget(store, "class2")
+    if head is None:
+        (store / "HEAD").unlink()
+    else:
+        (store / "HEAD").write_bytes(head)
+    assert ServedStore(store).load()[1]["model_sha256"] == read_log(store)[-1]["model_sha256_after"]
+    rec = restore(store, r1["request_id"])
+    assert rec["version_after"] == current_version(store) == r1["version_after"]
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)
+
+
+def test_retraining_a_served_run_refuses_without_force(store, clusters, tmp_path):
+    from dkvb.config import load_config
+    from dkvb.experiment import train_models
+
+    train, _ = clusters
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run", "encoder.name=synthetic", "train.epochs=1",
+                             "model={num_codebooks: 8, codebook_size: 16, key_dim: 4}"])
+    served = cfg.run_dir / "models" / "dkvb"
+    shutil.copytree(store, served)
+    forget(served, "class1")
+    with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1"):
+        train_models(cfg, train, kinds={"dkvb"}, progress=False)
+    assert read_log(served)[-1]["forgotten"] == ["class1"] and current_version(served) == "000003"
+    train_models(cfg, train, kinds={"dkvb"}, progress=False, force=True)
+    last = read_log(served)[-1]
+    assert last["op"] == "origin" and last["forgotten"] == [] and last["version_after"] == current_version(served)
+
+
+def _cut_last_line(p: Path) -> None:
+    p.write_bytes(b"".join(p.read_bytes().splitlines(keepends=True)[:-1]))
+
+
+def _edit_last_line(p: Path) -> None:
+    lines = p.read_bytes().splitlines(keepends=True)
+    rec = json.loads(lines[-1])
+    rec["forgotten"] = []
+    p.write_bytes(b"".join(lines[:-1]) + json.dumps(rec, separators=(",", ":")).encode() + b"\n")
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: (s / LOG).write_bytes(b""),
+    lambda s: (s / LOG).unlink(),
+    lambda s: _cut_last_line(s / LOG),
+    lambda s: _edit_last_line(s / LOG),
+    lambda s: ((s / LOG).unlink(), (s / ANCHOR).unlink()),
+    lambda s: (_cut_last_line(s / LOG), (s / ANCHOR).unlink()),
+], ids=["emptied", "deleted", "cut", "last-line-edited", "log-and-anchor-deleted", "cut-and-anchor-deleted"])
+def test_history_loss_is_detected_by_replay_and_refused_by_the_next_forget(store, damage, capsys):
+    forget(store, "class1")
+    forget(store, "class2")
+    damage(store)
+    with pytest.raises(AuditError):
+        replay(store)
+    with pytest.raises(AuditError):
+        forget(store, "class3")
+    assert main(["replay", "--model", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert "audit" in err and len(err.strip().splitlines()) == 1
+
+
+def _recompute_chain(store: Path) -> None:
+    """What someone without the key can do: edit a record, then recompute every hash and the anchor."""
+    from dkvb.audit import encode, line_sha
+
+    records = [json.loads(line) for line in (store / LOG).read_bytes().splitlines()]
+    records[1]["classes"] = ["class3"]
+    prev, out = None, b""
+    for r in records:
+        r.pop("prev_sha256")
+        r.pop("mac", None)
+        line = encode(r, prev, None)
+        out += line + b"\n"
+        prev = line_sha(line)
+    (store / LOG).write_bytes(out)
+    (store / ANCHOR).write_text(json.dumps({"records": len(records), "last_sha256": prev}))
+
+
+def test_a_keyed_log_detects_a_recomputed_chain(store, monkeypatch, tmp_path):
+    plain = tmp_path / "plain"
+    shutil.copytree(store, plain)
+    forget(plain, "class1")
+    _recompute_chain(plain)
+    assert read_log(plain)[1]["classes"] == ["class3"]  # without a key a recomputed chain passes (documented)
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    monkeypatch.setenv("DKVB_AUDIT_KEY_FILE", str(key))
+    forget(store, "class1")
+    assert all("mac" in json.loads(line) for line in (store / LOG).read_bytes().splitlines())
+    _recompute_chain(store)
+    with pytest.raises(AuditError, match="mac"):
+        read_log(store)
+    with pytest.raises(AuditError, match="mac"):
+        forget(store, "class2")
+    monkeypatch.delenv("DKVB_AUDIT_KEY_FILE")
+    monkeypatch.setenv(KEY_ENV, "another")
+    with pytest.raises(AuditError, match="mac"):
+        read_log(store)
+
+
+def test_a_keyed_log_is_not_appended_to_without_the_key(store, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "k")
+    forget(store, "class1")
+    monkeypatch.delenv(KEY_ENV)
+    assert len(read_log(store)) == 2  # readable (chain and anchor checked) without the key
+    with pytest.raises(AuditError, match="is keyed"):
+        forget(store, "class2")
+
+
+def test_version_names_are_never_reused(store):
+    forget(store, "class1")
+    newest = list_versions(store)[-1]
+    shutil.rmtree(store / "versions" / newest)
+    model, _ = load_model(store, "000001")
+    out = tmp = store.parent / "other"
+    shutil.copytree(store, tmp)
+    assert save_model(model, out, class_names=NAMES, encoder="synthetic", force=True) > newest
+
+
+def test_manifest_class_names_and_forgotten_list_are_checksummed(store):
+    forget(store, "class1")
+    m = store / "versions" / current_version(store) / "manifest.json"
+    for edit in (lambda d: d["class_names"].reverse(), lambda d: d["extra"]["service"]["forgotten"].clear()):
+        original = m.read_text()
+        manifest = json.loads(original)
+        edit(manifest)
+        m.write_text(json.dumps(manifest))
+        with pytest.raises(StoreError, match="manifest_sha256"):
+            load_model(store)
+        m.write_text(original)
+
+
+def test_prune_keeps_what_head_and_replay_need(store, clusters, capsys):
+    _, test = clusters
+    r1 = forget(store, "class1", params={"erase_values": True})  # HEAD holds its own values, shares the rest
+    forget(store, "class2")
+    restore(store, r1["request_id"])
+    m = ["--model", str(store)]
+    assert main(["prune", *m, "--dry-run"]) == 0
+    # 000003 is served, 000002 is the origin replay starts from, 000001 the base both share
+    assert "would delete 1 version(s): 000004" in capsys.readouterr().out
+    assert list_versions(store) == ["000001", "000002", "000003", "000004"]
+    assert main(["prune", *m]) == 0
+    assert list_versions(store) == ["000001", "000002", "000003"]
+    model, _ = load_model(store)  # HEAD and its base are kept
+    assert torch.equal(replay(store), model.key_mask)
+    assert read_log(store)[-1]["op"] == "prune" and read_log(store)[-1]["removed"] == ["000004"]
+    with pytest.raises(ValueError, match="was deleted"):
+        restore(store, "req-000003")
+    capsys.readouterr()
+    assert main(["log", *m]) == 0 and "deleted versions 000004" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("override, match", [
+    ("train.epochs=1e12", "train.epochs must be an integer, got '1e12'"),
+    ("train.lr=nan", "train.lr must be a finite number"),
+    ("dataset.download=yes please", "dataset.download must be true or false"),
+    ("dataset.train_limit=None", "must be an integer or null, got 'None'"),
+    ("name=../../escape", "name must be one folder name"),
+    (f"name={'x' * 300}", "name must be one folder name"),
+    ("methods=[{name: dkvb-activations, params: {nope: 1}}]", "unknown parameter"),
+    ("dataset.name=imagefolder:", "dataset.name must be text"),  # YAML reads a mapping here
+    ("dataset.name='imagefolder:'", "dataset.name must be 'imagefolder:<path>'"),
+])
+def test_bad_config_values_fail_early_in_one_line(tmp_path, capsys, override, match):
+    cfg = ["--set", f"cache_dir={tmp_path / 'cache'}", "--set", f"output_dir={tmp_path / 'out'}",
+           "--set", "dataset.name=synthetic", "--set", "encoder.pretrained=false"]
+    assert main(["run", str(ROOT / "experiments/tiny_synthetic.yaml"), *cfg, "--set", override]) == 2
+    err = capsys.readouterr().err
+    assert match in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_malformed_yaml_and_a_missing_store_fail_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {epochs: 3\nmodel: [\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: malformed YAML at line" in err and len(err.strip().splitlines()) == 1
+    assert main(["log", "--model", str(tmp_path / "nothing")]) == 2
+    assert "no stored model" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError):
+        main(["log", "-v", "--model", str(tmp_path / "nothing")])  # -v after it too: the traceback comes back
+
+
+def test_a_full_disk_names_the_file_in_one_line(store, monkeypatch, capsys):
+    import errno
+
+    import dkvb.store as store_module
+
+    def full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    monkeypatch.setattr(store_module, "save_file", full)
+    assert main(["forget", "--model", str(store), "--classes", "class1"]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and "tensors.safetensors" in err and len(err.strip().splitlines()) == 1
+    assert list_versions(store) == ["000001", "000002"] and not (store / LOG).exists()
+
+
+def test_a_file_size_limit_fails_in_one_line(store):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+
+    proc = subprocess.run([sys.executable, "-c", "import sys; from dkvb.cli import main; sys.exit(main(sys.argv[1:]))",
+                           "forget", "--model", str(store), "--classes", "class1", "--param", "erase_values=true"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, preexec_fn=limit,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("dkvb forget:")]
+    assert len(errors) == 1 and "File too large" in errors[0] and "tensors.safetensors" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert load_model(store)[1]["model_sha256"] == ORIGINAL["000002"]
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n garbage", "truncated", "bomb"])
+def test_bad_images_name_the_file(tmp_path, monkeypatch, content):
+    from PIL import Image
+
+    from dkvb.datasets import _FileImages
+
+    path = tmp_path / "img.png"
+    Image.fromarray(torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()).save(path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:60])
+    elif content == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}: unreadable image"):
+        _FileImages([str(path)])[0]
+
+
+def test_store_files_follow_the_umask(store, tmp_path):
+    old = os.umask(0o022)
+    try:
+        forget(store, "class1")
+        model, _ = load_model(store)
+        save_model(model, tmp_path / "fresh", class_names=NAMES, encoder="synthetic")
+    finally:
+        os.umask(old)
+    for root in (store, tmp_path / "fresh"):
+        for p in root.rglob("*"):
+            if p.is_file() and p.name != ".lock" and not p.is_relative_to(root / "versions/000001") | (root == store):
+                assert p.stat().st_mode & 0o777 == 0o644, p
+    for name in ("HEAD", LOG, ANCHOR, f"versions/{current_version(store)}/tensors.safetensors"):
+        assert (store / name).stat().st_mode & 0o777 == 0o644, name
+
+
+def test_log_escapes_control_characters_in_class_names(tmp_path, clusters, capsys):
+    train, _ = clusters
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes)
+    fit(model, train, TrainConfig(epochs=1, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    names = ["ok", "red\x1b[31m", "bell\a", "line\nbreak", "fine"]
+    save_model(model, tmp_path / "m", class_names=names, encoder="synthetic")
+    assert main(["forget", "--model", str(tmp_path / "m"), "--class", "red\x1b[31m", "--class", "line\nbreak"]) == 0
+    assert main(["log", "--model", str(tmp_path / "m")]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\a" not in out and "red\\x1b[31m" in out and "line\\nbreak" in out
