@@ -134,11 +134,11 @@ def _check_anchor(root: Path, count: int, last: str | None, records: list[dict[s
     """Whether the last record is pending (logged, not yet anchored); raises where the log and its
     anchor disagree."""
     file = root / ANCHOR
-    if not file.is_file():
-        if count:
-            raise AuditError(f"{file} is missing: {root / LOG} cannot be checked for lost lines (the anchor was "
-                             "deleted, or the log was written by an older dkvb)")
-        return False
+    if not file.is_file():  # before the first anchor: the log may hold the first record, pending
+        if count == 0 or (count == 1 and records[0]["prev_sha256"] is None):
+            return count == 1
+        raise AuditError(f"{file} is missing: {root / LOG} cannot be checked for lost lines (the anchor was "
+                         "deleted, or the log was written by an older dkvb)")
     try:
         anchor = json.loads(file.read_text())
         anchored, digest = anchor["records"], anchor["last_sha256"]

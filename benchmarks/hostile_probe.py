@@ -1,0 +1,341 @@
+"""Hostile probes of issue 12, end to end through the ``dkvb`` command line on a tiny synthetic store.
+
+Each probe does what a hostile or unlucky user would (odd class names, kill -9 mid-request, a
+missing HEAD, a retrain over a served store, a cut or edited audit log, a recomputed chain, deleted
+versions, bad config values, a full disk, control characters) and checks the promise of a deletion
+service: what the log says was forgotten is what the served model has forgotten, and every failure
+is one line naming the file or field. Prints how many probes passed and writes a JSON result.
+
+    python benchmarks/hostile_probe.py --out benchmarks/results/hostile_probe.json
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
+from dkvb.cli import main
+from dkvb.store import current_version, list_versions, load_model, model_sha256, save_model
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["1", "10", "2", "-1", " sp ", "x,y"]
+PROBES: list[tuple[str, str, Callable[[Path], str | None]]] = []  # (item, name, probe -> failure or None)
+
+
+def probe(item: str, name: str):
+    def wrap(fn: Callable[[Path], str | None]) -> Callable[[Path], str | None]:
+        PROBES.append((item, name, fn))
+        return fn
+    return wrap
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of ``dkvb ARGV`` run in this process."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def one_line_error(code: int, err: str, *needles: str) -> str | None:
+    lines = err.strip().splitlines()
+    if code != 2 or len(lines) != 1 or "Traceback" in err or not all(n in err for n in needles):
+        return f"exit {code}, stderr {err.strip()[:300]!r}"
+    return None
+
+
+def logged(store: Path) -> list[dict]:
+    code, out, err = cli("log", "--model", str(store), "--json")
+    if code:
+        raise RuntimeError(err)
+    return [json.loads(line) for line in out.splitlines()]
+
+
+def served_matches_log(store: Path) -> str | None:
+    model, _ = load_model(store)
+    last = logged(store)[-1]
+    sha = last.get("model_sha256_after") or last.get("model_sha256")
+    return None if model_sha256(model) == sha else f"served model {model_sha256(model)[:8]} != logged {sha[:8]}"
+
+
+# ------------------------------------------------------------------ 1. names mean names
+for args, expected in [(("--classes", "1"), ["1"]), (("--class", "-1"), ["-1"]), (("--class", " sp "), [" sp "]),
+                       (("--class", "x,y"), ["x,y"]), (("--class-ids", "1"), ["10"])]:
+    def _names(store: Path, args=args, expected=expected) -> str | None:
+        code, _, err = cli("forget", "--model", str(store), *args)
+        got = logged(store)[-1]["forgotten"] if code == 0 else err
+        return None if got == expected else f"forgot {got!r}, expected {expected!r}"
+    probe("1", f"forget {' '.join(args)!r} forgets {expected}")(_names)
+
+
+@probe("1", "'0001' is not guessed as an index")
+def _zeros(store: Path) -> str | None:
+    return one_line_error(*cli("forget", "--model", str(store), "--classes", "0001")[::2], "unknown class name '0001'")
+
+
+@probe("1", "a quoted forget: [['1']] in a config means the class named 1")
+def _config_names(store: Path) -> str | None:
+    from dkvb.config import load_config
+    from dkvb.experiment import forget_requests
+
+    got = forget_requests(load_config(None, ['forget=[["1"]]']), tuple(NAMES))
+    return None if got == [(0,)] else f"resolved to {got}"
+
+
+# ------------------------------------------------------------------ 2. served model == log
+@probe("2", "20 kill -9 at random points of a forget never serve a model the log does not name")
+def _kills(store: Path) -> str | None:
+    import random
+
+    rng, outcomes = random.Random(0), set()
+    for i in range(20):
+        path = store.parent / f"kill{i}"
+        shutil.copytree(store, path)
+        pid = os.fork()
+        if pid == 0:  # child: a forget request, killed after a random delay
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    main(["forget", "--model", str(path), "--classes", "2"])
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.0, 0.4))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        if not (path / "audit.jsonl").exists():  # killed before logging: the trained model is still served
+            if model_sha256(load_model(path)[0]) != model_sha256(load_model(store)[0]):
+                return f"kill {i}: nothing logged, but the served model changed"
+        elif problem := served_matches_log(path):
+            return f"kill {i}: {problem}"
+        outcomes.add(len(logged(path)) if (path / "audit.jsonl").exists() else 0)
+    return None if len(outcomes) > 1 else f"every kill landed at the same point ({outcomes}): the probe saw nothing"
+
+
+@probe("2", "restore works with HEAD deleted")
+def _no_head(store: Path) -> str | None:
+    cli("forget", "--model", str(store), "--classes", "1")
+    (store / "HEAD").unlink()
+    code, _, err = cli("restore", "--model", str(store), "--to", "origin")
+    return (f"exit {code}: {err.strip()}" if code else None) or served_matches_log(store)
+
+
+@probe("2", "retraining over a served store is refused without --force")
+def _retrain(store: Path) -> str | None:
+    cli("forget", "--model", str(store), "--classes", "1")
+    model, _ = load_model(store, "000001")
+    try:
+        save_model(model, store, class_names=NAMES, encoder="synthetic")
+    except Exception as e:  # noqa: BLE001 - the refusal is the expected outcome
+        return None if "serves deletion requests" in str(e) else f"refused with {e}"
+    return "HEAD was moved to a retrained model while the log says '1' is forgotten"
+
+
+# ------------------------------------------------------------------ 3. history loss
+def _damaged(damage: Callable[[Path], None]) -> Callable[[Path], str | None]:
+    def run(store: Path) -> str | None:
+        cli("forget", "--model", str(store), "--classes", "1")
+        cli("forget", "--model", str(store), "--classes", "2")
+        damage(store)
+        problems = [one_line_error(*cli("replay", "--model", str(store))[::2], "audit"),
+                    one_line_error(*cli("forget", "--model", str(store), "--classes", "10")[::2], "audit")]
+        return "; ".join(p for p in problems if p) or None
+    return run
+
+
+def _edit_last(store: Path) -> None:
+    lines = (store / "audit.jsonl").read_bytes().splitlines()
+    rec = json.loads(lines[-1])
+    rec["forgotten"] = []
+    (store / "audit.jsonl").write_bytes(b"\n".join(lines[:-1] + [json.dumps(rec, separators=(",", ":")).encode()])
+                                        + b"\n")
+
+
+for label, damage in [("emptied", lambda s: (s / "audit.jsonl").write_bytes(b"")),
+                      ("deleted", lambda s: (s / "audit.jsonl").unlink()),
+                      ("tail cut", lambda s: (s / "audit.jsonl").write_bytes(
+                          b"".join((s / "audit.jsonl").read_bytes().splitlines(keepends=True)[:-1]))),
+                      ("last line edited", _edit_last),
+                      ("deleted with its anchor", lambda s: [(s / n).unlink() for n in ("audit.jsonl",
+                                                                                           "audit.anchor.json")])]:
+    probe("3", f"audit log {label}: detected by replay, refused by forget")(_damaged(damage))
+
+
+@probe("3", "a recomputed chain is detected with DKVB_AUDIT_KEY")
+def _keyed(store: Path) -> str | None:
+    from dkvb.audit import encode, line_sha
+
+    os.environ["DKVB_AUDIT_KEY"] = "probe-key"
+    try:
+        cli("forget", "--model", str(store), "--classes", "1")
+        records = [json.loads(line) for line in (store / "audit.jsonl").read_bytes().splitlines()]
+        records[1]["classes"] = ["2"]
+        prev, out = None, b""
+        for r in records:
+            r.pop("prev_sha256"), r.pop("mac")
+            out += (line := encode(r, prev, None)) + b"\n"
+            prev = line_sha(line)
+        (store / "audit.jsonl").write_bytes(out)
+        (store / "audit.anchor.json").write_text(json.dumps({"records": len(records), "last_sha256": prev}))
+        return one_line_error(*cli("replay", "--model", str(store))[::2], "mac")
+    finally:
+        del os.environ["DKVB_AUDIT_KEY"]
+
+
+@probe("3", "version names are never reused after the newest version is deleted")
+def _reuse(store: Path) -> str | None:
+    cli("forget", "--model", str(store), "--classes", "1")
+    newest = list_versions(store)[-1]
+    shutil.rmtree(store / "versions" / newest)
+    model, _ = load_model(store, "000001")
+    version = save_model(model, store, class_names=NAMES, encoder="synthetic", force=True)
+    return None if version > newest else f"reused {version}"
+
+
+# ------------------------------------------------------------------ 4. prune
+@probe("4", "dkvb prune after erase_values keeps HEAD loadable and replay exact")
+def _prune(store: Path) -> str | None:
+    cli("forget", "--model", str(store), "--classes", "1", "--param", "erase_values=true")
+    cli("forget", "--model", str(store), "--classes", "2")
+    cli("restore", "--model", str(store), "--to", "req-000002")
+    code, out, err = cli("prune", "--model", str(store))
+    if code or "deleted 1 version(s)" not in out:
+        return f"prune: exit {code} {out.strip()} {err.strip()}"
+    code, out, err = cli("replay", "--model", str(store))
+    return None if code == 0 and "bit for bit" in out else f"replay after prune: {err.strip()}"
+
+
+# ------------------------------------------------------------------ 5. inputs
+@probe("5", "a renamed class in a manifest is detected (manifest_sha256)")
+def _manifest(store: Path) -> str | None:
+    m = store / "versions" / current_version(store) / "manifest.json"
+    manifest = json.loads(m.read_text())
+    manifest["class_names"][0] = "renamed"
+    m.write_text(json.dumps(manifest))
+    return one_line_error(*cli("forget", "--model", str(store), "--classes", "2")[::2], "manifest_sha256")
+
+
+# ------------------------------------------------------------------ 6. typed, early, one-line errors
+for override, needle in [("train.epochs=1e12", "train.epochs must be an integer"),
+                         ("train.lr=nan", "train.lr must be a finite number"),
+                         ("dataset.download=1", "dataset.download must be true or false"),
+                         ("dataset.test_limit=None", "must be an integer or null"),
+                         ("name=../../escape", "name must be one folder name"),
+                         ("dataset.name='imagefolder:'", "imagefolder:<path>"),
+                         ("methods=[{name: dkvb-activations, params: {nope: 1}}]", "unknown parameter")]:
+    def _config(store: Path, override=override, needle=needle) -> str | None:
+        out = store.parent / "runs"
+        code, _, err = cli("run", str(ROOT / "experiments/tiny_synthetic.yaml"), "--set", f"output_dir={out}",
+                           "--set", f"cache_dir={store.parent / 'cache'}", "--set", override)
+        return one_line_error(code, err, needle) or ("the run started" if out.exists() else None)
+    probe("6", f"--set {override} is refused before any work")(_config)
+
+
+@probe("6", "malformed YAML names the file and line")
+def _yaml(store: Path) -> str | None:
+    bad = store.parent / "bad.yaml"
+    bad.write_text("train: {epochs: 3\n")
+    return one_line_error(*cli("run", str(bad))[::2], str(bad), "malformed YAML at line")
+
+
+@probe("6", "dkvb log on a missing store exits non-zero")
+def _log_missing(store: Path) -> str | None:
+    return one_line_error(*cli("log", "--model", str(store.parent / "nothing"))[::2], "no stored model")
+
+
+@probe("6", "a full disk is one line naming the file")
+def _full_disk(store: Path) -> str | None:
+    import errno
+
+    import dkvb.store as store_module
+
+    real = store_module.save_file
+
+    def full(tensors, path):
+        raise OSError(errno.ENOSPC, "No space left on device", path)
+
+    store_module.save_file = full
+    try:
+        return one_line_error(*cli("forget", "--model", str(store), "--classes", "1")[::2], "No space left",
+                              "tensors.safetensors")
+    finally:
+        store_module.save_file = real
+
+
+# ------------------------------------------------------------------ 7. files usable by others
+@probe("7", "store files follow the umask (0644 under 022)")
+def _umask(store: Path) -> str | None:
+    old = os.umask(0o022)
+    try:
+        cli("forget", "--model", str(store), "--classes", "1")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in [store / "HEAD", store / "audit.jsonl",
+             store / "versions" / current_version(store) / "tensors.safetensors"]}
+    return None if set(modes.values()) == {"0o644"} else str(modes)
+
+
+@probe("7", "dkvb log escapes control characters in class names")
+def _escape(store: Path) -> str | None:
+    model, _ = load_model(store)
+    names = ["ok", "red\x1b[31m", "bell\a", "2", "3", "4"]
+    other = store.parent / "escape"
+    save_model(model, other, class_names=names, encoder="synthetic")
+    cli("forget", "--model", str(other), "--class", "red\x1b[31m")
+    code, out, _ = cli("log", "--model", str(other))
+    return None if code == 0 and "\x1b" not in out and "red\\x1b[31m" in out else repr(out[-200:])
+
+
+# ------------------------------------------------------------------ run
+def make_store(path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(len(NAMES), 32, generator=g) * 3
+    y = torch.arange(600) % len(NAMES)
+    train = EmbeddingSet(centers[y] + torch.randn(600, 32, generator=g), y, NAMES)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), 32, len(NAMES), seed=0)
+    fit(model, train, TrainConfig(epochs=2, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    save_model(model, path, class_names=NAMES, encoder="synthetic")
+
+
+def run(out: Path | None) -> dict:
+    torch.set_num_threads(1)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        template = Path(tmp) / "template"
+        make_store(template)
+        for i, (item, name, fn) in enumerate(PROBES):
+            work = Path(tmp) / f"p{i}"
+            shutil.copytree(template, work / "model")
+            start = time.perf_counter()
+            try:
+                failure = fn(work / "model")
+            except Exception as e:  # noqa: BLE001 - a crashing probe is a failed probe
+                failure = f"{type(e).__name__}: {e}"
+            results.append({"item": item, "probe": name, "passed": failure is None, "detail": failure,
+                            "seconds": round(time.perf_counter() - start, 3)})
+            print(f"[{'PASS' if failure is None else 'FAIL'}] {item}. {name}" + (f": {failure}" if failure else ""))
+    passed = sum(r["passed"] for r in results)
+    summary = {"passed": passed, "total": len(results), "probes": results}
+    print(f"{passed}/{len(results)} probes passed")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, help="write the JSON result here")
+    args = p.parse_args()
+    sys.exit(0 if run(args.out)["passed"] == len(PROBES) else 1)
