@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("config", help="experiment YAML (embeddings and the trained DKVB come from its cache/run folder)")
     p.add_argument("--factors", type=float, nargs="+", default=[1.0, 1.25, 1.5, 2.0],
                    help="min_share = factor / num_classes")
-    p.add_argument("--classes", help="comma-separated class names or indices (default: every class)")
+    p.add_argument("--classes", help="comma-separated class names (default: every class)")
     p.add_argument("--out", type=Path, default=Path("results/benchmarks"), help="output folder")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     args = p.parse_args(argv)

@@ -19,7 +19,7 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
 @pytest.mark.slow
 def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path, tiny_config):
     out = tmp_path / "bench"
-    proc = _run("share_sweep.py", str(tiny_config), "--factors", "1", "2", "4", "--classes", "0,1", "--out", str(out),
+    proc = _run("share_sweep.py", str(tiny_config), "--factors", "1", "2", "4", "--classes", "class0,class1", "--out", str(out),
                 "--threads", "1")
     result = json.loads((out / "share_sweep_tiny.json").read_text())
     rows = result["rows"]
