@@ -13,7 +13,8 @@ def test_both_algorithms_are_registered():
     assert {"dkvb-activations", "dkvb-examples"} <= set(UNLEARNERS)
 
 
-@pytest.mark.parametrize("params", [{}, {"use_cached_counts": False}, {"num_keys": 8}, {"min_share": 0.5}])
+@pytest.mark.parametrize("params", [{}, {"use_cached_counts": False}, {"num_keys": 8}, {"min_share": 0.5},
+                                    {"rule": "paper", "num_keys": 8}, {"rule": "paper", "use_cached_counts": False}])
 def test_unlearning_via_activations_forgets_and_retains(clusters, trained_dkvb, params):
     train, test = clusters
     before = state(trained_dkvb)
@@ -48,6 +49,65 @@ def test_num_keys_caps_keys_per_codebook(clusters, trained_dkvb):
     train, _ = clusters
     report = create_unlearner("dkvb-activations", num_keys=2).unlearn(trained_dkvb, ForgetRequest((0,), train))
     assert int(report.model.key_mask.sum(1).max()) <= 2
+
+
+def forget_counts(model, request):
+    return model.compute_activation_counts(request.train.x, request.train.y)[list(request.forget_classes)].sum(0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 1000])
+def test_paper_rule_masks_the_top_n_keys_of_each_codebook_by_forget_counts_alone(clusters, trained_dkvb, n):
+    train, _ = clusters
+    request = ForgetRequest((2,), train)
+    counts = forget_counts(trained_dkvb, request)
+    mask = create_unlearner("dkvb-activations", rule="paper", num_keys=n).unlearn(trained_dkvb, request).model.key_mask
+    per_codebook = mask.sum(1)
+    # exactly min(n, keys the class activates) per codebook, and each masked key outranks each unmasked one
+    assert torch.equal(per_codebook, torch.clamp((counts > 0).sum(1), max=n))
+    assert bool((counts[mask] > 0).all())
+    for c in range(counts.shape[0]):
+        if (~mask[c]).any() and mask[c].any():
+            assert counts[c][mask[c]].min() >= counts[c][~mask[c]].max()
+
+
+def test_paper_rule_ignores_other_classes_where_the_share_rule_does_not(clusters, trained_dkvb):
+    train, _ = clusters
+    request = ForgetRequest((0,), train)
+    all_counts = trained_dkvb.compute_activation_counts(train.x, train.y)
+    forget = all_counts[0]
+    shared = (forget > 0) & (forget < all_counts.sum(0) / all_counts.shape[0])  # under-represented
+    assert shared.any(), "the fixture should have keys the forget class shares with others"
+    paper = create_unlearner("dkvb-activations", rule="paper").unlearn(trained_dkvb, request).model.key_mask
+    share = create_unlearner("dkvb-activations").unlearn(trained_dkvb, request).model.key_mask
+    assert torch.equal(paper, forget > 0)  # every activated key, shared or not
+    assert not (share & shared).any() and (paper & shared).any()
+
+
+def test_scope_all_ranks_keys_over_every_codebook(clusters, trained_dkvb):
+    train, _ = clusters
+    request = ForgetRequest((3,), train)
+    counts = forget_counts(trained_dkvb, request)
+    mask = create_unlearner("dkvb-activations", rule="paper", num_keys=5, scope="all").unlearn(
+        trained_dkvb, request).model.key_mask
+    assert int(mask.sum()) == 5
+    assert counts[mask].min() >= counts[~mask].max()
+    per_codebook = create_unlearner("dkvb-activations", rule="paper", num_keys=5).unlearn(
+        trained_dkvb, request).model.key_mask
+    assert int(per_codebook.sum()) > 5
+
+
+def test_paper_rule_from_scratch_looks_up_the_forget_class_only(clusters, trained_dkvb):
+    from dkvb.unlearn.masking import lookup_flops
+
+    train, _ = clusters
+    request = ForgetRequest((1,), train)
+    params = {"num_keys": 4, "use_cached_counts": False}
+    paper = create_unlearner("dkvb-activations", rule="paper", **params).unlearn(trained_dkvb, request)
+    share = create_unlearner("dkvb-activations", **params).unlearn(trained_dkvb, request)
+    assert lookup_flops(trained_dkvb, len(request.forget)) <= paper.flops < lookup_flops(trained_dkvb, len(train))
+    assert share.flops >= lookup_flops(trained_dkvb, len(train))
+    cached = create_unlearner("dkvb-activations", rule="paper", num_keys=4).unlearn(trained_dkvb, request)
+    assert torch.equal(paper.model.key_mask, cached.model.key_mask)
 
 
 @pytest.mark.parametrize("n", [1, 5, 50, None])
@@ -108,6 +168,12 @@ def test_bad_requests_are_rejected(clusters, trained_dkvb, trained_linear):
         create_unlearner("dkvb-examples", num_exmaples=3)
     with pytest.raises(ValueError, match="min_share"):
         create_unlearner("dkvb-activations", min_share=2.0)
+    with pytest.raises(ValueError, match="has none"):
+        create_unlearner("dkvb-activations", rule="paper", min_share=0.1)
+    with pytest.raises(ValueError, match="rule"):
+        create_unlearner("dkvb-activations", rule="mine")
+    with pytest.raises(ValueError, match="scope"):
+        create_unlearner("dkvb-activations", scope="layer")
 
 
 def test_wrong_embedding_size_is_rejected(clusters, trained_dkvb):
