@@ -116,14 +116,14 @@ def test_flops_count_every_step_and_scale_with_epochs(trained_linear, request1):
     assert flops("finetune", 2) == 2 * one
     for name in ("neggrad", "retrain"):
         assert flops(name, 2) == 2 * flops(name, 1), name
-    assert flops("scrub", 2, max_epochs=2) == 2 * flops("scrub", 1, max_epochs=1)
+    assert flops("scrub", 2, msteps=2) == 2 * flops("scrub", 1, msteps=1)
     for name in ("salun", "rbm"):  # a fixed saliency pass plus steps that scale
         f1, f2, f3 = flops(name, 1), flops(name, 2), flops(name, 3)
         assert f3 - f1 == 2 * (f2 - f1) > 0 and f1 < f2 < 2 * f1, name
 
 
 def test_scrub_counts_teacher_forwards_and_max_steps(trained_linear, request1):
-    report = create_unlearner("scrub", epochs=1, max_epochs=1).unlearn(trained_linear, request1)
+    report = create_unlearner("scrub", epochs=1, msteps=1).unlearn(trained_linear, request1)
     n = len(request1.train)  # one max pass over forget + one min pass over retain
     assert report.details == {"max_steps": 1, "min_steps": math.ceil(len(request1.retain) / 256)}
     assert report.flops == n * (3 + 1) * 32 * 5
@@ -144,7 +144,7 @@ def test_bad_requests_raise(clusters):
     ("retrain", {"lr": 0}, "lr"), ("retrain", {"epochs": 0}, "epochs"), ("retrain", {"batch_size": 2.5}, "batch_size"),
     ("finetune", {"lr": float("nan")}, "lr"), ("finetune", {"momentum": 1.0}, "momentum"),
     ("finetune", {"optimizer": "lbfgs"}, "optimizer"), ("finetune", {"epochs": 1.5}, "epochs"),
-    ("scrub", {"max_epochs": 4}, "max_epochs"), ("scrub", {"temperature": 0}, "temperature"),
+    ("scrub", {"msteps": 4}, "msteps"), ("scrub", {"temperature": 0}, "temperature"),
     ("scrub", {"alpha": -1}, "alpha"), ("neggrad", {"alpha": 0}, "alpha"), ("neggrad", {"alpha": 1.5}, "alpha"),
     ("rbm", {"sparsity": 1.0}, "sparsity"), ("salun", {"sparsity": -0.1}, "sparsity"),
     ("ssd", {"alpha": 0}, "alpha"), ("ssd", {"dampening": -1}, "dampening"), ("ssd", {"batch_size": 0}, "batch_size"),
@@ -195,7 +195,7 @@ def test_nan_model_raises_in_the_saliency_pass(trained_linear, request1, name):
 @pytest.mark.parametrize("name", LINEAR_METHODS)
 def test_same_seed_same_result(clusters, trained_linear, name):
     train, _ = clusters
-    params = {} if name == "ssd" else {"epochs": 1, "max_epochs": 1} if name == "scrub" else {"epochs": 1}
+    params = {} if name == "ssd" else {"epochs": 1, "msteps": 1} if name == "scrub" else {"epochs": 1}
     a = create_unlearner(name, **params).unlearn(trained_linear, ForgetRequest((2,), train, seed=3))
     b = create_unlearner(name, **params).unlearn(trained_linear, ForgetRequest((2,), train, seed=3))
     assert same_state(state(a.model), state(b.model)) and a.flops == b.flops

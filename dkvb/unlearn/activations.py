@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from ..data import EmbeddingSet
+from ..flops import note_images
 from ..models import DKVBClassifier
 from .base import ForgetRequest, Unlearner, check_range, register
 from .masking import lookup_flops, mask_summary, masked_copy
@@ -87,11 +88,13 @@ class UnlearnViaActivations(Unlearner):
         elif self.use_cached_counts:
             counts = model.compute_activation_counts(request.train.x, request.train.y)
             flops += lookup_flops(model, len(request.train))
+            note_images(len(request.train))
         else:
             # the share rule needs every class's counts; the paper's rule the forget classes' only
             data = request.forget if self.rule == "paper" or self.min_share == 0 else request.train
             counts = _unmasked_counts(model, data)
             flops += lookup_flops(model, len(data))
+            note_images(len(data))
         forget = counts[list(request.forget_classes)].sum(0)  # (C, K)
         eligible = forget >= self.min_count
         c, k = forget.shape
