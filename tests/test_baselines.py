@@ -216,3 +216,72 @@ def test_baselines_also_act_on_a_dkvb_model(clusters, trained_dkvb, name):
     assert report.flops > 0 and torch.equal(report.model.bottleneck.keys, trained_dkvb.bottleneck.keys)
     now = state(trained_dkvb)
     assert all(torch.equal(now[k], before[k]) for k in before if k != "activation_counts")
+
+
+def test_scrub_runs_max_steps_only_in_the_first_msteps_epochs(clusters, trained_linear, request1, monkeypatch):
+    from dkvb.unlearn import scrub
+
+    phases = []
+    real = scrub.distill_kl
+
+    # tag every KL term by the set its batch came from: one forget batch of 400, retain batches of <= 256
+    def tag(student_logits, teacher_logits, temperature):
+        phases.append("forget" if len(student_logits) == len(request1.forget) else "retain")
+        return real(student_logits, teacher_logits, temperature)
+
+    monkeypatch.setattr(scrub, "distill_kl", tag)
+    report = create_unlearner("scrub", epochs=3, msteps=2, forget_batch_size=400).unlearn(trained_linear, request1)
+    per_pass = math.ceil(len(request1.retain) / 256)
+    expected = (["forget"] + ["retain"] * per_pass) * 2 + ["retain"] * per_pass
+    assert phases == expected
+    assert report.details == {"max_steps": 2, "min_steps": 3 * per_pass}
+
+
+def load_tune_scrub():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_scrub.py"
+    spec = importlib.util.spec_from_file_location("tune_scrub", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scrub_validation_split_is_stratified_and_disjoint_from_the_fit_set(clusters):
+    tune = load_tune_scrub()
+    train, _ = clusters
+    fit_set, val = tune.validation_split(train, 0.1, seed=0)
+    assert len(fit_set) + len(val) == len(train)
+    assert torch.equal(torch.bincount(val.y), torch.full((5,), 40))
+    rows = {tuple(r.tolist()) for r in fit_set.x}
+    assert not any(tuple(r.tolist()) in rows for r in val.x)
+
+
+def test_scrub_choice_keeps_the_best_retain_among_candidates_that_forget():
+    tune = load_tune_scrub()
+    results = [{"params": {"lr": lr}, "val": {"forget": f, "retain": r, "flops": fl}}
+               for lr, f, r, fl in [(1, 0.0, 0.80, 5), (2, 0.2, 0.99, 1), (3, 0.04, 0.90, 9), (4, 0.05, 0.90, 3)]]
+    assert tune.choose(results, 0.05)["params"] == {"lr": 4}  # 0.2 does not forget; the tie goes to fewer FLOPs
+    assert tune.choose(results, 0.01)["params"] == {"lr": 1}
+    assert tune.choose(results[1:2], 0.05) is None
+
+
+def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings
+
+    tune = load_tune_scrub()
+    out = tmp_path / "tune.json"
+    assert tune.main([str(tiny_config), "--lrs", "0.5", "--out", str(out)]) == 1  # nothing cached yet: skipped
+    assert json.loads(out.read_text())["skipped"] == ["tiny"]
+    load_embeddings(load_config(tiny_config), progress=False)
+    tune.main([str(tiny_config), "--lrs", "0.5", "5.0", "--requests", "1", "--set", "forget=[[class0],[class1]]",
+               "--out", str(out)])
+    result = json.loads(out.read_text())
+    (tuned,) = result["configs"]
+    assert len(tuned["candidates"]) == 4 and tuned["val_requests"] == [[0]]
+    chosen = tune.choose(tuned["candidates"], 0.05)
+    assert (chosen and chosen["params"]) == tuned["chosen"]
+    if chosen:
+        assert tuned["test_requests"] == 2 and set(tuned["chosen_test"]) == {"forget", "retain", "flops"}
