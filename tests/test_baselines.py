@@ -13,7 +13,7 @@ from dkvb.train import DivergenceError
 from dkvb.unlearn import UNLEARNERS
 from dkvb.unlearn.ssd import ssd_importances
 
-GRADIENT = ["scrub", "finetune", "neggrad", "rbm", "salun"]
+GRADIENT = ["scrub", "finetune", "neggrad", "rbm", "salun", "potion"]
 LINEAR_METHODS = ["retrain", *GRADIENT, "ssd"]
 
 
@@ -148,6 +148,8 @@ def test_bad_requests_raise(clusters):
     ("scrub", {"alpha": -1}, "alpha"), ("neggrad", {"alpha": 0}, "alpha"), ("neggrad", {"alpha": 1.5}, "alpha"),
     ("rbm", {"sparsity": 1.0}, "sparsity"), ("salun", {"sparsity": -0.1}, "sparsity"),
     ("ssd", {"alpha": 0}, "alpha"), ("ssd", {"dampening": -1}, "dampening"), ("ssd", {"batch_size": 0}, "batch_size"),
+    ("potion", {"rho": 1.0}, "rho"), ("potion", {"step": 1.0}, "step"), ("potion", {"max_tries": 0}, "max_tries"),
+    ("potion", {"share": 0.0}, "share"), ("potion", {"epochs": 0}, "epochs"),
 ])
 def test_out_of_range_hyperparameters_raise(name, params, field):
     with pytest.raises(ValueError, match=f"{name}: {field} must be"):
@@ -180,7 +182,7 @@ def test_retrain_divergence_raises(trained_linear, request1):
     assert same_state(state(trained_linear), before)
 
 
-@pytest.mark.parametrize("name", ["ssd", "rbm", "salun"])
+@pytest.mark.parametrize("name", ["ssd", "rbm", "salun", "potion"])
 def test_nan_model_raises_in_the_saliency_pass(trained_linear, request1, name):
     broken = copy.deepcopy(trained_linear)
     with torch.no_grad():
@@ -285,3 +287,48 @@ def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
     assert (chosen and chosen["params"]) == tuned["chosen"]
     if chosen:
         assert tuned["test_requests"] == 2 and set(tuned["chosen_test"]) == {"forget", "retain", "flops"}
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+    """Clusters close enough that one dampening step does not forget: Potion has to search."""
+    from conftest import make_clusters
+    from dkvb import TrainConfig, build_model, fit
+
+    train, test = make_clusters(2000, spread=0.5), make_clusters(500, seed=1, spread=0.5)
+    return train, test, fit(build_model({"kind": "linear"}, 32, 5, seed=0), train, TrainConfig(epochs=5, lr=1e-2))
+
+
+def test_potion_searches_ssd_strength_until_the_forget_set_is_forgotten(overlapping):
+    from dkvb.unlearn.potion import Potion
+
+    train, test, model = overlapping
+    request = ForgetRequest((1,), train)
+    before = evaluate(model, train, test, [1])
+    dampened = copy.deepcopy(model)
+    _, details = Potion(rho=0.5).prepare(dampened, request, FlopCounter())
+    assert details["forgotten"] and details["tries"] > 1
+    assert details["forget_train_acc_before_ft"] <= 0.5 * before["forget_train_acc"]
+    # each try is SSD (dampening 1) at the try's alpha, from the original weights
+    ssd = create_unlearner("ssd", alpha=details["alpha"], dampening=1.0).unlearn(model, request).model
+    assert same_state(state(dampened), state(ssd))
+    # one try fewer does not forget: the search stops at the first try that does
+    _, short = Potion(rho=0.5, max_tries=details["tries"] - 1).prepare(copy.deepcopy(model), request, FlopCounter())
+    assert not short["forgotten"] and short["alpha"] > details["alpha"]
+    # then the retain fine-tuning: forgotten on the test split too, retain accuracy kept
+    after = evaluate(create_unlearner("potion", rho=0.5).unlearn(model, request).model, train, test, [1])
+    assert before["forget_test_acc"] >= 0.9 and after["forget_test_acc"] <= 0.15
+    assert after["retain_test_acc"] >= before["retain_test_acc"] - 0.01
+
+
+def test_potion_flops_count_importances_tries_and_fine_tuning(trained_linear, request1):
+    report = create_unlearner("potion", epochs=2, max_tries=3, rho=0.0).unlearn(trained_linear, request1)
+    d = report.details
+    assert d["tries"] == 3 and not d["forgotten"]  # a linear head on separated clusters is not dampened away
+    nf, n, nr, w = len(request1.forget), len(request1.train), len(request1.retain), 165
+    ratios = w  # every importance ratio of these weights is finite
+    forward = 32 * 5  # per example
+    assert report.flops == (3 * forward * (nf + n)  # importance passes
+                            + forward * nf  # the original's forget accuracy
+                            + 3 * (ratios + 3 * w + forward * nf)  # per try: percentile, dampening, forget accuracy
+                            + 2 * 3 * forward * nr)  # fine-tuning steps
