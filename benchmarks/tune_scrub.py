@@ -90,23 +90,30 @@ def choose(results: list[dict[str, Any]], max_forget: float) -> dict[str, Any] |
     return max(ok, key=lambda r: (r["val"]["retain"], -r["val"]["flops"]), default=None)
 
 
-def tune(cfg: ExperimentConfig, candidates: list[dict[str, Any]], *, val_fraction: float, num_requests: int,
-         max_forget: float) -> dict[str, Any]:
-    train, test = load_embeddings(cfg, progress=False)
-    requests = forget_requests(cfg, train.class_names)
+def select(cfg: ExperimentConfig, train: EmbeddingSet, candidates: list[dict[str, Any]], *, val_fraction: float,
+           num_requests: int, max_forget: float) -> dict[str, Any]:
+    """Score every candidate on a validation split of ``train`` and choose (no test data involved)."""
+    requests = forget_requests(cfg, train.class_names)[:num_requests]
     fit_set, val = validation_split(train, val_fraction, cfg.seed)
     head = linear_head(cfg, fit_set)
     results = []
     for params in candidates:
         start = time.perf_counter()
-        results.append({"params": params, "val": score(cfg, params, head, fit_set, val, requests[:num_requests])})
+        results.append({"params": params, "val": score(cfg, params, head, fit_set, val, requests)})
         logging.info("%s %s: %s (%.1fs)", cfg.name, params, results[-1]["val"], time.perf_counter() - start)
     best = choose(results, max_forget)
-    out: dict[str, Any] = {"config": cfg.name, "val_fraction": val_fraction, "val_requests": requests[:num_requests],
-                           "candidates": results, "chosen": best and best["params"]}
-    if best is not None:  # reported, not used for the choice: the experiment's own setting and test split
-        out["chosen_val"] = best["val"]
-        out["chosen_test"] = score(cfg, best["params"], linear_head(cfg, train), train, test, requests)
+    return {"config": cfg.name, "train_size": len(train), "val_fraction": val_fraction, "val_requests": requests,
+            "candidates": results, "chosen": best and best["params"], "chosen_val": best and best["val"]}
+
+
+def tune(cfg: ExperimentConfig, candidates: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """:func:`select` on the cached training split, then the chosen setting as the experiment runs it
+    (head trained on the full training set, every forget request) on the test split: reported only."""
+    train, test = load_embeddings(cfg, progress=False)
+    out = select(cfg, train, candidates, **kwargs)
+    if out["chosen"] is not None:
+        requests = forget_requests(cfg, train.class_names)
+        out["chosen_test"] = score(cfg, out["chosen"], linear_head(cfg, train), train, test, requests)
         out["test_requests"] = len(requests)
     return out
 

@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from dkvb import ForgetRequest, create_unlearner, evaluate
+from dkvb.config import load_config
+from dkvb.experiment import expand_methods
+from dkvb.report import sweep_plot
 from dkvb.unlearn import UNLEARNERS
 
 
@@ -201,3 +206,35 @@ def test_erase_values_removes_the_class_from_the_weights(clusters, trained_dkvb,
     assert unmasked_accuracy(hidden, forget_test) >= 0.9
     assert unmasked_accuracy(erased, forget_test) <= unmasked_accuracy(hidden, forget_test) - 0.5
     assert trained_dkvb.bottleneck.values.abs().sum() > 0  # the input model is untouched
+
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_shipped_config_sweeps_n_a_for_both_rules_and_n_e(path):
+    runs = [(m.name, p) for _, m, p in expand_methods(load_config(path))]
+    n_a: dict[tuple[str, str], set[int]] = {}
+    for name, p in runs:
+        if name == "dkvb-activations" and "num_keys" in p:
+            n_a.setdefault((p.get("rule", "share"), p.get("scope", "codebook")), set()).add(p["num_keys"])
+    assert {("paper", "codebook"), ("paper", "all"), ("share", "codebook")} <= set(n_a)
+    assert all(len(v) >= 2 for v in n_a.values())
+    assert len({p.get("num_examples") for name, p in runs if name == "dkvb-examples"}) >= 2
+
+
+def test_report_plots_accuracy_against_n_a_per_rule_and_n_e(clusters, trained_dkvb, tmp_path):
+    train, test = clusters
+    request = ForgetRequest((2,), train)
+    records = []
+    for name, params in ([("dkvb-activations", {"rule": r, "num_keys": n}) for r in ("paper", "share") for n in (1, 4)]
+                         + [("dkvb-examples", {"num_examples": n}) for n in (1, 20)]):
+        report = create_unlearner(name, **params).unlearn(trained_dkvb, request)
+        records.append({"method": f"{name}[...]", "params": report.params, "details": {},
+                        "metrics": evaluate(report.model, train, test, [2])})
+    assert sweep_plot(records, "dkvb-activations", "num_keys", tmp_path / "keys.png", xlabel="N_A", panel_by="scope")
+    assert sweep_plot(records, "dkvb-examples", "num_examples", tmp_path / "ex.png", xlabel="N_E")
+    assert (tmp_path / "keys.png").stat().st_size > 0 and (tmp_path / "ex.png").stat().st_size > 0
+    # one point per value: nothing to draw for a parameter that was not swept
+    assert not sweep_plot(records[:1] + records[2:3], "dkvb-activations", "num_keys", tmp_path / "no.png", xlabel="N_A")
+    assert not (tmp_path / "no.png").exists()
