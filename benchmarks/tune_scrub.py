@@ -39,7 +39,7 @@ from dkvb import EmbeddingSet, ForgetRequest, build_model, create_unlearner, eva
 from dkvb.config import ExperimentConfig, load_config  # noqa: E402
 from dkvb.experiment import forget_requests, load_embeddings  # noqa: E402
 
-LRS = (0.01, 0.05, 0.1, 0.5, 1.0)
+LRS = (5e-4, 0.01, 0.05, 0.1, 0.5, 1.0)  # 5e-4: the repository's
 PRESETS = {  # meghdadk/SCRUB notebooks: large_scale_unlearning (3 epochs) and small_scale_unlearning (10 epochs)
     "large": {"epochs": 3, "msteps": 2, "alpha": 0.001, "gamma": 0.99, "temperature": 4.0},
     "small": {"epochs": 5, "msteps": 3, "alpha": 0.5, "gamma": 1.0, "temperature": 2.0},
@@ -102,8 +102,10 @@ def select(cfg: ExperimentConfig, train: EmbeddingSet, candidates: list[dict[str
         results.append({"params": params, "val": score(cfg, params, head, fit_set, val, requests)})
         logging.info("%s %s: %s (%.1fs)", cfg.name, params, results[-1]["val"], time.perf_counter() - start)
     best = choose(results, max_forget)
+    before = [evaluate(head, fit_set, val, list(c), seed=cfg.seed) for c in requests]
+    original = {k: sum(m[f"{k}_test_acc"] for m in before) / len(before) for k in ("forget", "retain")}
     return {"config": cfg.name, "train_size": len(train), "val_fraction": val_fraction, "val_requests": requests,
-            "candidates": results, "chosen": best and best["params"], "chosen_val": best and best["val"]}
+            "original_val": original, "candidates": results, "chosen": best and best["params"], "chosen_val": best and best["val"]}
 
 
 def tune(cfg: ExperimentConfig, candidates: list[dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
