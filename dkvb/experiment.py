@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
+from .flops import count_images, encoder_flops_per_image
 from .evaluate import METRICS, accuracy, evaluate, metrics_from_logits, predict_logits
 from .io import atomic_write_json
 from .models import build_model
@@ -180,12 +181,16 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         original = accuracy(logits[kind][1][forget], test.y[forget])
         return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
 
+    per_image = encoder_flops_per_image(cfg.encoder.name, cfg.encoder.image_size)
+
     def add(method: str, kind: str, classes: tuple[int, ...], metrics: dict[str, float], flops: float,
-            seconds: float, params: dict[str, Any], details: dict[str, Any], **extra: Any) -> None:
+            seconds: float, params: dict[str, Any], details: dict[str, Any], images: float = 0, **extra: Any) -> None:
+        """Append a record; ``images`` = encoder passes the method needs without an embedding cache."""
         names = [train.class_names[c] for c in classes]
         records.append({**base, "method": method, "model": kind, "forget_classes": names,
-                        "forget_class_ids": list(classes), "metrics": metrics, "flops": flops, "seconds": seconds,
-                        "params": params, "details": details, **extra})
+                        "forget_class_ids": list(classes), "metrics": metrics, "flops": flops,
+                        "flops_from_images": flops + per_image * images, "encoder_images": images,
+                        "seconds": seconds, "params": params, "details": details, **extra})
 
     bar = tqdm(total=len(requests) * (len(runs) + len(models)), desc="unlearn", disable=not progress)
     for classes in requests:
@@ -205,16 +210,18 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                 continue
             bar.set_postfix_str(f"{label} on {names}")
             try:
-                report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
+                with count_images() as tally:
+                    report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
             except (ValueError, DivergenceError) as e:  # e.g. a mask that empties a codebook, a NaN loss
                 log.warning("%s on %s failed: %s", label, names, e)
                 add(label, kind, classes, {m: float("nan") for m in METRICS}, float("nan"), float("nan"),
-                    dict(params), {}, error=str(e))
+                    dict(params), {}, float("nan"), error=str(e))
                 continue
             metrics = metrics_from_logits(predict_logits(report.model, train.x), predict_logits(report.model, test.x),
                                           train, test, classes, seed=cfg.seed)
             metrics.update(relearn(report.model, kind, classes))
-            add(label, kind, classes, metrics, report.flops, report.seconds, report.params, _json_safe(report.details))
+            add(label, kind, classes, metrics, report.flops, report.seconds, report.params, _json_safe(report.details),
+                tally.images)
         save()
     bar.close()
     save()

@@ -7,15 +7,26 @@ selection ops, so we register ours:
   element (``numel`` of the input);
 - ``aten::cdist``: ``n * m * d`` (one multiply-add per coordinate pair);
 - ``prim::PythonOp._FaissLookup``: ``N * C * K * key_dim`` (exhaustive L2 search per codebook);
+- attention (``aten::scaled_dot_product_attention``, ``aten::_native_multi_head_attention``):
+  its matrix products (the latter's in/out projections included);
 - indexing/gather and elementwise ops count zero (memory traffic, not arithmetic), as in fvcore.
 
 Backward passes are counted as ``BACKWARD_FACTOR`` (= 2) times the forward FLOPs of the same
 batch, the usual convention (one product for input gradients, one for weight gradients).
+
+Two accountings (``docs/flops.md``): ``flops`` counts what a method spends on cached
+embeddings; ``flops_from_images`` adds one encoder forward pass (:func:`encoder_flops_per_image`)
+for every image whose embedding a pass of the method consumes, as tallied by
+:func:`count_images` (every :class:`FlopCounter` pass notes its batch; DKVB lookups note theirs).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any, Callable, Iterator
 
 import torch
 from fvcore.nn import FlopCountAnalysis
@@ -54,6 +65,19 @@ def _faiss_lookup_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return int(n * c * num_keys * k_dim)
 
 
+def _sdpa_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """``scaled_dot_product_attention(q, k, v)``: ``q k^T`` and ``attn v``, each ``L * S * D`` per head."""
+    q, k = inputs[0].type().sizes(), inputs[1].type().sizes()
+    return int(2 * math.prod(q[:-1]) * k[-2] * q[-1])
+
+
+def _native_mha_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """``nn.MultiheadAttention``'s inference fast path (``batch_first``: (B, L, E) query, (B, S, E)
+    key/value): the q, k, v and output projections plus ``q k^T`` and ``attn v``."""
+    (b, length, e), s = inputs[0].type().sizes(), inputs[1].type().sizes()[1]
+    return int(b * (2 * length * e * e + 2 * s * e * e + 2 * length * s * e))
+
+
 def _zero(inputs: list[Any], outputs: list[Any]) -> int:
     return 0
 
@@ -65,6 +89,9 @@ HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::sort": _numel_of_first_input,
     "aten::cdist": _cdist_flops,
     "prim::PythonOp._FaissLookup": _faiss_lookup_flops,
+    "aten::scaled_dot_product_attention": _sdpa_flops,
+    "aten::_native_multi_head_attention": _native_mha_flops,
+    "aten::sigmoid": _zero,
     **{op: _zero for op in _ZERO_OPS},
 }
 
@@ -102,17 +129,67 @@ def train_step_flops(module: nn.Module, x: Tensor) -> int:
     return (1 + BACKWARD_FACTOR) * forward_flops(module, x)
 
 
+@dataclass
+class ImageTally:
+    """How many images' embeddings the passes inside a :func:`count_images` block consumed."""
+
+    images: int = 0
+
+
+_TALLY: ContextVar[ImageTally | None] = ContextVar("dkvb_image_tally", default=None)
+
+
+@contextmanager
+def count_images() -> Iterator[ImageTally]:
+    """Tally, inside the block, the embeddings that FLOP-counted passes consume (one per row and
+    pass: a method that passes over the same image in several epochs consumes it every epoch)."""
+    tally = ImageTally()
+    token = _TALLY.set(tally)
+    try:
+        yield tally
+    finally:
+        _TALLY.reset(token)
+
+
+def note_images(n: int) -> None:
+    """Add ``n`` consumed embeddings to the innermost :func:`count_images` tally, if any."""
+    tally = _TALLY.get()
+    if tally is not None:
+        tally.images += int(n)
+
+
+@lru_cache(maxsize=None)
+def encoder_flops_per_image(name: str, image_size: int | None = None) -> int:
+    """fvcore FLOPs of one forward pass of encoder ``name`` on one ``image_size`` image.
+
+    The architecture is built with random weights (``pretrained=False``: no download; the
+    weights do not change the count), once per (name, size) and process.
+    """
+    from .encoders import create_encoder
+
+    encoder = create_encoder(name, image_size=image_size, pretrained=False)
+    x = torch.zeros(1, 3, encoder.image_size, encoder.image_size)
+    with torch.no_grad():
+        return int(flop_analysis(encoder, (x,)).total())
+
+
 class FlopCounter:
-    """Accumulates FLOPs of the passes an unlearning method runs."""
+    """Accumulates FLOPs of the passes an unlearning method runs, and notes the embeddings
+    they consume in the active :func:`count_images` tally."""
 
     def __init__(self) -> None:
         self.total = 0
 
-    def forward(self, module: nn.Module, x: Tensor) -> None:
+    def forward(self, module: nn.Module, x: Tensor, *, new_images: bool = True) -> None:
+        """One forward pass on batch ``x``; ``new_images=False`` when the same batch was already
+        noted in this step (e.g. a frozen teacher run on the student's batch)."""
         self.total += forward_flops(module, x)
+        if new_images:
+            note_images(len(x))
 
     def step(self, module: nn.Module, x: Tensor) -> None:
         self.total += train_step_flops(module, x)
+        note_images(len(x))
 
     def add(self, flops: int) -> None:
         self.total += int(flops)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Iterable
@@ -13,17 +12,28 @@ from .io import atomic_write, atomic_write_text
 REFERENCE_METHOD = "dkvb-activations[use_cached_counts=False]"
 
 
+def reference_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs FLOPs are divided by ("FLOPs ÷ DKVB"): DKVB via activations from scratch
+    (``use_cached_counts=False``: one lookup of the training embeddings it counts), the paper's
+    rule when it was run (it looks up the forget class only), else the default rule; with no
+    run from scratch, every ``dkvb-activations`` run."""
+    act = [r for r in records if method_name(r["method"]) == "dkvb-activations" and "error" not in r]
+    scratch = [r for r in act if r["params"].get("use_cached_counts") is False]
+    paper = [r for r in scratch if r["params"].get("rule") == "paper"]
+    return paper or scratch or act
+
+
 def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (method, model): metrics, FLOPs and seconds averaged over forget requests,
-    plus the FLOP ratio to DKVB via activations and the mean absolute gap to retraining."""
+    """One row per (method, model): metrics, FLOPs (on cached embeddings and from images) and
+    seconds averaged over forget requests, each FLOP count's ratio to DKVB via activations
+    (:func:`reference_runs`, same accounting) and the mean absolute gap to retraining."""
     records = list(records)
     groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["model"])].append(r)
     retrain = {(r["model"], tuple(r["forget_class_ids"])): r for r in records if r["method"] == "retrain"}
-    ref_runs = [r for r in records if r["method"] in (REFERENCE_METHOD, "dkvb-activations")]
-    ref_flops = _mean(r["flops"] for r in ref_runs if r["method"] == REFERENCE_METHOD) or _mean(
-        r["flops"] for r in ref_runs)
+    ref = reference_runs(records)
+    ref_flops = {k: _mean(r.get(k, float("nan")) for r in ref) for k in ("flops", "flops_from_images")}
     rows = []
     for (method, model), runs in groups.items():
         row: dict[str, Any] = {"method": method, "model": model, "requests": len(runs),
@@ -32,9 +42,10 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             row[m] = _mean(r["metrics"][m] for r in runs)
         steps = sorted(r["metrics"]["relearn_steps"] for r in runs if "relearn_steps" in r["metrics"])
         row["relearn_steps"] = steps[len(steps) // 2] if steps else float("nan")  # median: inf = never relearned
-        row["flops"] = _mean(r["flops"] for r in runs)
         row["seconds"] = _mean(r["seconds"] for r in runs)
-        row["flops_ratio"] = row["flops"] / ref_flops if ref_flops else float("nan")
+        for key, ratio in (("flops", "flops_ratio"), ("flops_from_images", "images_flops_ratio")):
+            row[key] = _mean(r.get(key, float("nan")) for r in runs)
+            row[ratio] = row[key] / ref_flops[key] if ref_flops[key] else float("nan")
         gaps = []
         for r in runs:
             key = tuple(r["forget_class_ids"])
@@ -48,19 +59,25 @@ def summarize(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def markdown_table(rows: list[dict[str, Any]]) -> str:
-    """Accuracies and MIA in percent, FLOPs in scientific notation."""
+    """Accuracies and MIA in percent, FLOPs in scientific notation: on cached embeddings, then
+    with the encoder passes the method would need without a cache (``docs/flops.md``)."""
     head = ("| method | model | forget-train | forget-test | retain-train | retain-test | MIA | relearn steps | "
-            "FLOPs | seconds | FLOPs ÷ DKVB-act | gap to retrain |")
-    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+            "FLOPs (cached) | FLOPs ÷ DKVB (cached) | FLOPs from images | FLOPs ÷ DKVB (from images) | seconds | "
+            "gap to retrain |")
+    lines = [head, "|" + "|".join(["---"] * 14) + "|"]
     for r in rows:
         steps = r.get("relearn_steps", float("nan"))
         name = r["method"] + (f" ({r['failed']}/{r['requests']} failed)" if r.get("failed") else "")
         cells = [name, r["model"], *(_pct(r[m]) for m in METRICS),
                  "" if math.isnan(steps) else ("never" if math.isinf(steps) else f"{steps:g}"),
-                 _sci(r["flops"]), f"{r['seconds']:.4f}",
-                 _sci(r["flops_ratio"]) if r["method"] != "original" else "", _pct(r["gap_to_retrain"])]
+                 *(cell for key in ("flops", "flops_from_images") for cell in
+                   (_sci(r[key]), _sci(r[_RATIO[key]]) if r["method"] != "original" else "")),
+                 f"{r['seconds']:.4f}", _pct(r["gap_to_retrain"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+_RATIO = {"flops": "flops_ratio", "flops_from_images": "images_flops_ratio"}
 
 
 def pyplot():
@@ -117,42 +134,65 @@ def headline(rows: list[dict[str, Any]]) -> str:
 def paper_table(rows: list[dict[str, Any]]) -> str:
     """The layout of the paper's tables: retain-test and forget-test accuracy before -> after, FLOPs."""
     before = {r["model"]: r for r in rows if r["method"] == "original"}
-    lines = ["| method | model | retain-test before → after | forget-test before → after | FLOPs |",
-             "|---|---|---|---|---|"]
+    lines = ["| method | model | retain-test before → after | forget-test before → after | FLOPs from images "
+             "(the paper's accounting) |", "|---|---|---|---|---|"]
     for r in rows:
         b = before.get(r["model"])
         if r["method"] == "original" or b is None:
             continue
         lines.append(f"| {r['method']} | {r['model']} | {_pct(b['retain_test_acc'])} → {_pct(r['retain_test_acc'])} | "
-                     f"{_pct(b['forget_test_acc'])} → {_pct(r['forget_test_acc'])} | {_sci(r['flops'])} |")
+                     f"{_pct(b['forget_test_acc'])} → {_pct(r['forget_test_acc'])} | {_sci(r['flops_from_images'])} |")
     return "\n".join(lines) + "\n"
 
 
-_EXAMPLES = re.compile(r"^dkvb-examples\[num_examples=(\w+)\]$")
+def method_name(label: str) -> str:
+    """The registered method of a result label: ``"dkvb-examples[num_examples=5]"`` -> ``"dkvb-examples"``."""
+    return label.split("[", 1)[0]
 
 
-def examples_plot(records: list[dict[str, Any]], path: Path, *, title: str = "") -> bool:
-    """Forget-test and retain-test accuracy vs the number of unlearning examples (Algorithm 2);
-    ``num_examples=None`` (all) is plotted at the mean size of the forget-train set."""
-    points: dict[float, list[dict[str, Any]]] = defaultdict(list)
+# params that change a run's cost, not its result: runs differing only there are one point
+_COST_ONLY = ("use_cached_counts",)
+
+
+def sweep_plot(records: list[dict[str, Any]], method: str, param: str, path: Path, *, xlabel: str,
+               title: str = "", panel_by: str | None = None) -> bool:
+    """Forget-test and retain-test accuracy against a swept hyperparameter of ``method``, as the
+    paper's figures draw them against N_A and N_E: one line per setting of the other parameters
+    (e.g. one per rule), one row of panels per value of ``panel_by`` (e.g. ``scope``). A value of
+    ``None`` ("all") is drawn at the run's own ``details[param]`` when it recorded one. Returns
+    False (and writes nothing) when no line has two points."""
+    series: dict[tuple, dict[float, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        m = _EXAMPLES.match(r["method"])
-        if m and "error" not in r:
-            n = r.get("details", {}).get("num_examples") if m.group(1) == "None" else float(m.group(1))
-            points[float(n)].append(r)
-    if len(points) < 2:
+        if method_name(r["method"]) != method or "error" in r:
+            continue
+        x = r["params"].get(param)
+        x = r.get("details", {}).get(param) if x is None else x
+        if not isinstance(x, (int, float)) or isinstance(x, bool):
+            continue
+        rest = tuple(sorted((k, str(v)) for k, v in r["params"].items() if k != param and k not in _COST_ONLY))
+        series[rest][float(x)].append(r)
+    series = {k: v for k, v in series.items() if len(v) >= 2}
+    if not series:
         return False
+    settings = [dict(s) for s in series]
+    varying = {k for k in set().union(*settings) if k != panel_by and len({d.get(k) for d in settings}) > 1}
+    panels = sorted({d.get(panel_by, "") for d in settings})
     plt = pyplot()
-    xs = sorted(points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric, label in (("forget_test_acc", "forget-test"), ("retain_test_acc", "retain-test")):
-        ax.plot(xs, [100 * _mean(r["metrics"][metric] for r in points[x]) for x in xs], "o-", label=label)
-    ax.set_xscale("log")
-    ax.set_xlabel("unlearning examples N_E (log)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title + "\nDKVB unlearning via examples")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False)
+    for rest, points in sorted(series.items()):
+        row = panels.index(dict(rest).get(panel_by, ""))
+        label = ", ".join(f"{k}={v}" for k, v in rest if k in varying) or method
+        xs = sorted(points)
+        for ax, metric in zip(axes[row], ("forget_test_acc", "retain_test_acc")):
+            ax.plot(xs, [100 * _mean(r["metrics"][metric] for r in points[x]) for x in xs], "o-", label=label)
+    for row, panel in enumerate(panels):
+        for ax, name in zip(axes[row], ("forget-test", "retain-test")):
+            ax.set_xscale("log")
+            ax.set_xlabel(xlabel + (f" ({panel_by}={panel})" if panel else ""))
+            ax.set_ylabel(f"{name} accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(f"{title}\n{method}: accuracy vs {param}")
     save_figure(fig, path)
     return True
 
@@ -179,18 +219,26 @@ def flops_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> No
 
 def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "") -> str:
     """Write ``table.md`` and the plots (``tradeoff.png``, ``accuracy_vs_flops.png``,
-    ``forget_vs_examples.png``) into ``run_dir``; returns the main table."""
+    ``forget_vs_examples.png`` against N_E and ``forget_vs_keys.png`` against N_A, when swept)
+    into ``run_dir``; returns the main table."""
     rows = summarize(records)
     table = markdown_table(rows)
     errors = sorted({f"- `{r['method']}` on {r['forget_classes']}: {r['error']}" for r in records if "error" in r})
     failed = "\n## Failed runs\n\n" + "\n".join(errors) + "\n" if errors else ""
+    ref = sorted({f"`{r['method']}`" for r in reference_runs(records)})
     atomic_write_text(run_dir / "table.md", f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
                       f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
-                      f"probe (compare with retrain).\n\n{headline(rows)}\n{table}\n## As in the paper's tables\n\n"
+                      f"probe (compare with retrain). FLOPs ÷ DKVB divides by the mean FLOPs of "
+                      f"{', '.join(ref) or 'no DKVB run'} in the same accounting: on cached embeddings, or from "
+                      f"images (plus the encoder passes a method needs without an embedding cache; docs/flops.md)."
+                      f"\n\n{headline(rows)}\n{table}\n## As in the paper's tables\n\n"
                       f"{paper_table(rows)}{failed}")
     tradeoff_plot(rows, run_dir / "tradeoff.png", title=title)
     flops_plot(rows, run_dir / "accuracy_vs_flops.png", title=title)
-    examples_plot(records, run_dir / "forget_vs_examples.png", title=title)
+    sweep_plot(records, "dkvb-examples", "num_examples", run_dir / "forget_vs_examples.png", title=title,
+               xlabel="unlearning examples N_E (log)")
+    sweep_plot(records, "dkvb-activations", "num_keys", run_dir / "forget_vs_keys.png", title=title,
+               xlabel="masked keys N_A (log)", panel_by="scope")
     return table
 
 

@@ -13,7 +13,7 @@ from dkvb.train import DivergenceError
 from dkvb.unlearn import UNLEARNERS
 from dkvb.unlearn.ssd import ssd_importances
 
-GRADIENT = ["scrub", "finetune", "neggrad", "rbm", "salun"]
+GRADIENT = ["scrub", "finetune", "neggrad", "rbm", "salun", "potion"]
 LINEAR_METHODS = ["retrain", *GRADIENT, "ssd"]
 
 
@@ -116,14 +116,14 @@ def test_flops_count_every_step_and_scale_with_epochs(trained_linear, request1):
     assert flops("finetune", 2) == 2 * one
     for name in ("neggrad", "retrain"):
         assert flops(name, 2) == 2 * flops(name, 1), name
-    assert flops("scrub", 2, max_epochs=2) == 2 * flops("scrub", 1, max_epochs=1)
+    assert flops("scrub", 2, msteps=2) == 2 * flops("scrub", 1, msteps=1)
     for name in ("salun", "rbm"):  # a fixed saliency pass plus steps that scale
         f1, f2, f3 = flops(name, 1), flops(name, 2), flops(name, 3)
         assert f3 - f1 == 2 * (f2 - f1) > 0 and f1 < f2 < 2 * f1, name
 
 
 def test_scrub_counts_teacher_forwards_and_max_steps(trained_linear, request1):
-    report = create_unlearner("scrub", epochs=1, max_epochs=1).unlearn(trained_linear, request1)
+    report = create_unlearner("scrub", epochs=1, msteps=1).unlearn(trained_linear, request1)
     n = len(request1.train)  # one max pass over forget + one min pass over retain
     assert report.details == {"max_steps": 1, "min_steps": math.ceil(len(request1.retain) / 256)}
     assert report.flops == n * (3 + 1) * 32 * 5
@@ -144,10 +144,12 @@ def test_bad_requests_raise(clusters):
     ("retrain", {"lr": 0}, "lr"), ("retrain", {"epochs": 0}, "epochs"), ("retrain", {"batch_size": 2.5}, "batch_size"),
     ("finetune", {"lr": float("nan")}, "lr"), ("finetune", {"momentum": 1.0}, "momentum"),
     ("finetune", {"optimizer": "lbfgs"}, "optimizer"), ("finetune", {"epochs": 1.5}, "epochs"),
-    ("scrub", {"max_epochs": 4}, "max_epochs"), ("scrub", {"temperature": 0}, "temperature"),
+    ("scrub", {"msteps": 4}, "msteps"), ("scrub", {"temperature": 0}, "temperature"),
     ("scrub", {"alpha": -1}, "alpha"), ("neggrad", {"alpha": 0}, "alpha"), ("neggrad", {"alpha": 1.5}, "alpha"),
     ("rbm", {"sparsity": 1.0}, "sparsity"), ("salun", {"sparsity": -0.1}, "sparsity"),
     ("ssd", {"alpha": 0}, "alpha"), ("ssd", {"dampening": -1}, "dampening"), ("ssd", {"batch_size": 0}, "batch_size"),
+    ("potion", {"rho": 1.0}, "rho"), ("potion", {"step": 1.0}, "step"), ("potion", {"max_tries": 0}, "max_tries"),
+    ("potion", {"share": 0.0}, "share"), ("potion", {"epochs": 0}, "epochs"),
 ])
 def test_out_of_range_hyperparameters_raise(name, params, field):
     with pytest.raises(ValueError, match=f"{name}: {field} must be"):
@@ -180,7 +182,7 @@ def test_retrain_divergence_raises(trained_linear, request1):
     assert same_state(state(trained_linear), before)
 
 
-@pytest.mark.parametrize("name", ["ssd", "rbm", "salun"])
+@pytest.mark.parametrize("name", ["ssd", "rbm", "salun", "potion"])
 def test_nan_model_raises_in_the_saliency_pass(trained_linear, request1, name):
     broken = copy.deepcopy(trained_linear)
     with torch.no_grad():
@@ -195,7 +197,7 @@ def test_nan_model_raises_in_the_saliency_pass(trained_linear, request1, name):
 @pytest.mark.parametrize("name", LINEAR_METHODS)
 def test_same_seed_same_result(clusters, trained_linear, name):
     train, _ = clusters
-    params = {} if name == "ssd" else {"epochs": 1, "max_epochs": 1} if name == "scrub" else {"epochs": 1}
+    params = {} if name == "ssd" else {"epochs": 1, "msteps": 1} if name == "scrub" else {"epochs": 1}
     a = create_unlearner(name, **params).unlearn(trained_linear, ForgetRequest((2,), train, seed=3))
     b = create_unlearner(name, **params).unlearn(trained_linear, ForgetRequest((2,), train, seed=3))
     assert same_state(state(a.model), state(b.model)) and a.flops == b.flops
@@ -216,3 +218,117 @@ def test_baselines_also_act_on_a_dkvb_model(clusters, trained_dkvb, name):
     assert report.flops > 0 and torch.equal(report.model.bottleneck.keys, trained_dkvb.bottleneck.keys)
     now = state(trained_dkvb)
     assert all(torch.equal(now[k], before[k]) for k in before if k != "activation_counts")
+
+
+def test_scrub_runs_max_steps_only_in_the_first_msteps_epochs(clusters, trained_linear, request1, monkeypatch):
+    from dkvb.unlearn import scrub
+
+    phases = []
+    real = scrub.distill_kl
+
+    # tag every KL term by the set its batch came from: one forget batch of 400, retain batches of <= 256
+    def tag(student_logits, teacher_logits, temperature):
+        phases.append("forget" if len(student_logits) == len(request1.forget) else "retain")
+        return real(student_logits, teacher_logits, temperature)
+
+    monkeypatch.setattr(scrub, "distill_kl", tag)
+    report = create_unlearner("scrub", epochs=3, msteps=2, forget_batch_size=400).unlearn(trained_linear, request1)
+    per_pass = math.ceil(len(request1.retain) / 256)
+    expected = (["forget"] + ["retain"] * per_pass) * 2 + ["retain"] * per_pass
+    assert phases == expected
+    assert report.details == {"max_steps": 2, "min_steps": 3 * per_pass}
+
+
+def load_tune_scrub():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "tune_scrub.py"
+    spec = importlib.util.spec_from_file_location("tune_scrub", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scrub_validation_split_is_stratified_and_disjoint_from_the_fit_set(clusters):
+    tune = load_tune_scrub()
+    train, _ = clusters
+    fit_set, val = tune.validation_split(train, 0.1, seed=0)
+    assert len(fit_set) + len(val) == len(train)
+    assert torch.equal(torch.bincount(val.y), torch.full((5,), 40))
+    rows = {tuple(r.tolist()) for r in fit_set.x}
+    assert not any(tuple(r.tolist()) in rows for r in val.x)
+
+
+def test_scrub_choice_keeps_the_best_retain_among_candidates_that_forget():
+    tune = load_tune_scrub()
+    results = [{"params": {"lr": lr}, "val": {"forget": f, "retain": r, "flops": fl}}
+               for lr, f, r, fl in [(1, 0.0, 0.80, 5), (2, 0.2, 0.99, 1), (3, 0.04, 0.90, 9), (4, 0.05, 0.90, 3)]]
+    assert tune.choose(results, 0.05)["params"] == {"lr": 4}  # 0.2 does not forget; the tie goes to fewer FLOPs
+    assert tune.choose(results, 0.01)["params"] == {"lr": 1}
+    assert tune.choose(results[1:2], 0.05) is None
+
+
+def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings
+
+    tune = load_tune_scrub()
+    out = tmp_path / "tune.json"
+    assert tune.main([str(tiny_config), "--lrs", "0.5", "--out", str(out)]) == 1  # nothing cached yet: skipped
+    assert json.loads(out.read_text())["skipped"] == ["tiny"]
+    load_embeddings(load_config(tiny_config), progress=False)
+    tune.main([str(tiny_config), "--lrs", "0.5", "5.0", "--requests", "1", "--set", "forget=[[class0],[class1]]",
+               "--out", str(out)])
+    result = json.loads(out.read_text())
+    (tuned,) = result["configs"]
+    assert len(tuned["candidates"]) == 4 and tuned["val_requests"] == [[0]]
+    chosen = tune.choose(tuned["candidates"], 0.05)
+    assert (chosen and chosen["params"]) == tuned["chosen"]
+    if chosen:
+        assert tuned["test_requests"] == 2 and set(tuned["chosen_test"]) == {"forget", "retain", "flops"}
+
+
+@pytest.fixture(scope="module")
+def overlapping():
+    """Clusters close enough that one dampening step does not forget: Potion has to search."""
+    from conftest import make_clusters
+    from dkvb import TrainConfig, build_model, fit
+
+    train, test = make_clusters(2000, spread=0.5), make_clusters(500, seed=1, spread=0.5)
+    return train, test, fit(build_model({"kind": "linear"}, 32, 5, seed=0), train, TrainConfig(epochs=5, lr=1e-2))
+
+
+def test_potion_searches_ssd_strength_until_the_forget_set_is_forgotten(overlapping):
+    from dkvb.unlearn.potion import Potion
+
+    train, test, model = overlapping
+    request = ForgetRequest((1,), train)
+    before = evaluate(model, train, test, [1])
+    dampened = copy.deepcopy(model)
+    _, details = Potion(rho=0.5).prepare(dampened, request, FlopCounter())
+    assert details["forgotten"] and details["tries"] > 1
+    assert details["forget_train_acc_before_ft"] <= 0.5 * before["forget_train_acc"]
+    # each try is SSD (dampening 1) at the try's alpha, from the original weights
+    ssd = create_unlearner("ssd", alpha=details["alpha"], dampening=1.0).unlearn(model, request).model
+    assert same_state(state(dampened), state(ssd))
+    # one try fewer does not forget: the search stops at the first try that does
+    _, short = Potion(rho=0.5, max_tries=details["tries"] - 1).prepare(copy.deepcopy(model), request, FlopCounter())
+    assert not short["forgotten"] and short["alpha"] > details["alpha"]
+    # then the retain fine-tuning: forgotten on the test split too, retain accuracy kept
+    after = evaluate(create_unlearner("potion", rho=0.5).unlearn(model, request).model, train, test, [1])
+    assert before["forget_test_acc"] >= 0.9 and after["forget_test_acc"] <= 0.15
+    assert after["retain_test_acc"] >= before["retain_test_acc"] - 0.01
+
+
+def test_potion_flops_count_importances_tries_and_fine_tuning(trained_linear, request1):
+    report = create_unlearner("potion", epochs=2, max_tries=3, rho=0.0).unlearn(trained_linear, request1)
+    d = report.details
+    assert d["tries"] == 3 and not d["forgotten"]  # a linear head on separated clusters is not dampened away
+    nf, n, nr, w = len(request1.forget), len(request1.train), len(request1.retain), 165
+    ratios = w  # every importance ratio of these weights is finite
+    forward = 32 * 5  # per example
+    assert report.flops == (3 * forward * (nf + n)  # importance passes
+                            + forward * nf  # the original's forget accuracy
+                            + 3 * (ratios + 3 * w + forward * nf)  # per try: percentile, dampening, forget accuracy
+                            + 2 * 3 * forward * nr)  # fine-tuning steps

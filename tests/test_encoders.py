@@ -37,6 +37,35 @@ def test_each_family_builds_offline_with_its_embed_dim(name, kwargs, embed_dim):
     assert torch.isfinite(feats).all()
 
 
+@pytest.mark.parametrize("stage, embed_dim", [("layer2", 512), ("layer3", 1024), ("layer4", 2048)])
+def test_resnet50_offers_a_pooled_intermediate_stage(stage, embed_dim):
+    final = create_encoder("torchvision:resnet50", image_size=64, pretrained=False)
+    staged = create_encoder(f"torchvision:resnet50@{stage}", image_size=64, pretrained=False)
+    assert staged.name == f"torchvision:resnet50@{stage}" and staged.embed_dim == embed_dim
+    assert encoder_config(staged.name, image_size=64)["embed_dim"] == embed_dim  # the cache key knows the size
+    x = _images(final, 2)
+    feats = staged.encode(x)
+    assert feats.shape == (2, embed_dim)
+    # the stage's feature map, average-pooled, from the same (seeded) weights as the full network
+    net = final.backbone
+    trunk = [net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4]
+    with torch.no_grad():
+        h = x
+        for module in trunk[: 4 + int(stage[-1])]:
+            h = module(h)
+    torch.testing.assert_close(feats, h.mean(dim=(2, 3)))
+    if stage == "layer4":  # the last stage pooled is the default feature
+        torch.testing.assert_close(feats, final.encode(x))
+    # building the encoder (a shape probe included) leaves BatchNorm statistics as initialised
+    assert all(torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+               for m in staged.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_unknown_stage_is_rejected():
+    with pytest.raises(ValueError, match="no stage 'layer9'.*layer4"):
+        create_encoder("torchvision:resnet18@layer9", pretrained=False)
+
+
 @pytest.mark.parametrize("name", ["effnet-lite0", "torchvision:resnet18", "clip:ViT-B-32/openai"])
 def test_encoder_config_matches_the_built_encoder_without_weights(name, offline):
     """The embedding cache's key: no download attempted, same description as the real encoder."""

@@ -1,7 +1,12 @@
+from pathlib import Path
+
 import pytest
 import torch
 
 from dkvb import ForgetRequest, create_unlearner, evaluate
+from dkvb.config import load_config
+from dkvb.experiment import expand_methods
+from dkvb.report import sweep_plot
 from dkvb.unlearn import UNLEARNERS
 
 
@@ -13,7 +18,8 @@ def test_both_algorithms_are_registered():
     assert {"dkvb-activations", "dkvb-examples"} <= set(UNLEARNERS)
 
 
-@pytest.mark.parametrize("params", [{}, {"use_cached_counts": False}, {"num_keys": 8}, {"min_share": 0.5}])
+@pytest.mark.parametrize("params", [{}, {"use_cached_counts": False}, {"num_keys": 8}, {"min_share": 0.5},
+                                    {"rule": "paper", "num_keys": 8}, {"rule": "paper", "use_cached_counts": False}])
 def test_unlearning_via_activations_forgets_and_retains(clusters, trained_dkvb, params):
     train, test = clusters
     before = state(trained_dkvb)
@@ -48,6 +54,65 @@ def test_num_keys_caps_keys_per_codebook(clusters, trained_dkvb):
     train, _ = clusters
     report = create_unlearner("dkvb-activations", num_keys=2).unlearn(trained_dkvb, ForgetRequest((0,), train))
     assert int(report.model.key_mask.sum(1).max()) <= 2
+
+
+def forget_counts(model, request):
+    return model.compute_activation_counts(request.train.x, request.train.y)[list(request.forget_classes)].sum(0)
+
+
+@pytest.mark.parametrize("n", [1, 3, 1000])
+def test_paper_rule_masks_the_top_n_keys_of_each_codebook_by_forget_counts_alone(clusters, trained_dkvb, n):
+    train, _ = clusters
+    request = ForgetRequest((2,), train)
+    counts = forget_counts(trained_dkvb, request)
+    mask = create_unlearner("dkvb-activations", rule="paper", num_keys=n).unlearn(trained_dkvb, request).model.key_mask
+    per_codebook = mask.sum(1)
+    # exactly min(n, keys the class activates) per codebook, and each masked key outranks each unmasked one
+    assert torch.equal(per_codebook, torch.clamp((counts > 0).sum(1), max=n))
+    assert bool((counts[mask] > 0).all())
+    for c in range(counts.shape[0]):
+        if (~mask[c]).any() and mask[c].any():
+            assert counts[c][mask[c]].min() >= counts[c][~mask[c]].max()
+
+
+def test_paper_rule_ignores_other_classes_where_the_share_rule_does_not(clusters, trained_dkvb):
+    train, _ = clusters
+    request = ForgetRequest((0,), train)
+    all_counts = trained_dkvb.compute_activation_counts(train.x, train.y)
+    forget = all_counts[0]
+    shared = (forget > 0) & (forget < all_counts.sum(0) / all_counts.shape[0])  # under-represented
+    assert shared.any(), "the fixture should have keys the forget class shares with others"
+    paper = create_unlearner("dkvb-activations", rule="paper").unlearn(trained_dkvb, request).model.key_mask
+    share = create_unlearner("dkvb-activations").unlearn(trained_dkvb, request).model.key_mask
+    assert torch.equal(paper, forget > 0)  # every activated key, shared or not
+    assert not (share & shared).any() and (paper & shared).any()
+
+
+def test_scope_all_ranks_keys_over_every_codebook(clusters, trained_dkvb):
+    train, _ = clusters
+    request = ForgetRequest((3,), train)
+    counts = forget_counts(trained_dkvb, request)
+    mask = create_unlearner("dkvb-activations", rule="paper", num_keys=5, scope="all").unlearn(
+        trained_dkvb, request).model.key_mask
+    assert int(mask.sum()) == 5
+    assert counts[mask].min() >= counts[~mask].max()
+    per_codebook = create_unlearner("dkvb-activations", rule="paper", num_keys=5).unlearn(
+        trained_dkvb, request).model.key_mask
+    assert int(per_codebook.sum()) > 5
+
+
+def test_paper_rule_from_scratch_looks_up_the_forget_class_only(clusters, trained_dkvb):
+    from dkvb.unlearn.masking import lookup_flops
+
+    train, _ = clusters
+    request = ForgetRequest((1,), train)
+    params = {"num_keys": 4, "use_cached_counts": False}
+    paper = create_unlearner("dkvb-activations", rule="paper", **params).unlearn(trained_dkvb, request)
+    share = create_unlearner("dkvb-activations", **params).unlearn(trained_dkvb, request)
+    assert lookup_flops(trained_dkvb, len(request.forget)) <= paper.flops < lookup_flops(trained_dkvb, len(train))
+    assert share.flops >= lookup_flops(trained_dkvb, len(train))
+    cached = create_unlearner("dkvb-activations", rule="paper", num_keys=4).unlearn(trained_dkvb, request)
+    assert torch.equal(paper.model.key_mask, cached.model.key_mask)
 
 
 @pytest.mark.parametrize("n", [1, 5, 50, None])
@@ -108,6 +173,12 @@ def test_bad_requests_are_rejected(clusters, trained_dkvb, trained_linear):
         create_unlearner("dkvb-examples", num_exmaples=3)
     with pytest.raises(ValueError, match="min_share"):
         create_unlearner("dkvb-activations", min_share=2.0)
+    with pytest.raises(ValueError, match="has none"):
+        create_unlearner("dkvb-activations", rule="paper", min_share=0.1)
+    with pytest.raises(ValueError, match="rule"):
+        create_unlearner("dkvb-activations", rule="mine")
+    with pytest.raises(ValueError, match="scope"):
+        create_unlearner("dkvb-activations", scope="layer")
 
 
 def test_wrong_embedding_size_is_rejected(clusters, trained_dkvb):
@@ -135,3 +206,37 @@ def test_erase_values_removes_the_class_from_the_weights(clusters, trained_dkvb,
     assert unmasked_accuracy(hidden, forget_test) >= 0.9
     assert unmasked_accuracy(erased, forget_test) <= unmasked_accuracy(hidden, forget_test) - 0.5
     assert trained_dkvb.bottleneck.values.abs().sum() > 0  # the input model is untouched
+
+
+# tiny_synthetic.yaml is the tests' end-to-end scaffold (test_cli checks its exact runs), not a study
+EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")
+                     if p.stem != "tiny_synthetic")
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_every_shipped_config_sweeps_n_a_for_both_rules_and_n_e(path):
+    runs = [(m.name, p) for _, m, p in expand_methods(load_config(path))]
+    n_a: dict[tuple[str, str], set[int]] = {}
+    for name, p in runs:
+        if name == "dkvb-activations" and "num_keys" in p:
+            n_a.setdefault((p.get("rule", "share"), p.get("scope", "codebook")), set()).add(p["num_keys"])
+    assert {("paper", "codebook"), ("paper", "all"), ("share", "codebook")} <= set(n_a)
+    assert all(len(v) >= 2 for v in n_a.values())
+    assert len({p.get("num_examples") for name, p in runs if name == "dkvb-examples"}) >= 2
+
+
+def test_report_plots_accuracy_against_n_a_per_rule_and_n_e(clusters, trained_dkvb, tmp_path):
+    train, test = clusters
+    request = ForgetRequest((2,), train)
+    records = []
+    for name, params in ([("dkvb-activations", {"rule": r, "num_keys": n}) for r in ("paper", "share") for n in (1, 4)]
+                         + [("dkvb-examples", {"num_examples": n}) for n in (1, 20)]):
+        report = create_unlearner(name, **params).unlearn(trained_dkvb, request)
+        records.append({"method": f"{name}[...]", "params": report.params, "details": {},
+                        "metrics": evaluate(report.model, train, test, [2])})
+    assert sweep_plot(records, "dkvb-activations", "num_keys", tmp_path / "keys.png", xlabel="N_A", panel_by="scope")
+    assert sweep_plot(records, "dkvb-examples", "num_examples", tmp_path / "ex.png", xlabel="N_E")
+    assert (tmp_path / "keys.png").stat().st_size > 0 and (tmp_path / "ex.png").stat().st_size > 0
+    # one point per value: nothing to draw for a parameter that was not swept
+    assert not sweep_plot(records[:1] + records[2:3], "dkvb-activations", "num_keys", tmp_path / "no.png", xlabel="N_A")
+    assert not (tmp_path / "no.png").exists()

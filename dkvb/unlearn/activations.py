@@ -4,15 +4,24 @@ Count, for every key, how often the training embeddings of each class select it;
 keys the forget class selects most. The counts are computed once per model and cached on it
 (``model.activation_counts``), so every later request costs a few tensor reductions over the
 C x K count table and no forward pass.
+
+Two rules pick the keys (``rule``):
+
+- ``"paper"``: Algorithm 1 as written. Only the forget classes' activations count; the N_A
+  most activated key-value pairs are masked, whatever other classes do with them. The paper
+  does not say whether N_A is per codebook or over all codebooks, so ``scope`` offers both.
+- ``"share"`` (default, ours): only keys on which the forget classes hold at least a share of
+  all activations are eligible, then the top N_A of those (or all of them).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from ..data import EmbeddingSet
+from ..flops import note_images
 from ..models import DKVBClassifier
 from .base import ForgetRequest, Unlearner, check_range, register
 from .masking import lookup_flops, mask_summary, masked_copy
@@ -24,10 +33,16 @@ class UnlearnViaActivations(Unlearner):
     """Mask keys by their activation counts on the forget classes' training embeddings.
 
     Attributes:
-        num_keys: N_A, the number of most-activated keys to mask per codebook; ``None`` masks
-            every key the forget classes activate at least ``min_count`` times.
-        min_share: only keys whose activations come from the forget classes for at least this
-            share (0..1) are eligible; 0 masks every key the forget classes touch, shared keys too.
+        rule: ``"share"`` (default, ours: the share filter below, then top N_A) or ``"paper"``
+            (Algorithm 1: top N_A by forget-class counts alone, no share filter; ``min_share``
+            must then be left unset).
+        num_keys: N_A, the number of most-activated keys to mask (per codebook or in all, see
+            ``scope``); ``None`` masks every eligible key. Keys the forget classes activate
+            fewer than ``min_count`` times are never masked, so a codebook may get fewer.
+        scope: ``"codebook"`` (default): N_A keys in every codebook; ``"all"``: the N_A most
+            activated (codebook, key) pairs over all codebooks together.
+        min_share: ``rule="share"`` only: only keys whose activations come from the forget
+            classes for at least this share (0..1) are eligible; 0 masks every key the forget classes touch, shared keys too.
             ``None`` (default) uses the forget classes' share of a uniform class mix,
             ``len(forget_classes) / num_classes``: a key is masked when the forget classes are
             over-represented on it. Measured on Fashion-MNIST, CIFAR-10 and CIFAR-100 (64-px
@@ -37,11 +52,14 @@ class UnlearnViaActivations(Unlearner):
         min_count: a key must be activated this many times by the forget classes to be eligible.
         use_cached_counts: use (and fill) the per-class count table cached on the model, so a
             request costs no lookup at all; ``False`` runs Algorithm 1 from scratch: look up the
-            forget classes' training embeddings (all training embeddings when ``min_share > 0``).
+            forget classes' training embeddings (all training embeddings for the share rule
+            with ``min_share != 0``, which compares the forget classes with every class).
         erase_values: also zero the masked keys' values, so the weights no longer hold them.
     """
 
+    rule: Literal["share", "paper"] = "share"
     num_keys: int | None = None
+    scope: Literal["codebook", "all"] = "codebook"
     min_share: float | None = None
     min_count: int = 1
     use_cached_counts: bool = True
@@ -50,6 +68,12 @@ class UnlearnViaActivations(Unlearner):
     model_kind = "dkvb"
 
     def __post_init__(self) -> None:
+        if self.rule not in ("share", "paper"):
+            raise ValueError(f"rule must be 'share' or 'paper', got {self.rule!r}")
+        if self.scope not in ("codebook", "all"):
+            raise ValueError(f"scope must be 'codebook' or 'all', got {self.scope!r}")
+        if self.rule == "paper" and self.min_share is not None:
+            raise ValueError("min_share is the 'share' rule's filter; rule='paper' has none")
         if self.num_keys is not None and self.num_keys < 1:
             raise ValueError(f"num_keys must be >= 1 or None, got {self.num_keys}")
         if self.min_share is not None:
@@ -64,27 +88,36 @@ class UnlearnViaActivations(Unlearner):
         elif self.use_cached_counts:
             counts = model.compute_activation_counts(request.train.x, request.train.y)
             flops += lookup_flops(model, len(request.train))
+            note_images(len(request.train))
         else:
-            data = request.train if self.min_share != 0 else request.forget
+            # the share rule needs every class's counts; the paper's rule the forget classes' only
+            data = request.forget if self.rule == "paper" or self.min_share == 0 else request.train
             counts = _unmasked_counts(model, data)
             flops += lookup_flops(model, len(data))
+            note_images(len(data))
         forget = counts[list(request.forget_classes)].sum(0)  # (C, K)
-        total = counts.sum(0)
-        share = len(request.forget_classes) / counts.shape[0] if self.min_share is None else self.min_share
-        eligible = (forget >= self.min_count) & (forget >= share * total)
-        if self.num_keys is None:
-            new_mask = eligible
-        else:
-            score = torch.where(eligible, forget, torch.full_like(forget, -1))
-            top = score.topk(min(self.num_keys, score.shape[1]), dim=1).indices
-            new_mask = torch.zeros_like(eligible).scatter_(1, top, True) & eligible
-        # Reductions over the (classes, C, K) count table: one add per forget-class entry for
-        # the sum, the total over all classes, and a comparison per key for the rule and top-N.
+        eligible = forget >= self.min_count
         c, k = forget.shape
-        flops += (len(request.forget_classes) + counts.shape[0] + 2) * c * k
+        # Reductions over the (classes, C, K) count table: one add per forget-class entry for
+        # the sum, a comparison per key for eligibility and one for the top-N selection.
+        flops += (len(request.forget_classes) + 2) * c * k
+        if self.rule == "share":
+            share = len(request.forget_classes) / counts.shape[0] if self.min_share is None else self.min_share
+            eligible &= forget >= share * counts.sum(0)
+            flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
+        new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
         out = masked_copy(model, new_mask, erase_values=self.erase_values)
         return out, flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
                             "mask": new_mask}
+
+
+def _top(score: torch.Tensor, eligible: torch.Tensor, n: int, scope: str) -> torch.Tensor:
+    """(C, K) mask of the ``n`` highest eligible scores per codebook (``scope="codebook"``) or
+    over the whole table (``scope="all"``); ties go to the lower key index."""
+    ranked = torch.where(eligible, score, torch.full_like(score, -1))
+    flat = ranked if scope == "codebook" else ranked.view(1, -1)
+    top = flat.topk(min(n, flat.shape[1]), dim=1).indices
+    return torch.zeros_like(flat, dtype=torch.bool).scatter_(1, top, True).view_as(score)
 
 
 def _unmasked_counts(model: DKVBClassifier, data: EmbeddingSet) -> torch.Tensor:

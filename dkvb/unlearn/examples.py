@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ..flops import note_images
 from ..models import DKVBClassifier
 from .base import ForgetRequest, Unlearner, register
 from .masking import check_selectable, lookup_flops, mask_summary, masked_copy
@@ -51,6 +52,7 @@ class UnlearnViaExamples(Unlearner):
         for _ in range(self.rounds):
             idx = b.lookup(x)  # (n, C, topk)
             flops += lookup_flops(out, n)
+            note_images(n)
             hit = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
             offsets = (torch.arange(b.num_codebooks) * b.codebook_size).view(1, -1, 1)
             hit[(idx.cpu() + offsets).flatten()] = True

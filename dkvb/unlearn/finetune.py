@@ -36,14 +36,16 @@ class Finetune(GradientUnlearner):
     epochs: int = 10
     lr: float = 1e-2
 
-    def prepare(self, model: nn.Module, request: ForgetRequest, flops: FlopCounter) -> list[Tensor] | None:
+    def prepare(self, model: nn.Module, request: ForgetRequest,
+                flops: FlopCounter) -> tuple[list[Tensor] | None, dict[str, Any]]:
         """Hook run on the copy before fine-tuning; returns the mask of weights the steps may change
-        (``None``: every trainable weight). Plain fine-tuning changes nothing here."""
-        return None
+        (``None``: every trainable weight) and details for the report. Plain fine-tuning changes
+        nothing here."""
+        return None, {}
 
     def _unlearn(self, model: nn.Module, request: ForgetRequest) -> tuple[nn.Module, int, dict[str, Any]]:
         out, flops = copy.deepcopy(model), FlopCounter()
-        mask = self.prepare(out, request, flops)
+        mask, details = self.prepare(out, request, flops)
         loop = self.loop(out, mask, flops)
         retain = request.retain
         g = torch.Generator().manual_seed(request.seed)
@@ -52,4 +54,4 @@ class Finetune(GradientUnlearner):
                 x = retain.x[idx]
                 loop.step(cross_entropy(out, x, retain.y[idx]), x)
         out, total = loop.finish()
-        return out, total, {"steps": loop.steps, **(mask_details(mask) if mask is not None else {})}
+        return out, total, {**details, "steps": loop.steps, **(mask_details(mask) if mask is not None else {})}

@@ -18,6 +18,12 @@ from .gradient import GradientUnlearner, cross_entropy, paired_batches, require,
 class NegGradPlus(GradientUnlearner):
     """Per step: ``loss = alpha * CE(retain batch) - (1 - alpha) * CE(forget batch)``.
 
+    This is the "gradient ascent + retain fine-tuning" recipe (Ascent+CF): Kurmanji et al.
+    define NegGrad+ as NegGrad (ascent on the forget set) combined with fine-tuning on the
+    retain set, weighted by ``alpha``. Both happen in every step (``alpha = 1`` is plain
+    fine-tuning); a variant that first ascends and then fine-tunes, in two phases, is not
+    offered separately.
+
     One epoch is one shuffled pass over the retain set; the (smaller) forget set is cycled
     alongside, reshuffled after every pass (both seeded by the request). Each step counts a
     forward + backward pass on both batches.

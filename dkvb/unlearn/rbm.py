@@ -50,7 +50,7 @@ class RetentionBasedMasking(Finetune):
         super().__post_init__()
         require(0 <= self.sparsity < 1, self.name, "sparsity", "in [0, 1)", self.sparsity)
 
-    def prepare(self, model: nn.Module, request: ForgetRequest, flops: FlopCounter) -> list[Tensor]:
+    def prepare(self, model: nn.Module, request: ForgetRequest, flops: FlopCounter) -> tuple[list[Tensor], dict]:
         grads, _ = accumulate_gradients(model, request.retain, method=self.name, batch_size=self.batch_size,
                                         flops=flops)
         mask = top_fraction_mask([g.abs() for g in grads], 1 - self.sparsity, largest=True)
@@ -58,4 +58,4 @@ class RetentionBasedMasking(Finetune):
             for p, m in zip(model.trainable_parameters(), mask):
                 p.mul_(m)
                 flops.add(p.numel())
-        return mask
+        return mask, {}

@@ -25,6 +25,22 @@ def ssd_importances(model: nn.Module, request: ForgetRequest, *, batch_size: int
     return [s / nf for s in f_sum], [s / nd for s in d_sum]
 
 
+def dampen(model: nn.Module, imp_f: list[Tensor], imp_d: list[Tensor], *, alpha: float, dampening: float,
+           flops: FlopCounter) -> list[Tensor]:
+    """SSD's update, in place: multiply every trainable weight with ``I_Df > alpha * I_D`` by
+    ``min(dampening * I_D / I_Df, 1)`` and leave the others exactly as they are. Returns the
+    selection masks; counts 3 FLOPs per weight (compare, divide, multiply)."""
+    selected = []
+    with torch.no_grad():
+        for p, f, d in zip(model.trainable_parameters(), imp_f, imp_d):
+            sel = f > alpha * d
+            factor = (dampening * d / f).clamp(max=1.0)
+            p[sel] = p[sel] * factor[sel]
+            selected.append(sel)
+            flops.add(3 * p.numel())
+    return selected
+
+
 @register("ssd")
 @dataclass
 class SSD(Unlearner):
@@ -59,14 +75,7 @@ class SSD(Unlearner):
     def _unlearn(self, model: nn.Module, request: ForgetRequest) -> tuple[nn.Module, int, dict[str, Any]]:
         out, flops = copy.deepcopy(model), FlopCounter()
         imp_f, imp_d = ssd_importances(out, request, batch_size=self.batch_size, flops=flops, method=self.name)
-        selected = []
-        with torch.no_grad():
-            for p, f, d in zip(out.trainable_parameters(), imp_f, imp_d):
-                sel = f > self.alpha * d
-                factor = (self.dampening * d / f).clamp(max=1.0)
-                p[sel] = p[sel] * factor[sel]
-                selected.append(sel)
-                flops.add(3 * p.numel())
+        selected = dampen(out, imp_f, imp_d, alpha=self.alpha, dampening=self.dampening, flops=flops)
         n_sel, n_all = sum(int(s.sum()) for s in selected), sum(s.numel() for s in selected)
         # a tuple, not a list: tensors stay out of the JSON-safe details
         return out, flops.total, {"weights_dampened": n_sel, "weights_total": n_all, "mask": tuple(selected)}
