@@ -5,21 +5,29 @@ unmasked keys; the selected keys' values (the only trainable tensor) are returne
 set by k-means on unlabelled embeddings and then frozen, so each input touches ``C * topk``
 of the ``C * K`` values. Masking a key removes it from selection: the next-nearest unmasked
 key is chosen instead, which is how a class is unlearned.
+
+Because keys never move after k-means, a search can be kept and reused: :meth:`candidates`
+returns each embedding's nearest ``topk + extra`` keys once, and :meth:`select` picks the
+nearest unmasked ones from that list under any later mask, searching again only the rows
+whose candidates are all masked. The result equals a fresh search, bit for bit.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Literal, NamedTuple
 
 import faiss
 import numpy as np
 import torch
-from einops import rearrange
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import check_embeddings
 
 SearchBackend = Literal["torch", "faiss"]
+Projection = Literal["random", "pca", "whitened"]
+PROJECTIONS = ("random", "pca", "whitened")
 
 
 class BottleneckOutput(NamedTuple):
@@ -27,6 +35,17 @@ class BottleneckOutput(NamedTuple):
 
     values: Tensor
     indices: Tensor
+
+
+class Candidates(NamedTuple):
+    """Nearest keys of some embeddings, kept so later masks need no fresh search.
+
+    ``indices``: (N, C, T) nearest keys under ``mask``, nearest first; ``mask``: the (C, K) key
+    mask they were searched under. Valid for any later mask that contains ``mask``.
+    """
+
+    indices: Tensor
+    mask: Tensor
 
 
 class DiscreteKeyValueBottleneck(nn.Module):
@@ -39,13 +58,17 @@ class DiscreteKeyValueBottleneck(nn.Module):
         key_dim: size of each projected sub-embedding and key.
         value_dim: size of each value (the number of classes for the mean-pooling decoder).
         topk: keys selected per codebook.
-        projection: ``"random"`` (fixed Gaussian, scaled 1/sqrt(dim)) or ``"pca"`` (top principal
-            directions of the k-means data, split across codebooks in a fixed random order);
-            frozen either way.
-        search: ``"torch"`` (batched matmul distances, works on any device) or ``"faiss"``
-            (``IndexFlatL2`` per codebook with masked ids excluded by an ``IDSelector``).
-        chunk_size: upper bound on the number of distance entries (rows * C * K) computed at once,
-            so the N x C x K distance tensor is never materialised for large N.
+        projection: how each codebook sees the embedding, frozen once fitted:
+            ``"random"``: a fixed Gaussian matrix (scaled 1/sqrt(dim));
+            ``"pca"``: top principal directions of the k-means data, split across codebooks;
+            ``"whitened"``: the k-means data PCA-whitened to ``whiten_dim`` dimensions (every
+            direction at unit variance, so weak but discriminative directions are not drowned
+            by a few dominant ones), then a fixed Gaussian matrix per codebook.
+        whiten_dim: dimensions kept by ``"whitened"`` (at most ``dim``).
+        search: ``"torch"`` (matmul distances; on the CPU one codebook at a time with numpy's
+            vectorised argmin) or ``"faiss"`` (``IndexFlatL2`` per codebook with masked ids
+            excluded by an ``IDSelector``).
+        chunk_rows: embeddings searched at once; ``None`` sizes chunks from available memory.
         seed: seeds the projection and k-means.
     """
 
@@ -58,28 +81,32 @@ class DiscreteKeyValueBottleneck(nn.Module):
         key_dim: int = 8,
         value_dim: int,
         topk: int = 1,
-        projection: Literal["random", "pca"] = "random",
+        projection: Projection = "random",
+        whiten_dim: int = 128,
         search: SearchBackend = "torch",
-        chunk_size: int = 2**25,
+        chunk_rows: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__()
         for name, v in dict(dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size,
-                            key_dim=key_dim, value_dim=value_dim, topk=topk, chunk_size=chunk_size).items():
+                            key_dim=key_dim, value_dim=value_dim, topk=topk, whiten_dim=whiten_dim,
+                            chunk_rows=chunk_rows or 1).items():
             if int(v) < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
+                raise ValueError(f"DiscreteKeyValueBottleneck: {name} must be >= 1, got {v}")
         if topk > codebook_size:
-            raise ValueError(f"topk ({topk}) cannot exceed codebook_size ({codebook_size})")
-        if projection not in ("random", "pca"):
-            raise ValueError(f"projection must be 'random' or 'pca', got {projection!r}")
+            raise ValueError(f"DiscreteKeyValueBottleneck: topk must be <= codebook_size={codebook_size}, got {topk}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"DiscreteKeyValueBottleneck: projection must be one of {PROJECTIONS}, got {projection!r}")
         if search not in ("torch", "faiss"):
-            raise ValueError(f"search must be 'torch' or 'faiss', got {search!r}")
+            raise ValueError(f"DiscreteKeyValueBottleneck: search must be 'torch' or 'faiss', got {search!r}")
         self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
         self.key_dim, self.value_dim, self.topk = key_dim, value_dim, topk
-        self.projection_kind, self.search, self.chunk_size, self.seed = projection, search, chunk_size, seed
+        self.projection_kind, self.whiten_dim = projection, min(whiten_dim, dim)
+        self.search, self.chunk_rows, self.seed = search, chunk_rows, seed
 
         g = torch.Generator().manual_seed(seed)
-        proj = torch.randn(num_codebooks, dim, key_dim, generator=g) / math.sqrt(dim)
+        # (dim, C, key_dim): one matmul projects onto every codebook at once.
+        proj = torch.randn(dim, num_codebooks, key_dim, generator=g) / math.sqrt(dim)
         self.register_buffer("projection", proj)
         self.register_buffer("keys", torch.zeros(num_codebooks, codebook_size, key_dim))
         self.register_buffer("key_mask", torch.zeros(num_codebooks, codebook_size, dtype=torch.bool))
@@ -89,11 +116,11 @@ class DiscreteKeyValueBottleneck(nn.Module):
     # ------------------------------------------------------------------ keys
     def project(self, x: Tensor) -> Tensor:
         """(N, dim) -> (N, C, key_dim)."""
-        return torch.einsum("nd,cdk->nck", x, self.projection)
+        return (x @ self.projection.flatten(1)).view(x.shape[0], self.num_codebooks, self.key_dim)
 
     @torch.no_grad()
     def init_keys(self, x: Tensor, *, niter: int = 20, max_points_per_centroid: int = 256) -> None:
-        """Fit the projection (if ``pca``) and run seeded faiss k-means per codebook on ``x``, then freeze."""
+        """Fit the projection (``pca``/``whitened``) and run seeded faiss k-means per codebook on ``x``, then freeze."""
         check_embeddings(x, self.dim)
         if x.shape[0] < self.codebook_size:
             raise ValueError(
@@ -102,6 +129,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         x = x.detach().float().cpu()
         if self.projection_kind == "pca":
             self.projection.copy_(_pca_projection(x, self.num_codebooks, self.key_dim, self.seed))
+        elif self.projection_kind == "whitened":
+            self.projection.copy_(_whitened_projection(x, self.whiten_dim, self.num_codebooks, self.key_dim,
+                                                       self.seed))
         z = self.project(x)
         keys = torch.empty_like(self.keys, device="cpu")
         for c in range(self.num_codebooks):
@@ -118,37 +148,108 @@ class DiscreteKeyValueBottleneck(nn.Module):
     @torch.no_grad()
     def lookup(self, x: Tensor) -> Tensor:
         """Indices (N, C, topk) of the nearest unmasked keys, nearest first."""
+        return self.nearest(x, self.topk)
+
+    @torch.no_grad()
+    def nearest(self, x: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+        """Indices (N, C, k) of the ``k`` nearest keys not in ``mask`` (default: the key mask), nearest first.
+
+        Ties go to the lower key index.
+        """
         if not bool(self.initted):
             raise RuntimeError("keys are not initialised: call init_keys(embeddings) first")
         check_embeddings(x, self.dim)
-        short = (~self.key_mask).sum(dim=1) < self.topk
+        mask = self.key_mask if mask is None else mask
+        short = (~mask).sum(dim=1) < k
         if bool(short.any()):
             c = int(short.nonzero()[0])
-            raise RuntimeError(f"codebook {c} has fewer than topk={self.topk} unmasked keys: nothing left to select")
+            raise RuntimeError(f"codebook {c} has fewer than {k} unmasked keys: nothing left to select")
         if self.search == "faiss":
-            return _FaissLookup.apply(self.project(x), self.keys, self.key_mask, self.topk)
-        rows = max(1, self.chunk_size // (self.num_codebooks * self.codebook_size))
-        out = [self._lookup_torch(x[i:i + rows]) for i in range(0, x.shape[0], rows)]
+            return _FaissLookup.apply(self.project(x), self.keys, mask, k)
+        rows = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
+        out = [self._nearest_torch(x[i:i + rows], k, mask) for i in range(0, x.shape[0], rows)]
         if not out:
-            return torch.empty(0, self.num_codebooks, self.topk, dtype=torch.long, device=x.device)
+            return torch.empty(0, self.num_codebooks, k, dtype=torch.long, device=x.device)
         return torch.cat(out)
 
-    def _lookup_torch(self, x: Tensor) -> Tensor:
-        z = rearrange(self.project(x), "n c k -> c n k")
-        # |z - key|^2 up to the per-row constant |z|^2, written as a matmul so fvcore counts it.
-        dist = torch.bmm(z, self.keys.transpose(1, 2)).mul_(-2).add_(
-            (self.keys.pow(2).sum(-1) + self.key_mask * torch.finfo(z.dtype).max / 4).unsqueeze(1)
-        )
-        if self.topk == 1:
-            idx = dist.argmin(dim=-1, keepdim=True)
-        else:
-            idx = dist.topk(self.topk, dim=-1, largest=False).indices
-        return rearrange(idx, "c n t -> n c t")
+    def _nearest_torch(self, x: Tensor, k: int, mask: Tensor) -> Tensor:
+        z = self.project(x)
+        # |z - key|^2 up to the per-row constant |z|^2, written as a matmul so fvcore counts it;
+        # masked keys get +inf.
+        knorm = self.keys.pow(2).sum(-1).masked_fill(mask, math.inf)
+        if x.device.type != "cpu" or torch.jit.is_tracing():
+            dist = torch.bmm(z.transpose(0, 1), self.keys.transpose(1, 2)).mul_(-2).add_(knorm.unsqueeze(1))
+            idx = dist.argmin(-1, keepdim=True) if k == 1 else dist.topk(k, dim=-1, largest=False).indices
+            return idx.permute(1, 0, 2)
+        # CPU: one codebook at a time keeps the (rows, K) block in cache, and numpy's argmin is
+        # vectorised (torch's CPU argmin/topk are ~10x slower at these sizes).
+        n = x.shape[0]
+        out = np.empty((n, self.num_codebooks, k), dtype=np.int64)
+        buf = torch.empty(n, self.codebook_size)
+        rows = np.arange(n)
+        for c in range(self.num_codebooks):
+            torch.addmm(knorm[c], z[:, c], self.keys[c].T, alpha=-2, out=buf)
+            a = buf.numpy()
+            for j in range(k):
+                best = a.argmin(axis=1)
+                out[:, c, j] = best
+                if j + 1 < k:
+                    a[rows, best] = np.inf
+        return torch.from_numpy(out)
 
+    # ------------------------------------------------------------ candidates
+    @torch.no_grad()
+    def candidates(self, x: Tensor, extra: int = 8) -> Candidates:
+        """Each embedding's nearest ``topk + extra`` keys under the current mask, for :meth:`select`."""
+        k = min(self.topk + extra, int((~self.key_mask).sum(1).min()))
+        return Candidates(self.nearest(x, k), self.key_mask.clone())
+
+    @torch.no_grad()
+    def select(self, x: Tensor, cands: Candidates) -> Tensor:
+        """What :meth:`lookup` returns for ``x`` under the current mask, from kept candidates.
+
+        Each row takes its first ``topk`` candidates that are not masked now; rows with fewer
+        than ``topk`` left in some codebook are searched again. A mask that unmasks a key the
+        candidates were searched without needs a fresh search (done here, for every row).
+        """
+        mask = self.key_mask
+        if bool((cands.mask & ~mask).any()):
+            return self.lookup(x)
+        idx = cands.indices
+        c = torch.arange(self.num_codebooks, device=idx.device).view(1, -1, 1)
+        free = ~mask[c, idx]  # (N, C, T)
+        rank = free.cumsum(-1)
+        ok = (rank[..., -1] >= self.topk).all(-1)  # (N,)
+        keep = free & (rank <= self.topk)
+        # stable sort puts the kept candidates first, in their distance order
+        order = torch.sort((~keep).to(torch.uint8), dim=-1, stable=True).indices[..., : self.topk]
+        out = idx.gather(-1, order)
+        redo = (~ok).nonzero().flatten()
+        if redo.numel():
+            out[redo] = self.lookup(x[redo.to(x.device)]).to(out.device)
+        return out
+
+    # ---------------------------------------------------------------- values
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Values (N, C, value_dim) for key indices (N, C, topk), averaged over the top-k."""
         c = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1)
         return self.values[c, indices].mean(dim=2)
+
+    def flat_indices(self, indices: Tensor) -> Tensor:
+        """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
+        offsets = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1) * self.codebook_size
+        return (indices + offsets).flatten(1)
+
+    def pool(self, flat: Tensor, weight: Tensor | None = None) -> Tensor:
+        """(N, value_dim): the mean of the selected values over codebooks and top-k, in one
+        ``embedding_bag`` (what both decoders start from); ``flat`` from :meth:`flat_indices`.
+
+        ``weight`` replaces ``values.view(C * K, value_dim)``: the trainer passes a leaf tensor
+        sharing the values' memory and gets a sparse gradient (only the selected rows).
+        """
+        sparse = weight is not None
+        weight = self.values.view(-1, self.value_dim) if weight is None else weight
+        return F.embedding_bag(flat, weight, mode="mean", sparse=sparse)
 
     def forward(self, x: Tensor) -> BottleneckOutput:
         indices = self.lookup(x)
@@ -156,14 +257,14 @@ class DiscreteKeyValueBottleneck(nn.Module):
 
     # --------------------------------------------------------------- counts
     @torch.no_grad()
-    def activation_counts(self, x: Tensor, y: Tensor, num_classes: int, *, batch_size: int = 8192) -> Tensor:
-        """(num_classes, C, K) int64: how often embeddings of each class select each key."""
-        counts = torch.zeros(num_classes, self.num_codebooks * self.codebook_size, dtype=torch.long)
-        offsets = (torch.arange(self.num_codebooks) * self.codebook_size).view(1, -1, 1)
-        for i in range(0, x.shape[0], batch_size):
-            idx = (self.lookup(x[i:i + batch_size]).cpu() + offsets).flatten(1)
-            counts.index_put_((y[i:i + batch_size].cpu().unsqueeze(1).expand_as(idx), idx),
-                              torch.ones_like(idx), accumulate=True)
+    def activation_counts(self, x: Tensor, y: Tensor, num_classes: int, *, indices: Tensor | None = None) -> Tensor:
+        """(num_classes, C, K) int64: how often embeddings of each class select each key.
+
+        ``indices`` (N, C, topk) reuses a lookup of ``x`` already made.
+        """
+        idx = self.flat_indices(self.lookup(x) if indices is None else indices).cpu()
+        rows = y.cpu().view(-1, 1) * (self.num_codebooks * self.codebook_size) + idx
+        counts = torch.bincount(rows.flatten(), minlength=num_classes * self.num_codebooks * self.codebook_size)
         return counts.view(num_classes, self.num_codebooks, self.codebook_size)
 
     def extra_repr(self) -> str:
@@ -172,14 +273,52 @@ class DiscreteKeyValueBottleneck(nn.Module):
                 f"projection={self.projection_kind}, search={self.search}")
 
 
+def _available_memory() -> int:
+    """Bytes of memory available to this process (MemAvailable on Linux; 2 GiB if unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 2 << 30
+
+
+def _auto_chunk_rows(num_codebooks: int, codebook_size: int, key_dim: int) -> int:
+    """Rows per search chunk: the projected chunk plus one codebook's distance block within
+    1/16 of available memory, and at most 4,096 rows (larger blocks stop fitting in cache)."""
+    per_row = 4 * (num_codebooks * key_dim + codebook_size) + 8 * num_codebooks * 16
+    budget = _available_memory() // 16
+    return int(max(64, min(4096, budget // per_row)))
+
+
 def _pca_projection(x: Tensor, num_codebooks: int, key_dim: int, seed: int) -> Tensor:
-    """(C, dim, key_dim): each codebook gets a fixed random draw of the top principal directions of ``x``."""
+    """(dim, C, key_dim): each codebook gets a fixed random draw of the top principal directions of ``x``."""
     xc = x - x.mean(0)
     q = min(x.shape[1], num_codebooks * key_dim, x.shape[0])
     _, _, v = torch.pca_lowrank(xc, q=q, center=False, niter=4)  # v: (dim, q)
     g = torch.Generator().manual_seed(seed)
     cols = torch.cat([torch.randperm(q, generator=g) for _ in range(math.ceil(num_codebooks * key_dim / q))])
-    return v[:, cols[: num_codebooks * key_dim]].T.reshape(num_codebooks, key_dim, -1).transpose(1, 2).contiguous()
+    return v[:, cols[: num_codebooks * key_dim]].reshape(-1, num_codebooks, key_dim).contiguous()
+
+
+def _whitened_projection(x: Tensor, whiten_dim: int, num_codebooks: int, key_dim: int, seed: int) -> Tensor:
+    """(dim, C, key_dim): PCA-whitening of ``x`` to ``whiten_dim`` dimensions followed by a fixed
+    Gaussian matrix per codebook (scaled 1/sqrt(whiten_dim)), folded into one linear map.
+
+    Centering is left out: a constant shift of every projection moves the keys with it and
+    changes no nearest-key choice.
+    """
+    xc = x - x.mean(0)
+    q = min(whiten_dim, *xc.shape)
+    cov = (xc.T @ xc).double() / max(1, xc.shape[0] - 1)
+    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = evals[-q:].flip(0), evecs[:, -q:].flip(1)
+    white = (evecs / (evals.clamp_min(1e-12 * float(evals[0])) ** 0.5)).float()  # (dim, q)
+    g = torch.Generator().manual_seed(seed)
+    rand = torch.randn(q, num_codebooks * key_dim, generator=g) / math.sqrt(q)
+    return (white @ rand).view(-1, num_codebooks, key_dim).contiguous()
 
 
 class _FaissLookup(torch.autograd.Function):

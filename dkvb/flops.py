@@ -9,6 +9,7 @@ selection ops, so we register ours:
 - ``prim::PythonOp._FaissLookup``: ``N * C * K * key_dim`` (exhaustive L2 search per codebook);
 - attention (``aten::scaled_dot_product_attention``, ``aten::_native_multi_head_attention``):
   its matrix products (the latter's in/out projections included);
+- ``aten::embedding_bag`` (the DKVB's pooling of selected values): one add per pooled element;
 - indexing/gather and elementwise ops count zero (memory traffic, not arithmetic), as in fvcore.
 
 Backward passes are counted as ``BACKWARD_FACTOR`` (= 2) times the forward FLOPs of the same
@@ -44,7 +45,7 @@ _ZERO_OPS = (
     "aten::flatten", "aten::permute", "aten::transpose", "aten::select", "aten::slice", "aten::arange",
     "aten::scalar_tensor", "aten::to", "aten::lt", "aten::gt", "aten::le", "aten::ge", "aten::isin",
     "aten::bitwise_not", "aten::logical_not", "aten::masked_fill", "aten::index_put_", "aten::scatter_add_",
-    "aten::unbind", "aten::stack", "aten::cat", "aten::contiguous", "aten::clone", "aten::detach",
+    "aten::unbind", "aten::numel", "aten::stack", "aten::cat", "aten::contiguous", "aten::clone", "aten::detach",
     "aten::nonzero", "aten::lift_fresh", "aten::item", "aten::ScalarImplicit", "aten::Int",
 )
 
@@ -78,6 +79,12 @@ def _native_mha_flops(inputs: list[Any], outputs: list[Any]) -> int:
     return int(b * (2 * length * e * e + 2 * s * e * e + 2 * length * s * e))
 
 
+def _embedding_bag_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """One add per pooled element: bag rows (N x L) times the row width D."""
+    rows = inputs[1].type().sizes()
+    return int(math.prod(rows) * inputs[0].type().sizes()[-1])
+
+
 def _zero(inputs: list[Any], outputs: list[Any]) -> int:
     return 0
 
@@ -88,6 +95,7 @@ HANDLES: dict[str, Callable[[list[Any], list[Any]], int]] = {
     "aten::topk": _numel_of_first_input,
     "aten::sort": _numel_of_first_input,
     "aten::cdist": _cdist_flops,
+    "aten::embedding_bag": _embedding_bag_flops,
     "prim::PythonOp._FaissLookup": _faiss_lookup_flops,
     "aten::scaled_dot_product_attention": _sdpa_flops,
     "aten::_native_multi_head_attention": _native_mha_flops,

@@ -29,7 +29,8 @@ class ModelConfig:
             or ``"mlp"`` (values of size ``value_dim`` averaged over codebooks, then a small MLP).
         value_dim: value size for the MLP decoder (ignored by ``mean``).
         hidden_dim: hidden width of the MLP decoder.
-        projection: ``"random"`` or ``"pca"`` (see :class:`DiscreteKeyValueBottleneck`).
+        projection: ``"random"``, ``"pca"`` or ``"whitened"`` (see :class:`DiscreteKeyValueBottleneck`).
+        whiten_dim: dimensions kept by the ``"whitened"`` projection.
         search: nearest-key search backend, ``"torch"`` or ``"faiss"``.
         kmeans_iters: faiss k-means iterations for key initialisation.
     """
@@ -42,7 +43,8 @@ class ModelConfig:
     decoder: Literal["mean", "mlp"] = "mean"
     value_dim: int = 64
     hidden_dim: int = 256
-    projection: Literal["random", "pca"] = "random"
+    projection: Literal["random", "pca", "whitened"] = "random"
+    whiten_dim: int = 128
     search: Literal["torch", "faiss"] = "torch"
     kmeans_iters: int = 20
 
@@ -54,21 +56,21 @@ class ModelConfig:
 
 
 class MeanDecoder(nn.Module):
-    """Non-parametric decoder: logits are the mean of the selected values over codebooks."""
+    """Non-parametric decoder: the logits are the pooled values (the mean over codebooks and top-k)."""
 
-    def forward(self, values: Tensor) -> Tensor:
-        return values.mean(dim=1)
+    def forward(self, pooled: Tensor) -> Tensor:
+        return pooled
 
 
 class MLPDecoder(nn.Module):
-    """Mean of the selected values over codebooks, then Linear-ReLU-Linear to class logits."""
+    """Linear-ReLU-Linear from the pooled values (mean over codebooks and top-k) to class logits."""
 
     def __init__(self, value_dim: int, num_classes: int, *, hidden_dim: int = 256) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(value_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes))
 
-    def forward(self, values: Tensor) -> Tensor:
-        return self.net(values.mean(dim=1))
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.net(pooled)
 
 
 class DKVBClassifier(nn.Module):
@@ -86,7 +88,7 @@ class DKVBClassifier(nn.Module):
         self.bottleneck = DiscreteKeyValueBottleneck(
             input_dim, config.num_codebooks, config.codebook_size, key_dim=config.key_dim,
             value_dim=value_dim, topk=config.topk, projection=config.projection,
-            search=config.search, seed=seed,
+            whiten_dim=config.whiten_dim, search=config.search, seed=seed,
         )
         self.decoder = (MeanDecoder() if config.decoder == "mean"
                         else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
@@ -106,19 +108,23 @@ class DKVBClassifier(nn.Module):
         self.bottleneck.init_keys(x, niter=self.model_config.kmeans_iters)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.decoder(self.bottleneck(x).values)
+        return self.decode(self.bottleneck.lookup(x))
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """Logits from selected key indices (N, C, topk): lets a caller reuse one lookup."""
+        return self.decoder(self.bottleneck.pool(self.bottleneck.flat_indices(indices)))
 
     @torch.no_grad()
-    def compute_activation_counts(self, x: Tensor, y: Tensor) -> Tensor:
+    def compute_activation_counts(self, x: Tensor, y: Tensor, *, indices: Tensor | None = None) -> Tensor:
         """Count and cache per-class key activations of the (training) embeddings ``x``.
 
         Counts are taken with no keys masked, so they describe the trained model and stay
-        valid across later masking requests.
+        valid across later masking requests; ``indices`` reuses an unmasked lookup of ``x``.
         """
         mask = self.bottleneck.key_mask.clone()
         self.bottleneck.key_mask.zero_()
         try:
-            counts = self.bottleneck.activation_counts(x, y, self.num_classes)
+            counts = self.bottleneck.activation_counts(x, y, self.num_classes, indices=indices)
         finally:
             self.bottleneck.key_mask.copy_(mask)
         self.activation_counts = counts

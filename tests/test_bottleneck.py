@@ -40,7 +40,7 @@ def test_chunked_lookup_matches_unchunked():
     b = make()
     x = torch.randn(300, 16)
     full = b.lookup(x)
-    b.chunk_size = 6 * 20 * 7  # 7 rows per chunk
+    b.chunk_rows = 7
     assert torch.equal(b.lookup(x), full)
 
 
@@ -72,16 +72,27 @@ def test_same_seed_same_keys_different_seed_different_keys():
     assert not torch.equal(keys[0], keys[2])
 
 
-def test_pca_projection_initialises():
-    b = DiscreteKeyValueBottleneck(16, 6, 20, key_dim=4, value_dim=3, projection="pca")
+@pytest.mark.parametrize("projection", ["pca", "whitened"])
+def test_fitted_projections_initialise(projection):
+    b = DiscreteKeyValueBottleneck(16, 6, 20, key_dim=4, value_dim=3, projection=projection, whiten_dim=8)
     b.init_keys(torch.randn(800, 16))
-    assert b.projection.shape == (6, 16, 4) and torch.isfinite(b.projection).all()
+    assert b.projection.shape == (16, 6, 4) and torch.isfinite(b.projection).all()
+
+
+def test_whitened_projection_gives_every_kept_direction_unit_variance():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 16, generator=g) * torch.logspace(0, 3, 16)  # variances spanning 6 decades
+    b = DiscreteKeyValueBottleneck(16, 64, 20, key_dim=4, value_dim=3, projection="whitened", whiten_dim=16)
+    b.init_keys(x)
+    z = b.project(x - x.mean(0)).flatten(1)  # (N, C * key_dim) = white(x) @ gaussian
+    # with whitened inputs, z's covariance is rand.T @ rand: its diagonal averages 1
+    assert abs(float(z.var(0).mean()) - 1.0) < 0.1
 
 
 def test_activation_counts_sum_to_number_of_lookups():
     b = make(topk=2)
     x, y = torch.randn(90, 16), torch.arange(90) % 3
-    counts = b.activation_counts(x, y, 3, batch_size=17)
+    counts = b.activation_counts(x, y, 3)
     assert counts.shape == (3, 6, 20)
     assert torch.equal(counts.sum((1, 2)), torch.tensor([30 * 6 * 2] * 3))
 
@@ -104,9 +115,49 @@ def test_bad_input_is_rejected_with_clear_errors():
     with pytest.raises(ValueError, match="at least codebook_size"):
         DiscreteKeyValueBottleneck(16, 2, 50, value_dim=2).init_keys(torch.randn(10, 16))
     b.key_mask[2] = True
-    with pytest.raises(RuntimeError, match="codebook 2 has fewer than topk"):
+    with pytest.raises(RuntimeError, match="codebook 2 has fewer than 1 unmasked"):
         b.lookup(torch.randn(2, 16))
 
 
 def test_empty_batch_gives_empty_indices():
     assert make().lookup(torch.empty(0, 16)).shape == (0, 6, 1)
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_selection_from_candidates_equals_a_fresh_search_under_random_masks(topk):
+    b = make(topk=topk)
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(2))
+    cands = b.candidates(x, extra=4)
+    g = torch.Generator().manual_seed(3)
+    for share in (0.0, 0.1, 0.3, 0.6, 0.8):
+        b.key_mask.copy_(torch.rand(6, 20, generator=g) < share)
+        b.key_mask[:, :topk] = False  # keep every codebook selectable
+        assert torch.equal(b.select(x, cands), b.lookup(x))
+    b.key_mask.zero_()
+    assert torch.equal(b.select(x, cands), b.lookup(x))
+
+
+def test_candidates_searched_under_a_mask_are_redone_after_an_unmask():
+    b = make()
+    x = torch.randn(50, 16)
+    b.key_mask[:, 5] = True
+    cands = b.candidates(x, extra=2)
+    b.key_mask.zero_()
+    assert torch.equal(b.select(x, cands), b.lookup(x))
+
+
+def test_cpu_search_equals_the_batched_matmul_search():
+    b = make(topk=2)
+    x = torch.randn(64, 16)
+    b.key_mask[:, ::3] = True
+    z = b.project(x)
+    knorm = b.keys.pow(2).sum(-1).masked_fill(b.key_mask, float("inf"))
+    d = torch.bmm(z.transpose(0, 1), b.keys.transpose(1, 2)).mul_(-2).add_(knorm.unsqueeze(1))
+    assert torch.equal(b.lookup(x), d.topk(2, dim=-1, largest=False).indices.permute(1, 0, 2))
+
+
+def test_pool_is_the_mean_of_the_selected_values():
+    b = make(topk=2)
+    torch.nn.init.normal_(b.values)
+    idx = b.lookup(torch.randn(7, 16))
+    assert torch.allclose(b.pool(b.flat_indices(idx)), b.get_output_from_indices(idx).mean(1), atol=1e-6)

@@ -1,0 +1,131 @@
+"""Training cost per epoch: DKVB values vs the linear head, on the same embeddings.
+
+For each bottleneck shape, times one epoch of :func:`dkvb.fit` (cached-code values training
+with lazy Adam) and of the linear head on the same synthetic embeddings, and reports the
+ratio (goal: DKVB <= 2x the linear head). ``--reference`` also times the generic loop (a
+lookup and dense Adam over all values every step, as the trainer did before) and compares its
+test accuracy with the fast path on the same seed.
+
+Keys come from k-means on the data (not timed). Labels come from a random linear teacher with
+noise, so accuracy is informative. Prints a table and writes JSON.
+
+    python benchmarks/bench_train.py --quick
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+SHAPES = {  # name: (C, K, key_dim, topk, embedding dim)
+    "64x256": (64, 256, 8, 4, 1280),     # the offline demo's bottleneck (EfficientNet-Lite0 features)
+    "256x4096": (256, 4096, 14, 1, 512),  # the paper's bottleneck (CLIP ViT-B/32 features)
+}
+
+
+def teacher_data(n: int, dim: int, num_classes: int, seed: int):
+    """(train, test) embedding sets labelled by a noisy random linear teacher."""
+    import torch
+
+    from dkvb import EmbeddingSet
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(dim, num_classes, generator=g)
+    x = torch.randn(n + n // 4, dim, generator=g)
+    y = (x @ w + 2.0 * torch.randn(len(x), num_classes, generator=g) * w.norm(dim=0)).argmax(1)
+    names = [f"c{i}" for i in range(num_classes)]
+    return EmbeddingSet(x[:n], y[:n], names), EmbeddingSet(x[n:], y[n:], names)
+
+
+def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    import torch.nn.functional as F
+
+    from dkvb import ModelConfig, TrainConfig, build_model, fit
+    from dkvb.evaluate import accuracy, predict_logits
+
+    c, k, key_dim, topk, dim = SHAPES[shape]
+    train, test = teacher_data(args.embeddings, dim, args.classes, args.seed)
+    cfg = TrainConfig(epochs=args.epochs, lr=0.01, batch_size=args.batch_size, seed=args.seed)
+    lin_cfg = TrainConfig(epochs=args.epochs, lr=1e-3, batch_size=args.batch_size, seed=args.seed)
+
+    def timed(model, config, **kw) -> tuple[float, float]:
+        start = time.perf_counter()
+        fit(model, train, config, **kw)
+        per_epoch = (time.perf_counter() - start) / config.epochs
+        return per_epoch, accuracy(predict_logits(model, test.x), test.y)
+
+    def dkvb():
+        m = build_model(ModelConfig(num_codebooks=c, codebook_size=k, key_dim=key_dim, topk=topk), dim,
+                        args.classes, seed=args.seed)
+        m.prepare(train.x)
+        return m
+
+    row: dict[str, Any] = {"shape": shape, "embeddings": len(train), "epochs": args.epochs,
+                           "batch_size": args.batch_size}
+    row["linear_s_per_epoch"], row["linear_acc"] = timed(build_model({"kind": "linear"}, dim, args.classes), lin_cfg)
+    row["dkvb_s_per_epoch"], row["dkvb_acc"] = timed(dkvb(), cfg)
+    row["ratio_dkvb_to_linear"] = row["dkvb_s_per_epoch"] / row["linear_s_per_epoch"]
+    if args.reference:
+        ref_cfg = TrainConfig(epochs=args.reference_epochs, lr=0.01, batch_size=args.batch_size, seed=args.seed)
+        fast_cfg = TrainConfig(**{**ref_cfg.__dict__})
+        row["reference_epochs"] = args.reference_epochs
+        row["reference_s_per_epoch"], row["reference_acc"] = timed(
+            dkvb(), ref_cfg, loss_fn=lambda m, x, y: F.cross_entropy(m(x), y))
+        row["fast_s_per_epoch_same_epochs"], row["fast_acc_same_epochs"] = timed(dkvb(), fast_cfg)
+        row["speedup_vs_reference"] = row["reference_s_per_epoch"] / row["fast_s_per_epoch_same_epochs"]
+    return row
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| C x K | embeddings | linear s/epoch | DKVB s/epoch | DKVB ÷ linear (goal ≤ 2) | linear acc | DKVB acc |"
+             " dense-Adam reference s/epoch | speed-up | reference acc | fast acc (same epochs) |",
+             "|" + "---|" * 11]
+    for r in rows:
+        ref = (f"{r['reference_s_per_epoch']:.3f} | {r['speedup_vs_reference']:.1f}x | {100 * r['reference_acc']:.2f} | "
+               f"{100 * r['fast_acc_same_epochs']:.2f}") if "reference_acc" in r else " | | | "
+        lines.append(f"| {r['shape']} | {r['embeddings']} | {r['linear_s_per_epoch']:.3f} | {r['dkvb_s_per_epoch']:.3f} | "
+                     f"{r['ratio_dkvb_to_linear']:.2f} | {100 * r['linear_acc']:.2f} | {100 * r['dkvb_acc']:.2f} | {ref} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), default=list(SHAPES))
+    p.add_argument("--embeddings", type=int, default=20000)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--reference", action="store_true", help="also time the dense-Adam generic loop")
+    p.add_argument("--reference-epochs", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="8,192 embeddings, 1 epoch")
+    p.add_argument("--out", default="results/benchmarks/train.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.embeddings, args.epochs = min(args.embeddings, 8192), 1
+    import torch
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    for shape in args.shapes:
+        rows.append(run_shape(shape, args))
+        print(f"  {shape}: {json.dumps(rows[-1])}", file=sys.stderr)
+    print(table(rows))
+    from dkvb.io import atomic_write_json
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu_count": os.cpu_count(), "load_avg_1min": os.getloadavg()[0], "platform": platform.platform()}
+    atomic_write_json(Path(args.out), {"benchmark": "train", "environment": env, "runs": rows})
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
