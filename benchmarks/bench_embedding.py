@@ -49,7 +49,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     encoder = create_encoder(args.encoder, image_size=args.image_size, device=device,
                              pretrained=not args.random_weights)
-    dataset = load_dataset(args.dataset, "train", transform=encoder.preprocess)
+    dataset = load_dataset(args.dataset, args.split, transform=encoder.preprocess)
     indices = subset_indices(len(dataset), args.images, args.seed)
     n = len(indices)
     batches = [indices[i:i + args.batch_size] for i in range(0, n, args.batch_size)]
@@ -113,6 +113,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--encoder", default="effnet-lite0")
     p.add_argument("--dataset", default="fashion-mnist", help="any dkvb dataset name (synthetic: no files needed)")
+    p.add_argument("--split", default="train", help="dataset split to encode")
     p.add_argument("--image-size", type=int, nargs="+", default=[64], help="one run per size")
     p.add_argument("--images", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=128)

@@ -6,7 +6,10 @@ Compares, for each codebook shape C x K:
                    matmul distances, chunked so the N x C x K tensor never exists at once);
 * ``dkvb-faiss``   the same module with ``search="faiss"`` (one ``IndexFlatL2`` per codebook, built per call);
 * ``faiss-flat``   baseline: projection, then ``faiss.IndexFlatL2.search`` on C prebuilt indexes;
-* ``torch-cdist``  baseline: projection, then ``torch.cdist`` + ``argmin`` over all codebooks at once.
+* ``torch-cdist``  baseline: projection, then ``torch.cdist`` + ``argmin`` over all codebooks at once;
+* ``matmul``       reference: one plain square float32 matmul with the FLOPs of the search
+                   (N x C x K x key_dim multiply-adds); the table's last column is each method's
+                   time over this one's (goal for ``dkvb-torch``: <= 3).
 
 Each run happens in a fresh process, so its peak memory is its own: ``ru_maxrss`` growth during
 the timed lookups (CPU), ``tracemalloc`` peak (numpy/Python allocations) and
@@ -34,7 +37,7 @@ SHAPES = {  # name: (C, K, key_dim, embedding dim)
     "64x256": (64, 256, 8, 1280),    # EfficientNet-Lite0 features, the offline experiments
     "256x4096": (256, 4096, 14, 512),  # CLIP ViT-B/32 features, the paper's CIFAR setting
 }
-METHODS = ("dkvb-torch", "dkvb-faiss", "faiss-flat", "torch-cdist")
+METHODS = ("dkvb-torch", "dkvb-faiss", "faiss-flat", "torch-cdist", "matmul")
 
 
 def _prepare(method: str, shape: str, n: int, device: str, seed: int) -> tuple[Callable[[], Any], Any]:
@@ -67,22 +70,34 @@ def _prepare(method: str, shape: str, n: int, device: str, seed: int) -> tuple[C
         proj = b.projection
 
         def faiss_flat() -> Any:
-            z = torch.einsum("nd,cdk->cnk", x, proj).numpy()
+            z = torch.einsum("nd,dck->cnk", x, proj).numpy()
             out = np.empty((c, n), dtype=np.int64)
             for i, index in enumerate(indexes):
                 out[i] = index.search(np.ascontiguousarray(z[i]), 1)[1][:, 0]
             return torch.from_numpy(out.T)
 
         return faiss_flat, indexes
+    if method == "matmul":
+        side = round((n * c * k * key_dim) ** (1 / 3))
+        a, bm = torch.randn(side, side, generator=g).to(on), torch.randn(side, side, generator=g).to(on)
+        return (lambda: (a @ bm)[: min(n, side), :c].long()), (a, bm)
     if method == "torch-cdist":
         keys, proj, xd = b.keys.to(on), b.projection.to(on), x.to(on)
 
         def cdist() -> Any:
-            z = torch.einsum("nd,cdk->cnk", xd, proj)
+            z = torch.einsum("nd,dck->cnk", xd, proj)
             return torch.cdist(z, keys).argmin(-1).T
 
         return cdist, None
     raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+
+
+def _flops(method: str, shape: str, n: int) -> float:
+    """Multiply-adds of one run: the search's N x C x K x key_dim, or the reference matmul's side^3."""
+    c, k, key_dim, _ = SHAPES[shape]
+    if method == "matmul":
+        return round((n * c * k * key_dim) ** (1 / 3)) ** 3
+    return n * c * k * key_dim
 
 
 def embeddings_for(shape: str, args: argparse.Namespace) -> int:
@@ -127,6 +142,7 @@ def _worker(method: str, shape: str, n: int, device: str, repeats: int, threads:
             "method": method, "shape": shape, "embeddings": n, "device": device, "threads": torch.get_num_threads(),
             "seconds": times, "embeddings_per_s": n / min(times),
             "median_embeddings_per_s": n / statistics.median(times),
+            "gflops_per_s": _flops(method, shape, n) / min(times) / 1e9,
             "peak_rss_growth_mib": (rss_after - rss_before) / 1024,  # ru_maxrss is in KiB on Linux
             "tracemalloc_peak_mib": traced_peak / 2**20,
             "cuda_peak_mib": (torch.cuda.max_memory_allocated() - base_cuda) / 2**20 if cuda else None,
@@ -153,17 +169,20 @@ def run_one(method: str, shape: str, args: argparse.Namespace) -> dict[str, Any]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| C x K | method | batch | embeddings/s | speed vs first | peak RSS growth MiB | tracemalloc MiB | "
-             "CUDA MiB | same indices as first |", "|" + "---|" * 9]
+    lines = ["| C x K | method | batch | embeddings/s | GFLOP/s | speed vs first | peak RSS growth MiB | tracemalloc MiB | "
+             "CUDA MiB | same indices as first | time ÷ matmul of the same FLOPs |", "|" + "---|" * 11]
+    ref = {r["shape"]: r["gflops_per_s"] for r in rows if r.get("method") == "matmul" and "error" not in r}
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['method']} | | error: {r['error']} | | | | | |")
+            lines.append(f"| {r['shape']} | {r['method']} | | error: {r['error']} | | | | | | | |")
             continue
         cuda = f"{r['cuda_peak_mib']:.1f}" if r["cuda_peak_mib"] is not None else "-"
+        ratio = f"{ref[r['shape']] / r['gflops_per_s']:.2f}" if r["shape"] in ref else ""
+        r["time_over_matmul"] = float(ratio) if ratio else None
         lines.append(f"| {r['shape']} | {r['method']} | {r['embeddings']} | {r['embeddings_per_s']:,.0f} | "
-                     f"{r['speedup']:.2f} | "
+                     f"{r['gflops_per_s']:.1f} | {r['speedup']:.2f} | "
                      f"{r['peak_rss_growth_mib']:.1f} | {r['tracemalloc_peak_mib']:.1f} | {cuda} | "
-                     f"{100 * r['agreement']:.1f}% |")
+                     f"{'-' if r['agreement'] is None else format(r['agreement'], '.1%')} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -203,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r["speedup"] = r["embeddings_per_s"] / ref["rate"]
                 # Nearest-key agreement on the first 256 embeddings (ties may differ in the last bit).
                 pairs = [(x, y) for ra, rb in zip(a, ref["indices"]) for x, y in zip(ra, rb)]
-                r["agreement"] = sum(x == y for x, y in pairs) / max(1, len(pairs))
+                r["agreement"] = (None if method == "matmul"
+                                  else sum(x == y for x, y in pairs) / max(1, len(pairs)))
             rows.append(r)
             status = r.get("error") or f"{r['embeddings_per_s']:,.0f} embeddings/s"
             print(f"  {shape} {method} ({embeddings_for(shape, args)} embeddings): {status}", file=sys.stderr)

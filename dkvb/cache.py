@@ -32,6 +32,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from .threads import worker_init
 from tqdm.auto import tqdm
 
 from .data import EmbeddingSet
@@ -180,7 +182,8 @@ def encode_dataset(
     if cuda:
         encoder.to(memory_format=torch.channels_last)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=cuda,
-                        persistent_workers=False, prefetch_factor=4 if num_workers else None)
+                        persistent_workers=False, prefetch_factor=4 if num_workers else None,
+                        worker_init_fn=worker_init)
     autocast = torch.autocast(device.type, dtype=_AMP[amp]) if amp else nullcontext()
     pending: dict[int, list[np.ndarray]] = {}
     total = sum(len(b) for b in batches)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .config import MethodConfig, load_config, parse_assignments
+from .threads import set_threads
 from .report import markdown_table, summarize
 
 
@@ -120,8 +121,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_methods(cfg)
     records = run_experiment(cfg, fresh=args.fresh, force=args.force)
     print(markdown_table(summarize(records)))
+    print(f"\nWhere the time went:\n{(cfg.run_dir / 'phases.md').read_text()}")
     print(f"results: {cfg.run_dir / 'results.json'}  table: {cfg.run_dir / 'table.md'}  "
-          f"plot: {cfg.run_dir / 'tradeoff.png'}")
+          f"plot: {cfg.run_dir / 'tradeoff.png'}  phases: {cfg.run_dir / 'phases.md'}")
     return 0
 
 
@@ -425,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dkvb", description="Low-compute class unlearning with discrete "
                                      "key-value bottlenecks.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details; show tracebacks")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch/faiss (default: $DKVB_THREADS, else the cores free to this "
+                             "process: its affinity mask minus the current load)")
     verbose = argparse.ArgumentParser(add_help=False)  # -v after the command too, without overriding one before
     verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                          help="log progress details; show tracebacks")
@@ -440,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     try:
+        set_threads(args.threads)
         return args.func(args)
     except Exception as e:  # one line naming the file or field; the traceback with -v
         if args.verbose:

@@ -70,11 +70,27 @@ def metrics_from_logits(
     *, seed: int = 0,
 ) -> dict[str, float]:
     """:func:`evaluate` on precomputed logits (lets one model's logits serve many forget requests)."""
+    return {**accuracies_from_logits(tr_logits, te_logits, train, test, forget_classes),
+            "mia": mia_from_logits(tr_logits, te_logits, train, test, forget_classes, seed=seed)}
+
+
+def accuracies_from_logits(
+    tr_logits: Tensor, te_logits: Tensor, train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
+) -> dict[str, float]:
+    """Accuracy on forget/retain x train/test from precomputed logits."""
     f_tr, f_te = train.class_mask(forget_classes), test.class_mask(forget_classes)
     return {
         "forget_train_acc": accuracy(tr_logits[f_tr], train.y[f_tr]),
         "forget_test_acc": accuracy(te_logits[f_te], test.y[f_te]),
         "retain_train_acc": accuracy(tr_logits[~f_tr], train.y[~f_tr]),
         "retain_test_acc": accuracy(te_logits[~f_te], test.y[~f_te]),
-        "mia": membership_attack(tr_logits[~f_tr], te_logits[~f_te], tr_logits[f_tr], seed=seed),
     }
+
+
+def mia_from_logits(
+    tr_logits: Tensor, te_logits: Tensor, train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
+    *, seed: int = 0,
+) -> float:
+    """:func:`membership_attack` (retain-train vs retain-test, applied to forget-train) from precomputed logits."""
+    f_tr, f_te = train.class_mask(forget_classes), test.class_mask(forget_classes)
+    return membership_attack(tr_logits[~f_tr], te_logits[~f_te], tr_logits[f_tr], seed=seed)

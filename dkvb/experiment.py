@@ -19,10 +19,12 @@ from tqdm.auto import tqdm
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
 from .flops import count_images, encoder_flops_per_image
-from .evaluate import METRICS, accuracy, evaluate, metrics_from_logits, predict_logits
-from .io import atomic_write_json
+from .bottleneck import Candidates
+from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
+from .io import atomic_write_json, atomic_write_text
 from .models import build_model
 from .store import StoreError, load_model, save_model
+from .timing import PhaseTimer
 from .train import DivergenceError, fit
 from .verify import ProbeConfig, probe_relearning
 from .unlearn import UNLEARNERS, ForgetRequest, create_unlearner
@@ -58,8 +60,9 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
 def train_models(
     cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
     force: bool = False,
+    timer: PhaseTimer | None = None,
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
-    """Train (or load from ``<run_dir>/models``) the models the methods act on.
+    """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
     Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
     that serves deletion requests is not replaced unless ``force`` (see :func:`dkvb.store.save_model`).
@@ -67,6 +70,7 @@ def train_models(
     from .flops import FlopCounter
 
     kinds = kinds or needed_models(cfg)
+    timer = timer or PhaseTimer()
     out: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     for kind in sorted(kinds):
         path = cfg.run_dir / "models" / kind
@@ -83,17 +87,23 @@ def train_models(
         if kind == "sharded":
             from .unlearn.sharding import train_sharded
 
-            model = train_sharded({"kind": "linear"}, train, cfg.linear_train,
-                                  seed=cfg.seed, flops=counter, **cfg.sharded)
+            with timer.track("train", kind):
+                model = train_sharded({"kind": "linear"}, train, cfg.linear_train,
+                                      seed=cfg.seed, flops=counter, **cfg.sharded)
         else:
             model = build_model(cfg.model if kind == "dkvb" else {"kind": "linear"}, train.dim, train.num_classes,
                                 seed=cfg.seed)
-            fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter, progress=progress,
-                desc=f"train {kind}")
+            with timer.track("k-means", kind):
+                model.prepare(train.x)
+            start = time.perf_counter()
+            with timer.track("train", kind):
+                fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
+                    progress=progress, desc=f"train {kind}")
         info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total}
         if kind == "dkvb":
             start = time.perf_counter()
-            model.compute_activation_counts(train.x, train.y)
+            with timer.track("activation counts", kind):
+                model.compute_activation_counts(train.x, train.y)
             info["count_seconds"] = time.perf_counter() - start
         save_model(model, path, class_names=list(train.class_names), encoder=cfg.encoder.name,
                    extra={"fingerprint": _fingerprint(cfg), "train_info": info}, force=force)
@@ -161,9 +171,26 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             log.info("resuming: %d results already in %s", len(records), results_path)
     done = {(r["method"], r["model"], tuple(r["forget_class_ids"])) for r in records}
 
-    train, test = load_embeddings(cfg, progress=progress)
-    models = train_models(cfg, train, progress=progress, force=force)
-    logits = {k: (predict_logits(m, train.x), predict_logits(m, test.x)) for k, (m, _) in models.items()}
+    timer = PhaseTimer()
+    with timer.track("embed (or load the cache)"):
+        train, test = load_embeddings(cfg, progress=progress)
+    models = train_models(cfg, train, progress=progress, force=force, timer=timer)
+    # A DKVB's nearest keys are searched once; every masked copy of it picks from these candidates.
+    candidates: dict[str, tuple[Candidates, Candidates]] = {}
+    with timer.track("nearest-key candidates", "dkvb"):
+        for kind, (m, _) in models.items():
+            if hasattr(m, "bottleneck"):
+                candidates[kind] = (m.bottleneck.candidates(train.x), m.bottleneck.candidates(test.x))
+
+    def predict(model: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train, test) logits, from the kept candidates when ``model`` shares the original's keys."""
+        original = models[kind][0]
+        if kind in candidates and model.bottleneck.keys.data_ptr() == original.bottleneck.keys.data_ptr():
+            return model.predict_from(train.x, candidates[kind][0]), model.predict_from(test.x, candidates[kind][1])
+        return predict_logits(model, train.x), predict_logits(model, test.x)
+
+    with timer.track("evaluate", "original"):
+        logits = {k: predict(m, k) for k, (m, _) in models.items()}
     runs = list(expand_methods(cfg))
     requests = forget_requests(cfg, train.class_names)
     base = {"dataset": cfg.dataset.name, "encoder": cfg.encoder.name, "seed": cfg.seed}
@@ -180,6 +207,18 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         forget = test.class_mask(list(classes))  # the original's forget-test accuracy, from its cached logits
         original = accuracy(logits[kind][1][forget], test.y[forget])
         return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
+
+    def measure(model: nn.Module, kind: str, label: str, classes: tuple[int, ...],
+                given: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
+        """Accuracies, MIA and relearning probe of ``model``, each phase timed under ``label``."""
+        with timer.track("evaluate", label):
+            tr, te = given if given is not None else predict(model, kind)
+            metrics = accuracies_from_logits(tr, te, train, test, classes)
+        with timer.track("MIA", label):
+            metrics["mia"] = mia_from_logits(tr, te, train, test, classes, seed=cfg.seed)
+        with timer.track("relearning probe", label):
+            metrics.update(relearn(model, kind, classes))
+        return metrics
 
     per_image = encoder_flops_per_image(cfg.encoder.name, cfg.encoder.image_size)
 
@@ -199,9 +238,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             bar.update()
             if ("original", kind, classes) in done:
                 continue
-            metrics = metrics_from_logits(*logits[kind], train, test, classes, seed=cfg.seed)
-            metrics.update(relearn(model, kind, classes))
-            add("original", kind, classes, metrics, 0, 0.0, {}, info)
+            add("original", kind, classes, measure(model, kind, f"original {kind}", classes, logits[kind]), 0, 0.0,
+                {}, info)
         request = ForgetRequest(classes, train, seed=cfg.seed)
         for label, method, params in runs:
             bar.update()
@@ -210,22 +248,23 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                 continue
             bar.set_postfix_str(f"{label} on {names}")
             try:
-                with count_images() as tally:
+                with count_images() as tally, timer.track("unlearn", label):
                     report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
             except (ValueError, DivergenceError) as e:  # e.g. a mask that empties a codebook, a NaN loss
                 log.warning("%s on %s failed: %s", label, names, e)
                 add(label, kind, classes, {m: float("nan") for m in METRICS}, float("nan"), float("nan"),
                     dict(params), {}, float("nan"), error=str(e))
                 continue
-            metrics = metrics_from_logits(predict_logits(report.model, train.x), predict_logits(report.model, test.x),
-                                          train, test, classes, seed=cfg.seed)
-            metrics.update(relearn(report.model, kind, classes))
+            metrics = measure(report.model, kind, label, classes)
             add(label, kind, classes, metrics, report.flops, report.seconds, report.params, _json_safe(report.details),
                 tally.images)
         save()
     bar.close()
     save()
-    write_report(records, run_dir, title=cfg.name)
+    with timer.track("report"):
+        write_report(records, run_dir, title=cfg.name)
+    atomic_write_json(run_dir / "phases.json", {"rows": timer.rows()})
+    atomic_write_text(run_dir / "phases.md", timer.table() + "\n")
     return records
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .bottleneck import DiscreteKeyValueBottleneck
+from .bottleneck import Candidates, DiscreteKeyValueBottleneck
 from .data import check_embeddings
 
 
@@ -113,6 +113,13 @@ class DKVBClassifier(nn.Module):
     def decode(self, indices: Tensor) -> Tensor:
         """Logits from selected key indices (N, C, topk): lets a caller reuse one lookup."""
         return self.decoder(self.bottleneck.pool(self.bottleneck.flat_indices(indices)))
+
+    @torch.no_grad()
+    def predict_from(self, x: Tensor, cands: Candidates) -> Tensor:
+        """Logits of ``x`` from candidates kept by ``bottleneck.candidates(x)`` (on this model or
+        one sharing its keys): no fresh search unless the mask leaves a row without candidates."""
+        self.eval()
+        return self.decode(self.bottleneck.select(x, cands))
 
     @torch.no_grad()
     def compute_activation_counts(self, x: Tensor, y: Tensor, *, indices: Tensor | None = None) -> Tensor:

@@ -75,21 +75,31 @@ def relearn_steps(model: nn.Module, probe: EmbeddingSet, forget_test: EmbeddingS
                   lr: float, max_steps: int) -> float:
     """SGD steps on ``probe`` until forget-test accuracy >= ``target_acc`` (0 if already; ``inf`` if
     not within ``max_steps``). Fine-tunes a copy's trainable parameters; buffers such as the key
-    mask are left as they are."""
+    mask are left as they are, so a DKVB's keys are looked up once for the whole probe."""
     if len(probe) == 0 or len(forget_test) == 0:
         return float("nan")
     m = copy.deepcopy(model)
     params = m.trainable_parameters() if hasattr(m, "trainable_parameters") else list(m.parameters())
     opt = torch.optim.SGD(params, lr=lr)
-    if accuracy(predict_logits(m, forget_test.x), forget_test.y) >= target_acc:
+    if hasattr(m, "bottleneck"):  # keys and mask are fixed during the probe: search once
+        probe_in, test_in, forward = m.bottleneck.lookup(probe.x), m.bottleneck.lookup(forget_test.x), m.decode
+    else:
+        probe_in, test_in, forward = probe.x, forget_test.x, m
+
+    def reached() -> bool:
+        m.eval()
+        with torch.no_grad():
+            return accuracy(forward(test_in), forget_test.y) >= target_acc
+
+    if reached():
         return 0.0
     for step in range(1, max_steps + 1):
         m.train()
-        loss = F.cross_entropy(m(probe.x), probe.y)
+        loss = F.cross_entropy(forward(probe_in), probe.y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if accuracy(predict_logits(m, forget_test.x), forget_test.y) >= target_acc:
+        if reached():
             return float(step)
     return math.inf
 

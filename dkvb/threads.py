@@ -1,0 +1,62 @@
+"""How many CPU threads torch, faiss and numba use: the cores actually free to this process.
+
+torch defaults to one thread per core it can see. On a shared machine (a laptop with other
+jobs, a CI runner) that oversubscribes the cores and every op runs several times slower, so
+the default here is the cores in this process's affinity mask (``os.sched_getaffinity``)
+minus the load other processes already put on them (the 1-minute load average), at least 1.
+``DKVB_THREADS`` or ``--threads`` override it. DataLoader workers get one thread each
+(:func:`worker_init`).
+"""
+from __future__ import annotations
+
+import os
+
+ENV = "DKVB_THREADS"
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``$DKVB_THREADS`` if set, else the available cores minus the current load, at least 1."""
+    env = os.environ.get(ENV)
+    if env:
+        n = int(env) if env.strip().isdigit() else 0
+        if n < 1:
+            raise ValueError(f"{ENV}: must be a positive integer, got {env!r}")
+        return n
+    cores = available_cores()
+    try:
+        busy = int(os.getloadavg()[0] + 0.5)
+    except OSError:
+        busy = 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_threads(n: int | None = None) -> int:
+    """Use ``n`` threads (default :func:`default_threads`) in torch, faiss and numba; returns ``n``."""
+    import torch
+
+    n = default_threads() if n is None else n
+    if n < 1:
+        raise ValueError(f"threads: must be >= 1, got {n}")
+    torch.set_num_threads(n)
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    return n
+
+
+def worker_init(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: one torch thread per worker process."""
+    import torch
+
+    torch.set_num_threads(1)
