@@ -26,6 +26,9 @@ class TrainConfig:
         batch_size: embeddings per step.
         weight_decay: Adam weight decay (decoupled, on the rows a step touches, for DKVB values).
         label_smoothing: cross-entropy label smoothing (0 = none).
+        value_init: how DKVB values start (mean decoder only): ``"zeros"``, or ``"counts"``: each
+            key's value is the log of its smoothed class frequencies on the training data (a
+            naive-Bayes start that training then refines; helps most on small data).
         seed: seeds the shuffling (and nothing else: keys are seeded by the model).
     """
 
@@ -34,6 +37,7 @@ class TrainConfig:
     batch_size: int = 256
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
+    value_init: str = "zeros"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,6 +49,8 @@ class TrainConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.value_init not in ("zeros", "counts"):
+            raise ValueError(f"value_init must be 'zeros' or 'counts', got {self.value_init!r}")
 
 
 class DivergenceError(RuntimeError):
@@ -117,6 +123,15 @@ def fit_values(
     """
     b = model.bottleneck
     flat = b.flat_indices(b.lookup(data.x))
+    if config.value_init == "counts":
+        if model.decoder.__class__.__name__ != "MeanDecoder":
+            raise ValueError("value_init='counts' needs the mean decoder (values are class scores)")
+        counts = torch.zeros(b.num_codebooks * b.codebook_size, b.value_dim)
+        counts.index_put_((flat.flatten(), data.y.repeat_interleave(flat.shape[1])), torch.ones(flat.numel()),
+                          accumulate=True)
+        smoothed = (counts + 1.0) / (counts.sum(1, keepdim=True) + b.value_dim)
+        with torch.no_grad():
+            b.values.copy_(smoothed.log().view_as(b.values))
     if flops is not None:
         from .unlearn.masking import lookup_flops
 
