@@ -81,7 +81,7 @@ def train_models(
             pass
         counter, start = FlopCounter(), time.perf_counter()
         if kind == "sharded":
-            from .unlearn.sharding import train_sharded
+            from .shards import train_sharded
 
             model = train_sharded({"kind": "linear"}, train, cfg.linear_train,
                                   seed=cfg.seed, flops=counter, **cfg.sharded)
