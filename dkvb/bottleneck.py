@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import check_embeddings
+from .validate import require, require_choice
 
 SearchBackend = Literal["torch", "faiss"]
 Projection = Literal["random", "pca", "whitened"]
@@ -91,14 +92,10 @@ class DiscreteKeyValueBottleneck(nn.Module):
         for name, v in dict(dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size,
                             key_dim=key_dim, value_dim=value_dim, topk=topk, whiten_dim=whiten_dim,
                             chunk_rows=chunk_rows or 1).items():
-            if int(v) < 1:
-                raise ValueError(f"DiscreteKeyValueBottleneck: {name} must be >= 1, got {v}")
-        if topk > codebook_size:
-            raise ValueError(f"DiscreteKeyValueBottleneck: topk must be <= codebook_size={codebook_size}, got {topk}")
-        if projection not in PROJECTIONS:
-            raise ValueError(f"DiscreteKeyValueBottleneck: projection must be one of {PROJECTIONS}, got {projection!r}")
-        if search not in ("torch", "faiss"):
-            raise ValueError(f"DiscreteKeyValueBottleneck: search must be 'torch' or 'faiss', got {search!r}")
+            require(int(v) >= 1, "DiscreteKeyValueBottleneck", name, ">= 1", v)
+        require(topk <= codebook_size, "DiscreteKeyValueBottleneck", "topk", f"<= codebook_size={codebook_size}", topk)
+        require_choice("DiscreteKeyValueBottleneck", "projection", projection, PROJECTIONS)
+        require_choice("DiscreteKeyValueBottleneck", "search", search, ("torch", "faiss"))
         self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
         self.key_dim, self.value_dim, self.topk = key_dim, value_dim, topk
         self.projection_kind, self.whiten_dim = projection, min(whiten_dim, dim)

@@ -15,6 +15,7 @@ import yaml
 
 from .models import ModelConfig
 from .train import TrainConfig
+from .validate import invalid, require
 
 
 @dataclass
@@ -125,7 +126,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
     if isinstance(data, cls):
         return data
     if not isinstance(data, dict):
-        raise ValueError(f"config field {path or '<root>'} must be a mapping, got {type(data).__name__}")
+        raise invalid("config", path.rstrip(".") or "<root>", "a mapping", data)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -136,7 +137,7 @@ def _build(cls: type, data: Any, path: str) -> Any:
         sub = _NESTED.get((cls, key))
         if sub is list:
             if not isinstance(value, list):
-                raise ValueError(f"config: {path}{key} must be a list, got {value!r}")
+                raise invalid("config", f"{path}{key}", "a list", value)
             kwargs[key] = [_method(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
         elif sub is not None:
             kwargs[key] = _build(sub, value, f"{path}{key}.")
@@ -155,8 +156,8 @@ def check_type(value: Any, hint: Any, where: str) -> Any:
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
 
-    def bad(rule: str, hint_text: str = "") -> ValueError:
-        return ValueError(f"config: {where} must be {rule}, got {value!r}{hint_text}")
+    def bad(rule: str, note: str = "") -> ValueError:
+        return invalid("config", where, rule, value, note)
 
     if hint is Any:
         return value
@@ -201,8 +202,8 @@ def _rule(hint: Any) -> str:
 def check_run_name(name: str) -> str:
     """A run name must be one folder name (it becomes ``<output_dir>/<name>``): no path separators,
     not ``.`` or ``..``, at most 100 characters."""
-    if not name or "/" in name or "\\" in name or "\0" in name or name in (".", "..") or len(name.encode()) > 100:
-        raise ValueError(f"config: name must be one folder name of at most 100 bytes without '/', got {name!r}")
+    ok = bool(name) and not any(c in name for c in "/\\\0") and name not in (".", "..") and len(name.encode()) <= 100
+    require(ok, "config", "name", "one folder name of at most 100 bytes without '/'", name)
     return name
 
 
@@ -265,7 +266,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     check_run_name(config.name)
     prefix, colon, arg = config.dataset.name.partition(":")
     if prefix == "imagefolder" and not arg.strip():
-        raise ValueError(f"config: dataset.name must be 'imagefolder:<path>' with a folder, got {config.dataset.name!r}")
+        raise invalid("config", "dataset.name", "'imagefolder:<path>' with a folder", config.dataset.name)
     return config
 
 

@@ -85,7 +85,7 @@ def train_models(
             pass
         counter, start = FlopCounter(), time.perf_counter()
         if kind == "sharded":
-            from .unlearn.sharding import train_sharded
+            from .shards import train_sharded
 
             with timer.track("train", kind):
                 model = train_sharded({"kind": "linear"}, train, cfg.linear_train,

@@ -137,6 +137,29 @@ def train_step_flops(module: nn.Module, x: Tensor) -> int:
     return (1 + BACKWARD_FACTOR) * forward_flops(module, x)
 
 
+class _Lookup(nn.Module):
+    """A DKVB classifier's nearest-key search as a module, so fvcore can trace and count it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.bottleneck = model.bottleneck
+        self.config = ("lookup", model.config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bottleneck.lookup(x)
+
+
+def lookup_flops(model: nn.Module, num_rows: int, *, batch_size: int = 8192) -> int:
+    """fvcore FLOPs of looking up ``num_rows`` embeddings in a DKVB classifier ``model``'s
+    bottleneck, in batches of ``batch_size`` (training and both DKVB unlearners count it)."""
+    full, rest = divmod(num_rows, batch_size)
+    probe = _Lookup(model)
+    total = full * forward_flops(probe, torch.zeros(batch_size, model.input_dim)) if full else 0
+    if rest:
+        total += forward_flops(probe, torch.zeros(rest, model.input_dim))
+    return total
+
+
 @dataclass
 class ImageTally:
     """How many images' embeddings the passes inside a :func:`count_images` block consumed."""

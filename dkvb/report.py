@@ -217,29 +217,35 @@ def flops_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> No
     save_figure(fig, path)
 
 
-def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "") -> str:
-    """Write ``table.md`` and the plots (``tradeoff.png``, ``accuracy_vs_flops.png``,
-    ``forget_vs_examples.png`` against N_E and ``forget_vs_keys.png`` against N_A, when swept)
-    into ``run_dir``; returns the main table."""
+def results_page(records: list[dict[str, Any]], *, title: str = "") -> str:
+    """The markdown page of a run's records: headline, the full per-method table, the paper's
+    layout and the failed runs (a run's ``table.md``, and the pages under ``docs/results/``)."""
     rows = summarize(records)
-    table = markdown_table(rows)
     errors = sorted({f"- `{r['method']}` on {r['forget_classes']}: {r['error']}" for r in records if "error" in r})
     failed = "\n## Failed runs\n\n" + "\n".join(errors) + "\n" if errors else ""
     ref = sorted({f"`{r['method']}`" for r in reference_runs(records)})
-    atomic_write_text(run_dir / "table.md", f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
-                      f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
-                      f"probe (compare with retrain). FLOPs ÷ DKVB divides by the mean FLOPs of "
-                      f"{', '.join(ref) or 'no DKVB run'} in the same accounting: on cached embeddings, or from "
-                      f"images (plus the encoder passes a method needs without an embedding cache; docs/flops.md)."
-                      f"\n\n{headline(rows)}\n{table}\n## As in the paper's tables\n\n"
-                      f"{paper_table(rows)}{failed}")
+    return (f"# {title}\n\nMeans over {max(r['requests'] for r in rows)} forget "
+            f"requests; accuracies and MIA in %; relearn steps = median SGD steps of the relearning "
+            f"probe (compare with retrain). FLOPs ÷ DKVB divides by the mean FLOPs of "
+            f"{', '.join(ref) or 'no DKVB run'} in the same accounting: on cached embeddings, or from "
+            f"images (plus the encoder passes a method needs without an embedding cache; docs/flops.md)."
+            f"\n\n{headline(rows)}\n{markdown_table(rows)}\n## As in the paper's tables\n\n"
+            f"{paper_table(rows)}{failed}")
+
+
+def write_report(records: list[dict[str, Any]], run_dir: Path, *, title: str = "") -> str:
+    """Write ``table.md`` (:func:`results_page`) and the plots (``tradeoff.png``,
+    ``accuracy_vs_flops.png``, ``forget_vs_examples.png`` against N_E and ``forget_vs_keys.png``
+    against N_A, when swept) into ``run_dir``; returns the main table."""
+    rows = summarize(records)
+    atomic_write_text(run_dir / "table.md", results_page(records, title=title))
     tradeoff_plot(rows, run_dir / "tradeoff.png", title=title)
     flops_plot(rows, run_dir / "accuracy_vs_flops.png", title=title)
     sweep_plot(records, "dkvb-examples", "num_examples", run_dir / "forget_vs_examples.png", title=title,
                xlabel="unlearning examples N_E (log)")
     sweep_plot(records, "dkvb-activations", "num_keys", run_dir / "forget_vs_keys.png", title=title,
                xlabel="masked keys N_A (log)", panel_by="scope")
-    return table
+    return markdown_table(rows)
 
 
 def _mean(values: Iterable[float]) -> float:

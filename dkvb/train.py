@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .data import EmbeddingSet
-from .flops import BACKWARD_FACTOR, FlopCounter
+from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
+from .validate import require, require_choice
 
 
 @dataclass
@@ -41,20 +42,24 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.epochs < 0:
-            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.value_init not in ("zeros", "counts"):
-            raise ValueError(f"value_init must be 'zeros' or 'counts', got {self.value_init!r}")
+        require(self.epochs >= 0, "TrainConfig", "epochs", ">= 0", self.epochs)
+        require(self.lr > 0, "TrainConfig", "lr", "> 0", self.lr)
+        require(self.batch_size >= 1, "TrainConfig", "batch_size", ">= 1", self.batch_size)
+        require(0 <= self.label_smoothing < 1, "TrainConfig", "label_smoothing", "in [0, 1)", self.label_smoothing)
+        require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts"))
 
 
 class DivergenceError(RuntimeError):
     """A loss became NaN or infinite; the model being trained must be discarded."""
+
+
+def check_parameters(model: nn.Module, method: str, step: int) -> None:
+    """DivergenceError naming ``method`` unless every trainable parameter of ``model`` is finite."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.trainable_parameters()):
+        raise DivergenceError(
+            f"{method}: parameters became NaN/inf by step {step} — unlearning diverged (try a smaller lr); "
+            "the input model is unchanged"
+        )
 
 
 def batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[Tensor]:
@@ -133,8 +138,6 @@ def fit_values(
         with torch.no_grad():
             b.values.copy_(smoothed.log().view_as(b.values))
     if flops is not None:
-        from .unlearn.masking import lookup_flops
-
         flops.add(lookup_flops(model, len(data)))
     values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay)
     dense = list(model.decoder.parameters())

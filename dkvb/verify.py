@@ -34,6 +34,7 @@ from torch import nn
 
 from .data import EmbeddingSet
 from .evaluate import accuracy, evaluate, predict_logits
+from .validate import require
 
 VERIFY_COLUMNS = (
     "forget_train_acc", "forget_test_acc", "retain_test_acc", "mia", "mia_retrain",
@@ -61,14 +62,10 @@ class ProbeConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.examples < 1:
-            raise ValueError(f"examples must be >= 1, got {self.examples}")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
-        if not 0 < self.target <= 1:
-            raise ValueError(f"target must be in (0, 1], got {self.target}")
+        require(self.examples >= 1, "ProbeConfig", "examples", ">= 1", self.examples)
+        require(self.lr > 0, "ProbeConfig", "lr", "> 0", self.lr)
+        require(self.max_steps >= 1, "ProbeConfig", "max_steps", ">= 1", self.max_steps)
+        require(0 < self.target <= 1, "ProbeConfig", "target", "in (0, 1]", self.target)
 
 
 def relearn_steps(model: nn.Module, probe: EmbeddingSet, forget_test: EmbeddingSet, target_acc: float, *,

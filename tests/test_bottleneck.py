@@ -97,11 +97,16 @@ def test_activation_counts_sum_to_number_of_lookups():
     assert torch.equal(counts.sum((1, 2)), torch.tensor([30 * 6 * 2] * 3))
 
 
-@pytest.mark.parametrize("bad", [dict(num_codebooks=0), dict(topk=30), dict(projection="learned"), dict(search="x")])
-def test_invalid_arguments_are_rejected(bad):
+@pytest.mark.parametrize("bad, rule", [
+    (dict(num_codebooks=0), ">= 1"), (dict(topk=30), "<= codebook_size=20"),
+    (dict(projection="learned"), "one of 'random', 'pca', 'whitened'"), (dict(search="x"), "one of 'torch', 'faiss'"),
+])
+def test_invalid_arguments_are_rejected(bad, rule):
     kw = dict(dim=16, num_codebooks=4, codebook_size=20, value_dim=3) | bad
-    with pytest.raises(ValueError):
+    (name, value), = bad.items()
+    with pytest.raises(ValueError) as info:
         DiscreteKeyValueBottleneck(**kw)
+    assert str(info.value) == f"DiscreteKeyValueBottleneck: {name} must be {rule}, got {value!r}"
 
 
 def test_bad_input_is_rejected_with_clear_errors():

@@ -6,9 +6,10 @@ import torch
 
 from dkvb import ForgetRequest, TrainConfig, build_model, create_unlearner, evaluate
 from dkvb.flops import FlopCounter
+from dkvb.models import ShardedEnsemble
+from dkvb.shards import train_sharded
 from dkvb.store import load_model, save_model
 from dkvb.train import DivergenceError
-from dkvb.unlearn.sharding import ShardedEnsemble, train_sharded
 
 RECIPE = TrainConfig(epochs=8, lr=1e-2)
 STEP = 3 * 32 * 5  # FLOPs of one example's forward + backward through a 32 -> 5 linear head
@@ -114,7 +115,7 @@ def test_bad_inputs_raise(clusters, by_class, trained_linear):
 def test_divergent_retraining_raises_and_leaves_the_ensemble_unchanged(clusters, by_class):
     train, _ = clusters
     broken = copy.deepcopy(by_class)
-    broken.train_config = TrainConfig(epochs=1, lr=float("inf"))
+    broken.train_config = {**broken.train_config, "epochs": 1, "lr": float("inf")}
     before = shard_states(broken)
     with pytest.raises(DivergenceError, match="sharded"):
         create_unlearner("sharded").unlearn(broken, ForgetRequest((1,), train))

@@ -66,9 +66,9 @@ def test_probe_edge_cases(original, unlearned, clusters):
     assert relearn_steps(original, few, forget_test, 0.5, lr=1.0, max_steps=5) == 0  # never forgot
     assert relearn_steps(unlearned, few, forget_test, 0.99, lr=1e-9, max_steps=3) == math.inf
     assert math.isnan(relearn_steps(unlearned, few.subset(slice(0, 0)), forget_test, 0.5, lr=1.0, max_steps=3))
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match=r"^ProbeConfig: lr must be > 0, got 0$"):
         ProbeConfig(lr=0)
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match=r"^ProbeConfig: target must be in \(0, 1\], got 1.5$"):
         ProbeConfig(target=1.5)
 
 

@@ -21,10 +21,11 @@ from typing import Any, Literal
 import torch
 
 from ..data import EmbeddingSet
-from ..flops import note_images
+from ..flops import lookup_flops, note_images
 from ..models import DKVBClassifier
-from .base import ForgetRequest, Unlearner, check_range, register
-from .masking import lookup_flops, mask_summary, masked_copy
+from ..validate import require, require_choice, require_count
+from .base import ForgetRequest, Unlearner, register
+from .masking import mask_summary, masked_copy
 
 
 @register("dkvb-activations")
@@ -68,18 +69,15 @@ class UnlearnViaActivations(Unlearner):
     model_kind = "dkvb"
 
     def __post_init__(self) -> None:
-        if self.rule not in ("share", "paper"):
-            raise ValueError(f"rule must be 'share' or 'paper', got {self.rule!r}")
-        if self.scope not in ("codebook", "all"):
-            raise ValueError(f"scope must be 'codebook' or 'all', got {self.scope!r}")
-        if self.rule == "paper" and self.min_share is not None:
-            raise ValueError("min_share is the 'share' rule's filter; rule='paper' has none")
-        if self.num_keys is not None and self.num_keys < 1:
-            raise ValueError(f"num_keys must be >= 1 or None, got {self.num_keys}")
+        require_choice(self.name, "rule", self.rule, ("share", "paper"))
+        require_choice(self.name, "scope", self.scope, ("codebook", "all"))
+        require(self.rule == "share" or self.min_share is None, self.name, "min_share",
+                "None with rule='paper' (the share filter is the 'share' rule's; 'paper' has none)", self.min_share)
+        if self.num_keys is not None:
+            require_count(self.name, "num_keys", self.num_keys)
         if self.min_share is not None:
-            check_range("min_share", self.min_share, 0.0, 1.0)
-        if self.min_count < 1:
-            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+            require(0 <= self.min_share <= 1, self.name, "min_share", "in [0, 1]", self.min_share)
+        require_count(self.name, "min_count", self.min_count)
 
     def _unlearn(self, model: DKVBClassifier, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         flops, cached = 0, self.use_cached_counts and model.activation_counts.numel() > 0

@@ -128,8 +128,3 @@ def create_unlearner(name: str, **params: Any) -> Unlearner:
         raise ValueError(f"{name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
     return cls(**params)
 
-
-def check_range(name: str, value: float, low: float, high: float) -> None:
-    """ValueError unless ``low <= value <= high`` (hyperparameter validation for subclasses)."""
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")

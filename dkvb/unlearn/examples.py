@@ -10,10 +10,11 @@ from typing import Any
 
 import torch
 
-from ..flops import note_images
+from ..flops import lookup_flops, note_images
 from ..models import DKVBClassifier
+from ..validate import require_count
 from .base import ForgetRequest, Unlearner, register
-from .masking import check_selectable, lookup_flops, mask_summary, masked_copy
+from .masking import check_selectable, mask_summary, masked_copy
 
 
 @register("dkvb-examples")
@@ -36,10 +37,9 @@ class UnlearnViaExamples(Unlearner):
     model_kind = "dkvb"
 
     def __post_init__(self) -> None:
-        if self.num_examples is not None and self.num_examples < 1:
-            raise ValueError(f"num_examples must be >= 1 or None, got {self.num_examples}")
-        if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+        if self.num_examples is not None:
+            require_count(self.name, "num_examples", self.num_examples)
+        require_count(self.name, "rounds", self.rounds)
 
     def _unlearn(self, model: DKVBClassifier, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         forget = request.forget

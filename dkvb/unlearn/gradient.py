@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from ..data import EmbeddingSet
 from ..flops import FlopCounter
-from ..train import DivergenceError, batches
+from ..train import DivergenceError, batches, check_parameters
+from ..validate import require, require_choice, require_count
 from .base import Unlearner
 
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
@@ -53,15 +54,6 @@ def check_finite(loss: Tensor, method: str, step: int, *, what: str = "loss") ->
     if not bool(torch.isfinite(loss)):
         raise DivergenceError(
             f"{method}: {what} became {loss.item()} at step {step} — unlearning diverged (try a smaller lr); "
-            "the input model is unchanged"
-        )
-
-
-def check_parameters(model: nn.Module, method: str, step: int) -> None:
-    """DivergenceError naming ``method`` unless every trainable parameter of ``model`` is finite."""
-    if not all(bool(torch.isfinite(p).all()) for p in model.trainable_parameters()):
-        raise DivergenceError(
-            f"{method}: parameters became NaN/inf by step {step} — unlearning diverged (try a smaller lr); "
             "the input model is unchanged"
         )
 
@@ -227,7 +219,7 @@ class GradientUnlearner(Unlearner):
     def __post_init__(self) -> None:
         require_count(self.name, "epochs", self.epochs)
         require(self.lr > 0, self.name, "lr", "> 0", self.lr)
-        require(self.optimizer in OPTIMIZERS, self.name, "optimizer", f"one of {sorted(OPTIMIZERS)}", self.optimizer)
+        require_choice(self.name, "optimizer", self.optimizer, OPTIMIZERS)
         require(0 <= self.momentum < 1, self.name, "momentum", "in [0, 1)", self.momentum)
         require(self.weight_decay >= 0, self.name, "weight_decay", ">= 0", self.weight_decay)
         require_count(self.name, "batch_size", self.batch_size)
@@ -237,18 +229,3 @@ class GradientUnlearner(Unlearner):
         """A :class:`GradientLoop` over ``model`` with this method's optimiser settings."""
         return GradientLoop(model, self.name, optimizer=self.optimizer, lr=self.lr, momentum=self.momentum,
                             weight_decay=self.weight_decay, mask=mask, flops=flops)
-
-
-def require(ok: bool, method: str, field: str, expected: str, value: object) -> None:
-    """Hyperparameter validation: ``ValueError("<method>: <field> must be <expected>, got <value>")``.
-
-    Comparisons with NaN are false, so ``require(x > 0, ...)`` also rejects a NaN ``x``.
-    """
-    if not ok:
-        raise ValueError(f"{method}: {field} must be {expected}, got {value!r}")
-
-
-def require_count(method: str, field: str, value: object, low: int = 1) -> None:
-    """ValueError unless ``value`` is an integer (not a bool) ``>= low``."""
-    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-    require(ok, method, field, f"an integer >= {low}", value)

@@ -1,12 +1,11 @@
-"""Shared by both DKVB unlearners: copy a model with more keys masked, and count lookup FLOPs."""
+"""Shared by both DKVB unlearners: copy a model with more keys masked, and describe a mask."""
 from __future__ import annotations
 
 import copy
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from ..flops import forward_flops
 from ..models import DKVBClassifier
 
 
@@ -40,28 +39,6 @@ def check_selectable(mask: Tensor, topk: int = 1) -> None:
             "(every key masked): the model could no longer "
             "predict anything; forget fewer classes, use fewer examples/rounds, or a larger codebook_size"
         )
-
-
-class _Lookup(nn.Module):
-    """Nearest-key search as a module, so fvcore can trace and count it."""
-
-    def __init__(self, model: DKVBClassifier) -> None:
-        super().__init__()
-        self.bottleneck = model.bottleneck
-        self.config = ("lookup", model.config)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.bottleneck.lookup(x)
-
-
-def lookup_flops(model: DKVBClassifier, num_rows: int, *, batch_size: int = 8192) -> int:
-    """fvcore FLOPs of looking up ``num_rows`` embeddings in batches of ``batch_size``."""
-    full, rest = divmod(num_rows, batch_size)
-    probe = _Lookup(model)
-    total = full * forward_flops(probe, torch.zeros(batch_size, model.input_dim)) if full else 0
-    if rest:
-        total += forward_flops(probe, torch.zeros(rest, model.input_dim))
-    return total
 
 
 def mask_summary(mask: Tensor) -> dict[str, object]:

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..validate import require, require_count
 from .base import ForgetRequest, register
-from .gradient import GradientUnlearner, cross_entropy, paired_batches, require, require_count
+from .gradient import GradientUnlearner, cross_entropy, paired_batches
 
 
 @register("neggrad")

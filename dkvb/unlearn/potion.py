@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 
 from ..flops import FlopCounter
+from ..validate import require, require_count
 from .base import ForgetRequest, register
 from .finetune import Finetune
-from .gradient import require, require_count
 from .ssd import dampen, ssd_importances
 
 

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 
 from ..flops import FlopCounter
+from ..validate import require
 from .base import ForgetRequest, register
 from .finetune import Finetune
-from .gradient import accumulate_gradients, require, top_fraction_mask
+from .gradient import accumulate_gradients, top_fraction_mask
 
 
 @register("rbm")

@@ -11,8 +11,9 @@ from torch import nn
 
 from ..flops import FlopCounter
 from ..train import batches
+from ..validate import require
 from .base import ForgetRequest, register
-from .gradient import GradientUnlearner, accumulate_gradients, cross_entropy, mask_details, require, top_fraction_mask
+from .gradient import GradientUnlearner, accumulate_gradients, cross_entropy, mask_details, top_fraction_mask
 
 
 @register("salun")

@@ -16,8 +16,9 @@ from torch import Tensor, nn
 
 from ..flops import FlopCounter
 from ..train import batches
+from ..validate import require, require_count
 from .base import ForgetRequest, register
-from .gradient import GradientUnlearner, require, require_count
+from .gradient import GradientUnlearner
 
 
 def distill_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:

@@ -9,8 +9,9 @@ import torch
 from torch import Tensor, nn
 
 from ..flops import FlopCounter
+from ..validate import require, require_count
 from .base import ForgetRequest, Unlearner, register
-from .gradient import accumulate_gradients, require, require_count
+from .gradient import accumulate_gradients
 
 
 def ssd_importances(model: nn.Module, request: ForgetRequest, *, batch_size: int, flops: FlopCounter,
