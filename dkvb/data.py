@@ -36,6 +36,8 @@ class EmbeddingSet:
             raise ValueError(f"duplicate class names: {dup}")
         if self.x.dtype != torch.float32:
             object.__setattr__(self, "x", self.x.float())
+        if self.x.numel() and not bool(torch.isfinite(self.x).all()):
+            raise ValueError("embeddings contain NaN or inf values")
         if self.y.dtype != torch.int64:
             object.__setattr__(self, "y", self.y.long())
         if len(self.y) and (int(self.y.min()) < 0 or int(self.y.max()) >= len(self.class_names)):
@@ -104,13 +106,17 @@ def resolve_classes(spec: Sequence[int | str] | str, class_names: Sequence[str])
     return tuple(sorted(out))
 
 
-def check_embeddings(x: Tensor, dim: int) -> None:
-    """Reject embeddings a model of input size ``dim`` cannot take, with a message naming the problem."""
+def check_embeddings(x: Tensor, dim: int, *, finite: bool = True) -> None:
+    """Reject embeddings a model of input size ``dim`` cannot take, with a message naming the problem.
+
+    ``finite=False`` skips the NaN/inf scan (a pass over every value) for inputs already checked,
+    such as batches drawn from an :class:`EmbeddingSet`.
+    """
     if x.ndim != 2:
         raise ValueError(f"expected (N, {dim}) embeddings, got shape {tuple(x.shape)}")
     if x.shape[1] != dim:
         raise ValueError(f"wrong embedding size: model expects {dim}, got {x.shape[1]}")
     if not x.is_floating_point():
         raise ValueError(f"embeddings must be a float tensor, got dtype {x.dtype}")
-    if x.numel() and not bool(torch.isfinite(x).all()):
+    if finite and x.numel() and not bool(torch.isfinite(x).all()):
         raise ValueError("embeddings contain NaN or inf values")

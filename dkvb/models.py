@@ -165,7 +165,8 @@ class LinearHead(nn.Module):
         check_embeddings(x, self.input_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_embeddings(x, self.input_dim)
+        # in training the batches come from an EmbeddingSet, checked once when it was built
+        check_embeddings(x, self.input_dim, finite=not self.training)
         return self.fc(x)
 
     def trainable_parameters(self) -> list[nn.Parameter]:

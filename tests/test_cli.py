@@ -97,6 +97,29 @@ def test_rerun_after_a_partial_run_computes_only_the_missing_results(run_dir, di
     assert [(r["method"], r["forget_classes"]) for r in after] == [(r["method"], r["forget_classes"]) for r in full]
 
 
+def test_run_reports_where_the_time_went(run_dir):
+    rows = json.loads((run_dir / "phases.json").read_text())["rows"]
+    phases = {(r["phase"], r["label"]) for r in rows}
+    for phase in ("unlearn", "evaluate", "MIA", "relearning probe"):
+        assert (phase, "retrain") in phases and (phase, "dkvb-activations") in phases
+    assert ("train", "dkvb") in phases and ("k-means", "dkvb") in phases
+    assert "| total (wall) |" in (run_dir / "phases.md").read_text()
+
+
+def test_evaluation_from_candidates_equals_a_fresh_search(run_dir):
+    from dkvb.evaluate import predict_logits
+    from dkvb.store import load_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model = load_model(run_dir / "models" / "dkvb")[0]
+    x = torch.randn(64, model.input_dim)
+    train = dkvb.EmbeddingSet(torch.randn(80, model.input_dim), torch.arange(80) % model.num_classes,
+                              [f"class{i}" for i in range(model.num_classes)])
+    cands = model.bottleneck.candidates(x)
+    masked = create_unlearner("dkvb-examples", num_examples=5).unlearn(model, ForgetRequest((0,), train)).model
+    assert torch.equal(masked.predict_from(x, cands), predict_logits(masked, x))
+
+
 def test_train_evaluate_and_unlearn_commands(run_dir, dirs, capsys):
     assert main(["train", str(CONFIG), *dirs]) == 0
     assert "dkvb     test accuracy" in capsys.readouterr().out

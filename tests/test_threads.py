@@ -1,0 +1,47 @@
+import os
+
+import pytest
+import torch
+
+from dkvb import threads
+from dkvb.timing import PhaseTimer
+
+
+def test_default_threads_follow_the_environment_variable(monkeypatch):
+    monkeypatch.setenv(threads.ENV, "3")
+    assert threads.default_threads() == 3
+    monkeypatch.setenv(threads.ENV, "zero")
+    with pytest.raises(ValueError, match="DKVB_THREADS"):
+        threads.default_threads()
+
+
+def test_default_threads_leave_busy_cores_alone(monkeypatch):
+    monkeypatch.delenv(threads.ENV, raising=False)
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.6, 0.0, 0.0))
+    assert threads.default_threads() == 1  # 4 cores, ~3 busy
+    monkeypatch.setattr(os, "getloadavg", lambda: (9.0, 0.0, 0.0))
+    assert threads.default_threads() == 1  # never below one
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert threads.default_threads() == 4
+
+
+def test_set_threads_applies_to_torch():
+    before = torch.get_num_threads()
+    try:
+        assert threads.set_threads(1) == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_phase_timer_accumulates_per_phase_and_label():
+    timer = PhaseTimer()
+    for _ in range(3):
+        with timer.track("evaluate", "retrain"):
+            pass
+    with timer.track("unlearn", "retrain"):
+        pass
+    rows = {(r["phase"], r["label"]): r for r in timer.rows()}
+    assert rows[("evaluate", "retrain")]["calls"] == 3
+    assert ("total (wall)", "") in rows
+    assert "| evaluate | retrain |" in timer.table()
