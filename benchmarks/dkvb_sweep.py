@@ -8,7 +8,7 @@ never on the test split:
 * each DKVB setting (bottleneck size, projection, top-k, decoder, epochs, lr, label smoothing,
   weight decay) is trained on the rest of the training set and scored on the validation split:
   accuracy, then one forget request per class with the default ``dkvb-activations`` rule
-  (forget-validation accuracy, retain-validation drop), training seconds and training-state
+  per rule given (forget-validation accuracy, retain-validation drop), training seconds and training-state
   memory (values, Adam moments, gradient buffer and codes).
 
 Settings are given as JSON objects of :class:`dkvb.ModelConfig` / :class:`dkvb.TrainConfig`
@@ -34,6 +34,7 @@ from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
 from dkvb.config import load_config
 from dkvb.evaluate import accuracy
 from dkvb.io import atomic_write_json
+from dkvb.models import resolve_config
 from dkvb.unlearn import ForgetRequest, create_unlearner
 
 MODEL_FIELDS = set(ModelConfig.__dataclass_fields__)
@@ -83,10 +84,40 @@ def probe(fit_part: EmbeddingSet, val: EmbeddingSet, train: EmbeddingSet, test: 
             "test_acc": run(train, test, best), "seconds": time.perf_counter() - start}
 
 
+def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, before, seed: int,
+                      rule: dict[str, Any]) -> dict[str, Any]:
+    """One ``dkvb-activations`` request (parameters ``rule``) per class: forget-val accuracy,
+    retain-val drop and the share of keys masked, mean and worst class."""
+    forget, drops, masked, refused = [], [], [], []
+    unlearner = create_unlearner("dkvb-activations", **rule)
+    for c in range(val.num_classes):
+        try:
+            report = unlearner.unlearn(model, ForgetRequest((c,), fit_part, seed=seed))
+        except ValueError as e:  # a mask that empties a codebook
+            refused.append(f"{val.class_names[c]}: {e}")
+            continue
+        logits = report.model.predict_from(val.x, cands)
+        f = val.y == c
+        forget.append(accuracy(logits[f], val.y[f]))
+        drops.append(accuracy(before[~f], val.y[~f]) - accuracy(logits[~f], val.y[~f]))
+        masked.append(report.details["keys_masked"] / report.details["keys_total"])
+
+    def stat(values: list[float], fn) -> float:
+        return float(fn(values)) if values else float("nan")
+
+    out = {"rule": rule, "forget_val_mean": stat(forget, np.mean), "forget_val_max": stat(forget, np.max),
+           "retain_drop_mean": stat(drops, np.mean), "retain_drop_max": stat(drops, np.max),
+           "keys_masked_share_mean": stat(masked, np.mean)}
+    if refused:
+        out["refused"] = refused
+    return out
+
+
 def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
-                     rule: dict[str, Any]) -> dict[str, Any]:
-    """Train one DKVB setting on ``fit_part``; validation accuracy and one forget request per class."""
-    model_cfg = ModelConfig(**{k: v for k, v in setting.items() if k in MODEL_FIELDS})
+                     rules: list[dict[str, Any]]) -> dict[str, Any]:
+    """Train one DKVB setting on ``fit_part``; validation accuracy and, per forget rule, one forget
+    request per class."""
+    model_cfg = resolve_config(ModelConfig(**{k: v for k, v in setting.items() if k in MODEL_FIELDS}), len(fit_part))
     train_cfg = TrainConfig(**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, seed=seed)
     model = build_model(model_cfg, fit_part.dim, fit_part.num_classes, seed=seed)
     start = time.perf_counter()
@@ -100,47 +131,61 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
     cands = b.candidates(val.x)
     before = model.predict_from(val.x, cands)
     out: dict[str, Any] = {
-        "setting": setting, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
+        "setting": setting, "codebook_size": model_cfg.codebook_size, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
         "train_seconds": train_s,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
     }
-    forget, drops, masked = [], [], []
-    unlearner = create_unlearner("dkvb-activations", **rule)
-    for c in range(val.num_classes):
-        try:
-            report = unlearner.unlearn(model, ForgetRequest((c,), fit_part, seed=seed))
-        except ValueError as e:  # a mask that empties a codebook
-            out.setdefault("refused", []).append(f"{val.class_names[c]}: {e}")
-            continue
-        logits = report.model.predict_from(val.x, cands)
-        f = val.y == c
-        forget.append(accuracy(logits[f], val.y[f]))
-        drops.append(accuracy(before[~f], val.y[~f]) - accuracy(logits[~f], val.y[~f]))
-        masked.append(report.details["keys_masked"] / report.details["keys_total"])
-    out.update({"forget_val_mean": float(np.mean(forget)) if forget else float("nan"),
-                "forget_val_max": float(np.max(forget)) if forget else float("nan"),
-                "retain_drop_mean": float(np.mean(drops)) if drops else float("nan"),
-                "retain_drop_max": float(np.max(drops)) if drops else float("nan"),
-                "keys_masked_share_mean": float(np.mean(masked)) if masked else float("nan")})
+    out["rules"] = [forget_each_class(model, fit_part, val, cands, before, seed, rule) for rule in rules]
+    out.update({k: v for k, v in out["rules"][0].items() if k != "rule"})  # the first rule's numbers, flat
     return out
+
+
+def summary(results: dict[str, Any]) -> str:
+    """Markdown: per dataset, the probe and one row per setting (validation split, percent)."""
+    lines = []
+    for name, entry in results["datasets"].items():
+        p = entry.get("probe", {})
+        lines += [f"### {name} ({entry['train']} train / {entry['val']} of them for validation, {entry['classes']} classes)",
+                  "", f"Probe: C = {p.get('C')}, validation {100 * p.get('val_acc', float('nan')):.2f}%, "
+                  f"test {100 * p.get('test_acc', float('nan')):.2f}% (refit on the whole training set).", "",
+                  "| setting | K | val acc | gap to probe | forget-val mean / max | retain drop mean / max | keys masked |"
+                  " train s | k-means s | state MiB |", "|" + "---|" * 10]
+        for r in entry["runs"]:
+            for q in r.get("rules", [r]):
+                rule = f" rule `{json.dumps(q['rule'])}`" if q.get("rule") else ""
+                refused = f" ({len(q['refused'])} refused)" if q.get("refused") else ""
+                lines.append(
+                    f"| `{json.dumps(r['setting'])}`{rule}{refused} | {r.get('codebook_size', '')} | "
+                    f"{100 * r['val_acc']:.2f} | {100 * (p.get('val_acc', float('nan')) - r['val_acc']):.2f} | "
+                    f"{100 * q['forget_val_mean']:.2f} / {100 * q['forget_val_max']:.2f} | "
+                    f"{100 * q['retain_drop_mean']:.2f} / {100 * q['retain_drop_max']:.2f} | "
+                    f"{100 * q['keys_masked_share_mean']:.1f}% | {r['train_seconds']:.1f} | {r['kmeans_seconds']:.1f} | "
+                    f"{r['state_mib']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("config", help="experiment YAML whose embedding cache is used")
+    p.add_argument("config", nargs="?", help="experiment YAML whose embedding cache is used")
     p.add_argument("--name", help="dataset label in the results (default: the config's name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (dataset.name=...)")
     p.add_argument("--train-limit", type=int, default=None, help="seeded subset of the training set")
     p.add_argument("--base", default="{}", help="JSON: settings every grid point starts from")
     p.add_argument("--grid", default="[{}]", help="JSON list of settings over --base")
-    p.add_argument("--rule", default="{}", help="JSON: dkvb-activations parameters of the forget requests")
+    p.add_argument("--rules", default="[{}]", help="JSON list: dkvb-activations parameters of the forget requests")
     p.add_argument("--probe-grid", default="0.001,0.01,0.1,1", help="logistic-regression C values")
     p.add_argument("--no-probe", action="store_true")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/benchmarks/dkvb_sweep.json")
+    p.add_argument("--summary", nargs="+", metavar="JSON", help="print the markdown summary of these result files")
     args = p.parse_args(argv)
+    if args.summary:
+        for path in args.summary:
+            print(summary(json.loads(Path(path).read_text())))
+        return 0
     torch.set_num_threads(args.threads)
     cfg_path = args.config
     if args.overrides:  # a config with overrides, e.g. another dataset on the same encoder
@@ -163,21 +208,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry["probe"] = probe(fit_part, val, train, test, [float(c) for c in args.probe_grid.split(",")])
         print(f"{name}: probe {json.dumps(entry['probe'])}", flush=True)
         atomic_write_json(out_path, results)
-    base, rule = json.loads(args.base), json.loads(args.rule)
+    base, rules = json.loads(args.base), json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
-        r = evaluate_setting(setting, fit_part, val, args.seed, rule)
-        r["rule"] = rule
+        r = evaluate_setting(setting, fit_part, val, args.seed, rules)
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)
         gap = 100 * (entry.get("probe", {}).get("val_acc", float("nan")) - r["val_acc"])
         print(f"{name} {json.dumps(setting)}: val {100 * r['val_acc']:.2f} (probe gap {gap:.2f}) "
-              f"forget {100 * r['forget_val_mean']:.2f}/{100 * r['forget_val_max']:.2f} "
-              f"drop {100 * r['retain_drop_mean']:.2f}/{100 * r['retain_drop_max']:.2f} "
-              f"masked {100 * r['keys_masked_share_mean']:.1f}% train {r['train_seconds']:.1f}s "
-              f"kmeans {r['kmeans_seconds']:.1f}s{' REFUSED ' + str(len(r['refused'])) if 'refused' in r else ''}",
-              flush=True)
+              f"train {r['train_seconds']:.1f}s kmeans {r['kmeans_seconds']:.1f}s", flush=True)
+        for q in r["rules"]:
+            print(f"    rule {json.dumps(q['rule'])}: forget {100 * q['forget_val_mean']:.2f}/"
+                  f"{100 * q['forget_val_max']:.2f} drop {100 * q['retain_drop_mean']:.2f}/"
+                  f"{100 * q['retain_drop_max']:.2f} masked {100 * q['keys_masked_share_mean']:.1f}%"
+                  f"{' REFUSED ' + str(len(q['refused'])) if 'refused' in q else ''}", flush=True)
     return 0
 
 

@@ -22,7 +22,7 @@ from .flops import count_images, encoder_flops_per_image
 from .bottleneck import Candidates
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
 from .io import atomic_write_json, atomic_write_text
-from .models import build_model
+from .models import build_model, resolve_config
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer
 from .train import DivergenceError, fit
@@ -91,8 +91,8 @@ def train_models(
                 model = train_sharded({"kind": "linear"}, train, cfg.linear_train,
                                       seed=cfg.seed, flops=counter, **cfg.sharded)
         else:
-            model = build_model(cfg.model if kind == "dkvb" else {"kind": "linear"}, train.dim, train.num_classes,
-                                seed=cfg.seed)
+            model = build_model(resolve_config(cfg.model, len(train)) if kind == "dkvb" else {"kind": "linear"},
+                                train.dim, train.num_classes, seed=cfg.seed)
             with timer.track("k-means", kind):
                 model.prepare(train.x)
             start = time.perf_counter()
