@@ -197,6 +197,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
 
     def save() -> None:
         atomic_write_json(results_path, {"fingerprint": _fingerprint(cfg), "records": records})
+        atomic_write_json(run_dir / "phases.json", {"rows": timer.rows()})  # so far, for a run still going
 
     probe = ProbeConfig(**cfg.verify) if cfg.verify else None
 

@@ -182,7 +182,6 @@ class LazyAdam:
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
         self._grad = np.zeros(weight.shape, dtype=np.float32)
         self._touched = np.zeros(weight.shape[0], dtype=np.bool_)
-        self._rows = np.empty(weight.shape[0], dtype=np.int64)
         self.t = 0
 
     @torch.no_grad()
@@ -192,27 +191,28 @@ class LazyAdam:
         b1, b2 = self.betas
         _lazy_adam_step(
             self.weight.numpy(), self.exp_avg.numpy(), self.exp_avg_sq.numpy(), self._grad, self._touched,
-            self._rows, bags.numpy(), (bag_grad / bags.shape[1]).float().numpy(), self.lr, b1, b2, self.eps,
+            bags.numpy(), (bag_grad / bags.shape[1]).float().numpy(), self.lr, b1, b2, self.eps,
             self.weight_decay, 1 - b1 ** self.t, 1 - b2 ** self.t,
         )
 
 
 @numba.njit(cache=True, nogil=True)
-def _lazy_adam_step(w, m, v, grad, touched, rows, bags, bag_grad, lr, b1, b2, eps, wd, bc1, bc2):  # pragma: no cover
-    """Accumulate ``bag_grad[i]`` into every row of ``bags[i]``, then Adam-update the touched rows."""
-    n = 0
+def _lazy_adam_step(w, m, v, grad, touched, bags, bag_grad, lr, b1, b2, eps, wd, bc1, bc2):  # pragma: no cover
+    """Accumulate ``bag_grad[i]`` into every row of ``bags[i]``, then Adam-update the touched rows.
+
+    The update walks the rows in order (a scan of the flags), so the weight, moment and gradient
+    rows are read sequentially: in bag order every row was a cache miss in four arrays.
+    """
     for i in range(bags.shape[0]):
         for j in range(bags.shape[1]):
             r = bags[i, j]
-            if not touched[r]:
-                touched[r] = True
-                rows[n] = r
-                n += 1
+            touched[r] = True
             for d in range(w.shape[1]):
                 grad[r, d] += bag_grad[i, d]
     step = lr / bc1
-    for k in range(n):
-        r = rows[k]
+    for r in range(w.shape[0]):
+        if not touched[r]:
+            continue
         touched[r] = False
         for d in range(w.shape[1]):
             g = grad[r, d]

@@ -76,7 +76,8 @@ def test_same_seed_same_keys_different_seed_different_keys():
 def test_fitted_projections_initialise(projection):
     b = DiscreteKeyValueBottleneck(16, 6, 20, key_dim=4, value_dim=3, projection=projection, whiten_dim=8)
     b.init_keys(torch.randn(800, 16))
-    assert b.projection.shape == (16, 6, 4) and torch.isfinite(b.projection).all()
+    assert b.projection.shape == ((8 if projection == "whitened" else 16), 6, 4)
+    assert torch.isfinite(b.projection).all() and torch.isfinite(b.whitening).all()
 
 
 def test_whitened_projection_gives_every_kept_direction_unit_variance():

@@ -21,7 +21,7 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
     check_selectable(mask, b.topk)
-    memo = {id(t): t for t in (b.keys, b.projection, model.activation_counts)}
+    memo = {id(t): t for t in (b.keys, b.projection, b.whitening, model.activation_counts)}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
     if erase_values:
