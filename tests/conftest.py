@@ -22,7 +22,7 @@ def clusters() -> tuple[EmbeddingSet, EmbeddingSet]:
     return make_clusters(2000, seed=0), make_clusters(500, seed=1)
 
 
-SMALL_DKVB = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4)
+SMALL_DKVB = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4, projection="random")
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +77,7 @@ def tiny_config(tmp_path):
         "name: tiny\n"
         "dataset: {name: synthetic}\n"
         "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
-        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4}\n"
+        "model: {num_codebooks: 8, codebook_size: 16, key_dim: 4, projection: random}\n"
         "train: {epochs: 3, lr: 0.01}\nlinear_train: {epochs: 3, lr: 0.01}\n"
         f"cache_dir: {tmp_path / 'cache'}\noutput_dir: {tmp_path / 'results'}\n"
     )

@@ -52,7 +52,7 @@ def test_experiment_config_is_valid(path):
         assert cfg.sharded.get("num_shards", 0) >= 2, f"{path.name}: sharded method without sharded.num_shards"
 
     assert cfg.forget == "each" or (isinstance(cfg.forget, list) and all(isinstance(r, list) for r in cfg.forget))
-    assert cfg.model.codebook_size >= cfg.model.topk >= 1
+    assert cfg.model.codebook_size == "auto" or cfg.model.codebook_size >= cfg.model.topk >= 1
 
 
 def test_overrides_win_over_the_file():

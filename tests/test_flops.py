@@ -18,7 +18,7 @@ def test_bottleneck_has_no_unsupported_ops(trained_dkvb):
 
 def test_faiss_lookup_is_counted(clusters):
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=4, codebook_size=16, key_dim=4, search="faiss"), 32, 5)
+    model = build_model(ModelConfig(num_codebooks=4, codebook_size=16, key_dim=4, projection="random", search="faiss"), 32, 5)
     model.prepare(train.x)
     analysis = flop_analysis(model, (torch.randn(8, 32),))
     analysis.total()

@@ -84,7 +84,7 @@ def test_wrong_shapes_are_rejected_clearly(b, shape):
 
 def test_empty_batches_flow_through_the_model(clusters):
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=4, codebook_size=8, key_dim=2), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=4, codebook_size=8, key_dim=2, projection="random"), train.dim, train.num_classes)
     model.prepare(train.x[:100])
     assert model(torch.zeros(0, train.dim)).shape == (0, train.num_classes)
     assert model.bottleneck.activation_counts(torch.zeros(0, train.dim), torch.zeros(0, dtype=torch.long),
@@ -140,7 +140,7 @@ def test_any_class_spec_resolves_or_fails_with_a_value_error(spec):
 @pytest.fixture(scope="module")
 def stored(clusters, tmp_path_factory):
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"), train.dim, train.num_classes)
     fit(model, train, TrainConfig(epochs=1, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
     path = tmp_path_factory.mktemp("hostile") / "model"
@@ -303,7 +303,7 @@ def odd_store(tmp_path_factory):
     from tests.conftest import make_clusters
 
     train = make_clusters(600, num_classes=len(ODD))
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"), train.dim, train.num_classes)
     fit(model, train, TrainConfig(epochs=1, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
     path = tmp_path_factory.mktemp("odd") / "model"
@@ -648,7 +648,7 @@ def test_store_files_follow_the_umask(store, tmp_path):
 
 def test_log_escapes_control_characters_in_class_names(tmp_path, clusters, capsys):
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"), train.dim, train.num_classes)
     fit(model, train, TrainConfig(epochs=1, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
     names = ["ok", "red\x1b[31m", "bell\a", "line\nbreak", "fine"]

@@ -40,7 +40,7 @@ def test_a_cli_run_writes_nothing_under_home(tmp_path):
         "name: isolation\n"
         "dataset: {name: synthetic, train_limit: 96, test_limit: 48}\n"
         "encoder: {name: 'torchvision:resnet18', image_size: 32, batch_size: 64, pretrained: false}\n"
-        "model: {num_codebooks: 4, codebook_size: 8, key_dim: 4}\n"
+        "model: {num_codebooks: 4, codebook_size: 8, key_dim: 4, projection: random}\n"
         "train: {epochs: 1, lr: 0.01}\nlinear_train: {epochs: 1, lr: 0.01}\n"
         f"forget: [[0]]\nmethods: [dkvb-activations, finetune]\noutput_dir: {tmp_path / 'results'}\n"
     )

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def stored(clusters, tmp_path_factory):
     """A trained DKVB model with cached activation counts, saved once; tests copy it."""
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="random"), train.dim, train.num_classes)
     fit(model, train, TrainConfig(epochs=2, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
     path = tmp_path_factory.mktemp("stored") / "model"

@@ -22,7 +22,7 @@ NAMES = [f"class{i}" for i in range(5)]
 @pytest.fixture(scope="module")
 def model(clusters):
     train, _ = clusters
-    m = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), train.dim, train.num_classes, seed=0)
+    m = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"), train.dim, train.num_classes, seed=0)
     fit(m, train, TrainConfig(epochs=1, lr=1e-2))
     m.compute_activation_counts(train.x, train.y)
     return m

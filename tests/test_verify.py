@@ -17,7 +17,7 @@ RETRAIN = {"epochs": 3, "lr": 1e-2}
 @pytest.fixture(scope="module")
 def original(clusters):
     train, _ = clusters
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4), train.dim, train.num_classes)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="random"), train.dim, train.num_classes)
     fit(model, train, TrainConfig(epochs=3, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
     return model
