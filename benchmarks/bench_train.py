@@ -47,8 +47,6 @@ def teacher_data(n: int, dim: int, num_classes: int, seed: int):
 
 def reference_fit(model, data, config) -> None:
     """The DKVB trainer before lazy Adam: cached codes, gather + mean, dense Adam over all values."""
-    import math
-
     import torch
     import torch.nn.functional as F
 
@@ -65,7 +63,6 @@ def reference_fit(model, data, config) -> None:
             loss.backward()
             opt.step()
     model.eval()
-    assert math.isfinite(float(loss))
 
 
 def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +108,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
         row["reference_epochs"] = args.reference_epochs
         row["reference_s_per_epoch"], row["reference_acc"] = timed(dkvb(), ref_cfg, reference_fit)
         row["fast_s_per_epoch_same_epochs"], row["fast_acc_same_epochs"] = timed(dkvb(), fast_cfg)
-        row["speedup_vs_reference"] = row["reference_s_per_epoch"] / row["fast_s_per_epoch_same_epochs"]
+        row["speedup_vs_reference"] = row["reference_s_per_epoch"] / max(row["fast_s_per_epoch_same_epochs"], 1e-9)
     return row
 
 
