@@ -64,3 +64,29 @@ def test_bench_embedding_reports_the_full_path_against_the_forward_pass(tmp_path
     assert run["images"] == 32 and run["forward_images_per_s"] > 0 and run["full_images_per_s"] > 0
     # the full path (dataset, decode, preprocess, forward, cache write) includes the forward pass
     assert run["median_ratio"] == pytest.approx(run["forward_images_per_s"] / run["full_images_per_s"], rel=0.5)
+
+
+@pytest.mark.slow
+def test_bench_train_reports_epoch_cost_against_the_linear_head(tmp_path):
+    out = tmp_path / "train.json"
+    proc = _run("bench_train.py", "--shapes", "64x256", "--embeddings", "1024", "--epochs", "1", "--reference",
+                "--out", str(out))
+    (row,) = json.loads(out.read_text())["runs"]
+    assert row["dkvb_s_per_epoch"] >= 0 and row["linear_s_per_epoch"] > 0 and row["dkvb_lookup_s"] > 0
+    assert row["ratio_dkvb_to_linear"] == row["dkvb_s_per_epoch"] / row["linear_s_per_epoch"]
+    assert 0 <= row["reference_acc"] <= 1 and "| 64x256 |" in proc.stdout
+
+
+@pytest.mark.slow
+def test_dkvb_sweep_chooses_on_a_validation_split_and_summarises(tmp_path, tiny_config):
+    out = tmp_path / "sweep.json"
+    _run("dkvb_sweep.py", str(tiny_config), "--out", str(out), "--probe-grid", "0.1,1",
+         "--base", '{"num_codebooks": 8, "codebook_size": "auto", "key_dim": 4, "epochs": 2, "lr": 0.01}',
+         "--grid", '[{}, {"projection": "random"}]', "--rules", '[{}, {"rule": "paper", "num_keys": 2}]')
+    entry = json.loads(out.read_text())["datasets"]["tiny"]
+    assert 0 < entry["val"] < entry["train"] / 5  # about 10% of each class
+    assert entry["probe"]["C"] in (0.1, 1.0) and 0 <= entry["probe"]["test_acc"] <= 1
+    assert len(entry["runs"]) == 2 and all(len(r["rules"]) == 2 for r in entry["runs"])
+    assert entry["runs"][0]["codebook_size"] == 16  # auto: 232 examples -> the floor of 16 keys
+    summary = _run("dkvb_sweep.py", "--summary", str(out)).stdout
+    assert "### tiny" in summary and summary.count("| `{") == 4
