@@ -54,17 +54,6 @@ def load_data(config: str, train_limit: int | None, seed: int) -> tuple[Embeddin
     return train, test
 
 
-def validation_split(train: EmbeddingSet, fraction: float, seed: int) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """(fit part, validation part): ``fraction`` of every class, seeded."""
-    g = torch.Generator().manual_seed(seed)
-    val = torch.zeros(len(train), dtype=torch.bool)
-    for c in train.y.unique():
-        idx = (train.y == c).nonzero().flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        val[idx[: max(1, round(fraction * len(idx)))]] = True
-    return train.subset(~val), train.subset(val)
-
-
 def probe(fit_part: EmbeddingSet, val: EmbeddingSet, train: EmbeddingSet, test: EmbeddingSet,
           grid: Sequence[float]) -> dict[str, Any]:
     """Logistic regression on standardised embeddings: C chosen on ``val``, refit on ``train``."""
@@ -199,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.train_limit:
         name += f"@{args.train_limit}"
     train, test = load_data(cfg_path, args.train_limit, args.seed)
-    fit_part, val = validation_split(train, args.val_fraction, args.seed)
+    fit_part, val = train.holdout(args.val_fraction, args.seed)
     out_path = Path(args.out)
     results = json.loads(out_path.read_text()) if out_path.is_file() else {"datasets": {}}
     entry = results["datasets"].setdefault(name, {"train": len(train), "val": len(val), "test": len(test),

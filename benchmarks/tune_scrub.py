@@ -51,16 +51,6 @@ def grid(lrs: tuple[float, ...] = LRS) -> list[dict[str, Any]]:
     return [{"lr": lr, **PRESETS[p]} for p, lr in itertools.product(PRESETS, lrs)]
 
 
-def validation_split(train: EmbeddingSet, fraction: float, seed: int) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """(fit, validation): a seeded ``fraction`` of every class goes to validation."""
-    g = torch.Generator().manual_seed(seed)
-    val = torch.zeros(len(train), dtype=torch.bool)
-    for c in train.y.unique():
-        idx = (train.y == c).nonzero().flatten()
-        val[idx[torch.randperm(len(idx), generator=g)[: max(1, round(fraction * len(idx)))]]] = True
-    return train.subset(~val), train.subset(val)
-
-
 def linear_head(cfg: ExperimentConfig, data: EmbeddingSet) -> torch.nn.Module:
     """The linear head the experiment trains (its config, its seed) on ``data``."""
     model = build_model({"kind": "linear"}, data.dim, data.num_classes, seed=cfg.seed)
@@ -94,7 +84,7 @@ def select(cfg: ExperimentConfig, train: EmbeddingSet, candidates: list[dict[str
            num_requests: int, max_forget: float) -> dict[str, Any]:
     """Score every candidate on a validation split of ``train`` and choose (no test data involved)."""
     requests = forget_requests(cfg, train.class_names)[:num_requests]
-    fit_set, val = validation_split(train, val_fraction, cfg.seed)
+    fit_set, val = train.holdout(val_fraction, cfg.seed)
     head = linear_head(cfg, fit_set)
     results = []
     for params in candidates:

@@ -70,6 +70,16 @@ class EmbeddingSet:
         mask = self.class_mask(forget_classes)
         return self.subset(mask), self.subset(~mask)
 
+    def holdout(self, fraction: float, seed: int) -> tuple["EmbeddingSet", "EmbeddingSet"]:
+        """(fit, validation): a seeded ``fraction`` of every class (at least one example) is held
+        out, so hyperparameters are chosen without touching the test split."""
+        g = torch.Generator().manual_seed(seed)
+        val = torch.zeros(len(self), dtype=torch.bool)
+        for c in self.y.unique():
+            idx = (self.y == c).nonzero().flatten()
+            val[idx[torch.randperm(len(idx), generator=g)[: max(1, round(fraction * len(idx)))]]] = True
+        return self.subset(~val), self.subset(val)
+
 
 def resolve_classes(spec: Sequence[int | str] | str, class_names: Sequence[str]) -> tuple[int, ...]:
     """Class names or indices -> sorted unique class indices.

@@ -252,10 +252,9 @@ def load_tune_scrub():
     return module
 
 
-def test_scrub_validation_split_is_stratified_and_disjoint_from_the_fit_set(clusters):
-    tune = load_tune_scrub()
+def test_holdout_validation_split_is_stratified_and_disjoint_from_the_fit_set(clusters):
     train, _ = clusters
-    fit_set, val = tune.validation_split(train, 0.1, seed=0)
+    fit_set, val = train.holdout(0.1, seed=0)
     assert len(fit_set) + len(val) == len(train)
     assert torch.equal(torch.bincount(val.y), torch.full((5,), 40))
     rows = {tuple(r.tolist()) for r in fit_set.x}
