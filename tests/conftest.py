@@ -69,6 +69,29 @@ def sigkill_at_nth_sync():
     return _sigkill_at_nth_sync
 
 
+def _killed_copy(store, path, n: int, write) -> None:
+    """Copy ``store`` to ``path`` and run ``write(path)`` in a forked child SIGKILLed at its n-th
+    fsync/rename (or finishing, when it makes fewer); returns once the child is gone."""
+    import os
+
+    shutil.copytree(store, path)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        try:
+            _sigkill_at_nth_sync(n)
+            write(path)
+        finally:
+            os._exit(0)
+    os.waitpid(pid, 0)
+
+
+@pytest.fixture(scope="session")
+def killed_copy():
+    """Crash tests: ``killed_copy(store, path, n, write)`` leaves at ``path`` what a writer killed at
+    its n-th fsync/rename left behind."""
+    return _killed_copy
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     """A tiny experiment YAML (synthetic images, random ResNet-18, 8 x 16 keys) for end-to-end script runs."""

@@ -292,7 +292,7 @@ def test_a_second_writer_process_fails_cleanly_with_store_locked_error(store):
 # ------------------------------------------------------------------ issue 12: deletion requests that can be trusted
 from dkvb.audit import ANCHOR, LOG, KEY_ENV  # noqa: E402
 from dkvb.errors import AuditError  # noqa: E402
-from dkvb.service import ModelService, ServedStore, forget, read_log, replay, restore  # noqa: E402
+from dkvb.service import ServedStore, forget, read_log, replay, restore  # noqa: E402
 
 ODD = ["1", "10", "2", "-1", " sp ", "x,y"]  # sorted as a folder lists them: "1" < "10" < "2"
 
@@ -366,22 +366,14 @@ def test_readers_serve_the_logged_version_when_a_writer_dies_before_moving_head(
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first-request", "later-request"])
-def test_sigkill_at_any_step_never_serves_a_model_the_log_does_not_name(store, tmp_path, sigkill_at_nth_sync, first):
+def test_sigkill_at_any_step_never_serves_a_model_the_log_does_not_name(store, tmp_path, killed_copy, first):
     """The first request appends two records (origin, forget): a kill between them must be survived too."""
     if not first:
         forget(store, "class1")
     before = model_sha256(load_model(store)[0])
     for n in range(1, 16):
         path = tmp_path / f"k{n}"
-        shutil.copytree(store, path)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                sigkill_at_nth_sync(n)
-                forget(path, "class2")
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+        killed_copy(store, path, n, lambda p: forget(p, "class2"))
         model, manifest = load_model(path)
         records = ServedStore(path).log()
         if not records or records[-1]["op"] == "origin":  # killed before the forget was logged

@@ -203,7 +203,7 @@ def test_a_cut_last_line_is_dropped(store):
     assert torch.equal(replay(store), mask_of(store))
 
 
-def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, monkeypatch, tmp_path, sigkill_at_nth_sync):
+def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, monkeypatch, tmp_path, killed_copy):
     """Kill a forget request at its n-th fsync/rename (real SIGKILL of a forked child), for every n."""
     forget(store, "class1")
     probe = tmp_path / "probe"
@@ -216,15 +216,7 @@ def test_sigkill_at_every_step_of_a_request_leaves_a_consistent_store(store, mon
     outcomes = set()
     for n in range(1, len(calls) + 2):
         path = tmp_path / f"s{n}"
-        shutil.copytree(store, path)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - child
-            try:
-                sigkill_at_nth_sync(n)
-                forget(path, "class2")
-            finally:
-                os._exit(0)
-        os.waitpid(pid, 0)
+        killed_copy(store, path, n, lambda p: forget(p, "class2"))
         load_model(path)  # HEAD loads: the old model or the new one
         logged = read_log(path)[-1]["request_id"] == "req-000003"
         outcomes.add((logged, current_version(path)))
