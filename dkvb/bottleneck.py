@@ -218,6 +218,9 @@ class DiscreteKeyValueBottleneck(nn.Module):
         than ``topk`` left in some codebook are searched again. A mask that unmasks a key the
         candidates were searched without needs a fresh search (done here, for every row).
         """
+        if cands.indices.shape[:2] != (x.shape[0], self.num_codebooks):
+            raise ValueError(f"select: candidates for {tuple(cands.indices.shape[:2])} (rows, codebooks) do not match "
+                             f"embeddings {tuple(x.shape)} and {self.num_codebooks} codebooks")
         mask = self.key_mask
         if bool((cands.mask & ~mask).any()):
             return self.lookup(x)

@@ -167,3 +167,10 @@ def test_pool_is_the_mean_of_the_selected_values():
     torch.nn.init.normal_(b.values)
     idx = b.lookup(torch.randn(7, 16))
     assert torch.allclose(b.pool(b.flat_indices(idx)), b.get_output_from_indices(idx).mean(1), atol=1e-6)
+
+
+def test_candidates_of_other_embeddings_are_refused():
+    b = make()
+    cands = b.candidates(torch.randn(10, 16))
+    with pytest.raises(ValueError, match="candidates for \\(10, 6\\)"):
+        b.select(torch.randn(9, 16), cands)
