@@ -34,6 +34,7 @@ from dkvb.evaluate import accuracy, evaluate, predict_logits
 from dkvb.experiment import load_embeddings, method_label, train_models
 from dkvb.io import atomic_write_json
 from dkvb.report import pyplot, save_figure
+from dkvb.request import needs_data
 from dkvb.service import ModelService, method_name
 from dkvb.store import save_model
 from dkvb.unlearn import ForgetRequest, create_unlearner
@@ -86,11 +87,13 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
         store = out / f"{cfg.name}-store-{i}"
         shutil.rmtree(store, ignore_errors=True)
         save_model(dkvb_model, store, class_names=list(train.class_names), encoder=cfg.encoder.name)
-        # "service" and "data" (examples draws forget embeddings; activations runs on the cached counts)
+        # "service" and "data" (examples draws forget embeddings, re-fitting reads the retain set;
+        # activations alone runs on the cached counts)
         # are dropped before the result is written
         series.append({"method": method, "params": params, "label": method_label(method, params),
                        "store": str(store), "rows": [dict(start_row)], "refused": None,
-                       "service": ModelService(store), "data": train if method == "dkvb-examples" else None})
+                       "service": ModelService(store),
+                       "data": train if needs_data(create_unlearner(method, **params), dkvb_model) else None})
     base_rows = [row(models["linear"][0], [], 0.0, 0)]
     base_model = models["linear"][0]
     for k in range(1, steps + 1):

@@ -16,7 +16,7 @@ from torch import Tensor
 from .data import EmbeddingSet
 from .errors import AuditError, StoreError
 from .models import DKVBClassifier
-from .request import data_digest, flat_mask, make_request, mask_sha, needs_data
+from .request import classes_read, data_digest, flat_mask, make_request, mask_sha, needs_data
 from .unlearn import create_unlearner
 
 Loader = Callable[[str], tuple[DKVBClassifier, dict[str, Any]]]
@@ -85,13 +85,15 @@ def _replay_forget(
     rec: dict[str, Any], model: DKVBClassifier, names: list[str], mask: Tensor, data: EmbeddingSet | None
 ) -> tuple[Tensor, str]:
     """The mask after a logged forget request: recomputed when possible, else the logged delta."""
-    unlearner = create_unlearner(rec["method"], **rec["params"])
+    logged = create_unlearner(rec["method"], **rec["params"])
+    # the mask does not depend on re-fitted values: replay recomputes the mask only
+    unlearner = create_unlearner(rec["method"], **{k: v for k, v in rec["params"].items() if not k.startswith("refit")})
     model.bottleneck.key_mask = mask.clone()
     ids = [names.index(c) for c in rec["new_classes"]]
     digest = rec.get("data_sha256")
     given = None
     if digest is not None and data is not None:
-        if list(data.class_names) != names or data_digest(data, ids) != digest:
+        if list(data.class_names) != names or data_digest(data, classes_read(logged, ids, len(names))) != digest:
             raise ReplayError(f"{rec['request_id']}: the given embeddings differ from those the request read "
                               "(data_sha256); pass the same embeddings, or none to re-apply logged deltas")
         given = data

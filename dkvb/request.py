@@ -57,13 +57,15 @@ def check_data(data: EmbeddingSet | None, model: DKVBClassifier, names: list[str
 def needs_data(unlearner: Any, model: DKVBClassifier) -> bool:
     """Whether the method reads embeddings (else it runs on the model's cached counts alone)."""
     cached = getattr(unlearner, "use_cached_counts", False) and model.activation_counts.numel() > 0
-    return unlearner.name != "dkvb-activations" or not cached
+    return unlearner.name != "dkvb-activations" or not cached or getattr(unlearner, "refit_epochs", 0) > 0
 
 
 def make_request(
-    unlearner: Any, model: DKVBClassifier, ids: Sequence[int], data: EmbeddingSet | None, seed: int
+    unlearner: Any, model: DKVBClassifier, ids: Sequence[int], data: EmbeddingSet | None, seed: int,
+    forgotten: Sequence[int] = (),
 ) -> tuple[ForgetRequest, str | None]:
-    """The request for ``ids`` and the digest of the forget embeddings the method reads (or None).
+    """The request for ``ids`` (``forgotten``: classes earlier requests removed) and the digest of
+    the embeddings the method reads (or None).
 
     A method that runs on cached counts alone gets a placeholder training set with one zero row
     per class: the cached-count path of ``dkvb-activations`` reads only the class list.
@@ -71,11 +73,18 @@ def make_request(
     if not needs_data(unlearner, model):
         names = tuple(data.class_names) if data is not None else tuple(f"c{i}" for i in range(model.num_classes))
         stub = EmbeddingSet(torch.zeros(model.num_classes, model.input_dim), torch.arange(model.num_classes), names)
-        return ForgetRequest(tuple(ids), stub, seed=seed), None
+        return ForgetRequest(tuple(ids), stub, seed=seed, forgotten=tuple(forgotten)), None
     if data is None:
         raise ValueError(f"{unlearner.name} reads training embeddings here (forget examples, or activation counts "
                          "the model has not cached): give them with --embeddings or --config")
-    return ForgetRequest(tuple(ids), data, seed=seed), data_digest(data, ids)
+    return (ForgetRequest(tuple(ids), data, seed=seed, forgotten=tuple(forgotten)),
+            data_digest(data, classes_read(unlearner, ids, model.num_classes)))
+
+
+def classes_read(unlearner: Any, ids: Sequence[int], num_classes: int) -> Sequence[int]:
+    """The classes whose embeddings a request for ``ids`` reads (and its log digest covers):
+    the forget classes, or every class when the method re-fits values on the retain set."""
+    return range(num_classes) if getattr(unlearner, "refit_epochs", 0) else ids
 
 
 def metrics(model: DKVBClassifier, train: EmbeddingSet, test: EmbeddingSet | None, ids: list[int]) -> dict[str, float]:
@@ -90,4 +99,4 @@ def metrics(model: DKVBClassifier, train: EmbeddingSet, test: EmbeddingSet | Non
 
 
 __all__ = ["METHODS", "method_name", "mask_sha", "flat_mask", "data_digest", "check_data", "needs_data",
-           "make_request", "metrics"]
+           "make_request", "classes_read", "metrics"]

@@ -161,7 +161,7 @@ class ModelService(ServedStore):
             if len(done) + len(new) >= len(names):
                 raise ValueError(f"cannot forget every class ({len(done) + len(new)} of {len(names)}): "
                                  "nothing would be retained")
-            request, digest = make_request(unlearner, model, new, data, seed)
+            request, digest = make_request(unlearner, model, new, data, seed, [names.index(c) for c in done])
             start = time.perf_counter()
             report = unlearner.unlearn(model, request)
             record.update(seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,

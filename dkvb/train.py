@@ -116,6 +116,8 @@ def fit_values(
     flops: FlopCounter | None = None,
     progress: bool = False,
     desc: str = "train",
+    codes: Tensor | None = None,
+    rows: Tensor | None = None,
 ) -> nn.Module:
     """Train a DKVB's values (and decoder) with cross-entropy, at about a linear head's cost.
 
@@ -125,9 +127,21 @@ def fit_values(
     values, back-propagates to the pooled vector only, spreads that gradient over the selected
     rows and updates just those rows with :class:`LazyAdam`. The decoder's own parameters
     (MLP) use dense Adam.
+
+    ``codes`` (N, C * topk) are the embeddings' value rows when already looked up (not
+    counted again). ``rows``, a bool mask over the C * K value rows, restricts training to
+    those rows: every other value and the decoder stay as they are (re-fitting after a mask).
     """
     b = model.bottleneck
-    flat = b.flat_indices(b.lookup(data.x))
+    if codes is None:
+        flat = b.flat_indices(b.lookup(data.x))
+        if flops is not None:
+            flops.add(lookup_flops(model, len(data)))
+    elif codes.shape != (len(data), b.num_codebooks * b.topk):
+        raise ValueError(f"fit_values: codes of shape {tuple(codes.shape)} for {len(data)} embeddings and "
+                         f"{b.num_codebooks * b.topk} selected keys each")
+    else:
+        flat = codes.long()
     if config.value_init == "counts":
         if model.decoder.__class__.__name__ != "MeanDecoder":
             raise ValueError("value_init='counts' needs the mean decoder (values are class scores)")
@@ -137,10 +151,9 @@ def fit_values(
         smoothed = (counts + 1.0) / (counts.sum(1, keepdim=True) + b.value_dim)
         with torch.no_grad():
             b.values.copy_(smoothed.log().view_as(b.values))
-    if flops is not None:
-        flops.add(lookup_flops(model, len(data)))
-    values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay)
-    dense = list(model.decoder.parameters())
+    values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay,
+                      trainable=rows)
+    dense = list(model.decoder.parameters()) if rows is None else []
     dense_opt = torch.optim.Adam(dense, lr=config.lr, weight_decay=config.weight_decay) if dense else None
 
     def step(idx: Tensor) -> Tensor:
@@ -171,13 +184,18 @@ class LazyAdam:
     reaches each of its rows divided by the bag size. Accumulating it and updating the touched
     rows runs as one compiled loop (:func:`_lazy_adam_step`, numba): torch's sparse gradients
     (coalescing) and CPU ``index_add_`` cost 10-50x more per row here. ``weight_decay`` is
-    decoupled (AdamW) and applied to touched rows only.
+    decoupled (AdamW) and applied to touched rows only. ``trainable`` (bool per row) freezes
+    the rows it leaves False: they get no gradient and keep their value.
     """
 
     def __init__(self, weight: Tensor, *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+                 eps: float = 1e-8, weight_decay: float = 0.0, trainable: Tensor | None = None) -> None:
         if weight.device.type != "cpu" or weight.dtype != torch.float32 or not weight.is_contiguous():
             raise ValueError("LazyAdam: weight must be a contiguous float32 CPU tensor")
+        if trainable is not None and tuple(trainable.shape) != (weight.shape[0],):
+            raise ValueError(f"LazyAdam: trainable has shape {tuple(trainable.shape)}, expected ({weight.shape[0]},)")
+        self._trainable = (np.ones(weight.shape[0], dtype=np.bool_) if trainable is None
+                           else trainable.cpu().numpy().astype(np.bool_))
         self.weight, self.lr, self.betas, self.eps, self.weight_decay = weight, lr, betas, eps, weight_decay
         self.exp_avg, self.exp_avg_sq = torch.zeros_like(weight), torch.zeros_like(weight)
         self._grad = np.zeros(weight.shape, dtype=np.float32)
@@ -191,14 +209,16 @@ class LazyAdam:
         b1, b2 = self.betas
         _lazy_adam_step(
             self.weight.numpy(), self.exp_avg.numpy(), self.exp_avg_sq.numpy(), self._grad, self._touched,
-            bags.numpy(), (bag_grad / bags.shape[1]).float().numpy(), self.lr, b1, b2, self.eps,
+            self._trainable, bags.numpy(), (bag_grad / bags.shape[1]).float().numpy(), self.lr, b1, b2, self.eps,
             self.weight_decay, 1 - b1 ** self.t, 1 - b2 ** self.t,
         )
 
 
 @numba.njit(cache=True, nogil=True)
-def _lazy_adam_step(w, m, v, grad, touched, bags, bag_grad, lr, b1, b2, eps, wd, bc1, bc2):  # pragma: no cover
-    """Accumulate ``bag_grad[i]`` into every row of ``bags[i]``, then Adam-update the touched rows.
+def _lazy_adam_step(w, m, v, grad, touched, trainable, bags, bag_grad, lr, b1, b2, eps, wd, bc1,
+                    bc2):  # pragma: no cover
+    """Accumulate ``bag_grad[i]`` into every trainable row of ``bags[i]``, then Adam-update the
+    touched rows.
 
     The update walks the rows in order (a scan of the flags), so the weight, moment and gradient
     rows are read sequentially: in bag order every row was a cache miss in four arrays.
@@ -206,6 +226,8 @@ def _lazy_adam_step(w, m, v, grad, touched, bags, bag_grad, lr, b1, b2, eps, wd,
     for i in range(bags.shape[0]):
         for j in range(bags.shape[1]):
             r = bags[i, j]
+            if not trainable[r]:
+                continue
             touched[r] = True
             for d in range(w.shape[1]):
                 grad[r, d] += bag_grad[i, d]

@@ -67,3 +67,22 @@ def test_lazy_adam_leaves_untouched_rows_alone():
     before = w.clone()
     LazyAdam(w, lr=0.1, weight_decay=0.5).step(torch.tensor([[1, 2]]), torch.ones(1, 2))
     assert torch.equal(w[3:], before[3:]) and not torch.equal(w[1:3], before[1:3])
+
+
+def test_lazy_adam_freezes_rows_outside_trainable():
+    w = torch.randn(10, 2)
+    before = w.clone()
+    trainable = torch.zeros(10, dtype=torch.bool)
+    trainable[2] = True
+    LazyAdam(w, lr=0.1, trainable=trainable).step(torch.tensor([[1, 2]]), torch.ones(1, 2))
+    assert torch.equal(w[:2], before[:2]) and torch.equal(w[3:], before[3:]) and not torch.equal(w[2], before[2])
+
+
+def test_fit_values_refuses_codes_of_the_wrong_shape(clusters, trained_dkvb):
+    import copy
+
+    from dkvb.train import fit_values
+
+    train, _ = clusters
+    with pytest.raises(ValueError, match="codes of shape"):
+        fit_values(copy.deepcopy(trained_dkvb), train, TrainConfig(epochs=1), codes=torch.zeros(3, 2, dtype=torch.long))

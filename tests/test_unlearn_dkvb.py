@@ -240,3 +240,57 @@ def test_report_plots_accuracy_against_n_a_per_rule_and_n_e(clusters, trained_dk
     # one point per value: nothing to draw for a parameter that was not swept
     assert not sweep_plot(records[:1] + records[2:3], "dkvb-activations", "num_keys", tmp_path / "no.png", xlabel="N_A")
     assert not (tmp_path / "no.png").exists()
+
+
+@pytest.mark.parametrize("method", ["dkvb-activations", "dkvb-examples"])
+def test_refit_changes_only_the_values_rerouted_retain_examples_select(clusters, trained_dkvb, method):
+    train, _ = clusters
+    request = ForgetRequest((1,), train)
+    trained_dkvb.compute_activation_counts(train.x, train.y)
+    plain = create_unlearner(method).unlearn(trained_dkvb, request)
+    refit = create_unlearner(method, refit_epochs=2).unlearn(trained_dkvb, request)
+    assert torch.equal(plain.model.key_mask, refit.model.key_mask)
+    changed = (refit.model.bottleneck.values != plain.model.bottleneck.values).any(-1)  # (C, K)
+    assert 0 < int(changed.sum()) <= refit.details["refit_rows"]
+    assert not (changed & refit.model.key_mask).any()  # masked values are never re-fitted
+    after, before = state(refit.model), state(plain.model)
+    assert all(torch.equal(after[k], before[k]) for k in before if k != "bottleneck.values")
+    assert refit.flops > plain.flops and refit.details["refit_examples"] > 0
+    assert not [k for k in plain.details if k.startswith("refit")]  # the default does no gradient work
+
+
+def test_refit_keeps_a_request_sequence_accurate():
+    from conftest import SMALL_DKVB, make_clusters
+
+    from dkvb import TrainConfig, build_model, fit
+
+    train = make_clusters(3000, num_classes=8, spread=0.8, seed=0)
+    test = make_clusters(1000, num_classes=8, spread=0.8, seed=1)
+    model = fit(build_model(SMALL_DKVB, train.dim, train.num_classes, seed=0), train, TrainConfig(epochs=10, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    plain, refit = model, model
+    for k in range(1, 5):
+        request = ForgetRequest((k,), train, forgotten=tuple(range(1, k)))
+        plain = create_unlearner("dkvb-activations").unlearn(plain, request).model
+        refit = create_unlearner("dkvb-activations", refit_epochs=3).unlearn(refit, request).model
+    forgotten = [1, 2, 3, 4]
+    m_plain, m_refit = evaluate(plain, train, test, forgotten), evaluate(refit, train, test, forgotten)
+    assert m_refit["forget_test_acc"] <= 0.01
+    assert m_refit["retain_test_acc"] > m_plain["retain_test_acc"] + 0.1  # 0.58 -> 0.74 when written
+
+
+def test_refit_parameters_are_checked():
+    with pytest.raises(ValueError, match="refit_epochs"):
+        create_unlearner("dkvb-activations", refit_epochs=-1)
+    with pytest.raises(ValueError, match="refit_lr"):
+        create_unlearner("dkvb-examples", refit_lr=0)
+
+
+def test_the_retain_set_leaves_out_classes_earlier_requests_forgot(clusters):
+    train, _ = clusters
+    request = ForgetRequest((2,), train, forgotten=(0, 2))
+    assert request.forgotten == (0,) and set(request.retain.y.tolist()) == {1, 3, 4}
+    with pytest.raises(ValueError, match="cannot forget every class"):
+        ForgetRequest((0, 1), train, forgotten=(2, 3, 4))
+    with pytest.raises(ValueError, match="unknown class index"):
+        ForgetRequest((0,), train, forgotten=(9,))

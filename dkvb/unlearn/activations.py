@@ -24,13 +24,13 @@ from ..data import EmbeddingSet
 from ..flops import lookup_flops, note_images
 from ..models import DKVBClassifier
 from ..validate import require, require_choice, require_count
-from .base import ForgetRequest, Unlearner, register
-from .masking import mask_summary, masked_copy
+from .base import ForgetRequest, register
+from .masking import MaskingUnlearner, mask_summary, masked_copy
 
 
 @register("dkvb-activations")
 @dataclass
-class UnlearnViaActivations(Unlearner):
+class UnlearnViaActivations(MaskingUnlearner):
     """Mask keys by their activation counts on the forget classes' training embeddings.
 
     Attributes:
@@ -55,7 +55,7 @@ class UnlearnViaActivations(Unlearner):
             request costs no lookup at all; ``False`` runs Algorithm 1 from scratch: look up the
             forget classes' training embeddings (all training embeddings for the share rule
             with ``min_share != 0``, which compares the forget classes with every class).
-        erase_values: also zero the masked keys' values, so the weights no longer hold them.
+        erase_values, refit_epochs, refit_lr: see :class:`~dkvb.unlearn.masking.MaskingUnlearner`.
     """
 
     rule: Literal["share", "paper"] = "share"
@@ -64,11 +64,9 @@ class UnlearnViaActivations(Unlearner):
     min_share: float | None = None
     min_count: int = 1
     use_cached_counts: bool = True
-    erase_values: bool = False
-
-    model_kind = "dkvb"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         require_choice(self.name, "rule", self.rule, ("share", "paper"))
         require_choice(self.name, "scope", self.scope, ("codebook", "all"))
         require(self.rule == "share" or self.min_share is None, self.name, "min_share",
@@ -104,9 +102,9 @@ class UnlearnViaActivations(Unlearner):
             eligible &= forget >= share * counts.sum(0)
             flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
-        out = masked_copy(model, new_mask, erase_values=self.erase_values)
-        return out, flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
-                            "mask": new_mask}
+        out, refit_flops, refit = self._finish(model, new_mask, request)
+        return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
+                                          "mask": new_mask, **refit}
 
 
 def _top(score: torch.Tensor, eligible: torch.Tensor, n: int, scope: str) -> torch.Tensor:

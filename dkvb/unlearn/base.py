@@ -16,6 +16,10 @@ from ..data import EmbeddingSet
 class ForgetRequest:
     """Forget ``forget_classes``, given the training embeddings the model was trained on.
 
+    ``forgotten`` names the classes earlier requests already removed from the model: they are
+    not part of :attr:`retain`, so nothing that trains on the retain set (re-fitting, the
+    gradient baselines) brings them back.
+
     Raises ``ValueError`` for an empty request, unknown class indices, a request to forget
     every class, or a forget class with no training examples.
     """
@@ -23,18 +27,21 @@ class ForgetRequest:
     forget_classes: tuple[int, ...]
     train: EmbeddingSet
     seed: int = 0
+    forgotten: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         classes = tuple(sorted(set(int(c) for c in self.forget_classes)))
+        earlier = tuple(sorted(set(int(c) for c in self.forgotten) - set(classes)))
         object.__setattr__(self, "forget_classes", classes)
+        object.__setattr__(self, "forgotten", earlier)
         n = self.train.num_classes
         if not classes:
             raise ValueError("empty forget set: name at least one class to forget")
-        bad = [c for c in classes if not 0 <= c < n]
+        bad = [c for c in classes + earlier if not 0 <= c < n]
         if bad:
             raise ValueError(f"unknown class index {bad}: the model has classes 0..{n - 1}")
-        if len(classes) >= n:
-            raise ValueError(f"cannot forget every class ({n} of {n}): nothing would be retained")
+        if len(classes) + len(earlier) >= n:
+            raise ValueError(f"cannot forget every class ({len(classes) + len(earlier)} of {n}): nothing would be retained")
         present = set(self.train.y.unique().tolist())
         missing = [self.train.class_names[c] for c in classes if c not in present]
         if missing:
@@ -46,7 +53,7 @@ class ForgetRequest:
 
     @cached_property
     def retain(self) -> EmbeddingSet:
-        return self.train.subset(~self.train.class_mask(self.forget_classes))
+        return self.train.subset(~self.train.class_mask(self.forget_classes + self.forgotten))
 
     @property
     def class_names(self) -> list[str]:

@@ -13,13 +13,13 @@ import torch
 from ..flops import lookup_flops, note_images
 from ..models import DKVBClassifier
 from ..validate import require_count
-from .base import ForgetRequest, Unlearner, register
-from .masking import check_selectable, mask_summary, masked_copy
+from .base import ForgetRequest, register
+from .masking import MaskingUnlearner, check_selectable, mask_summary
 
 
 @register("dkvb-examples")
 @dataclass
-class UnlearnViaExamples(Unlearner):
+class UnlearnViaExamples(MaskingUnlearner):
     """Mask the keys selected by ``num_examples`` forget examples.
 
     Attributes:
@@ -27,16 +27,14 @@ class UnlearnViaExamples(Unlearner):
             ``None`` uses all of them.
         rounds: repeat the lookup with the keys masked so far, so the examples' next-nearest
             keys are masked too (1 = the paper's single pass).
-        erase_values: also zero the masked keys' values, so the weights no longer hold them.
+        erase_values, refit_epochs, refit_lr: see :class:`~dkvb.unlearn.masking.MaskingUnlearner`.
     """
 
     num_examples: int | None = 10
     rounds: int = 1
-    erase_values: bool = False
-
-    model_kind = "dkvb"
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.num_examples is not None:
             require_count(self.name, "num_examples", self.num_examples)
         require_count(self.name, "rounds", self.rounds)
@@ -46,21 +44,16 @@ class UnlearnViaExamples(Unlearner):
         n = len(forget) if self.num_examples is None else min(self.num_examples, len(forget))
         g = torch.Generator().manual_seed(request.seed)
         x = forget.x[torch.randperm(len(forget), generator=g)[:n]]
-        out = masked_copy(model, torch.zeros_like(model.key_mask))
-        b = out.bottleneck
-        flops = 0
-        for _ in range(self.rounds):
-            idx = b.lookup(x)  # (n, C, topk)
-            flops += lookup_flops(out, n)
+        b = model.bottleneck
+        mask, flops = model.key_mask.clone(), 0
+        for _ in range(self.rounds):  # each round looks up under the mask grown so far
+            idx = b.nearest(x, b.topk, mask)  # (n, C, topk)
+            flops += lookup_flops(model, n)
             note_images(n)
             hit = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
-            offsets = (torch.arange(b.num_codebooks) * b.codebook_size).view(1, -1, 1)
-            hit[(idx.cpu() + offsets).flatten()] = True
-            mask = b.key_mask | hit.view_as(b.key_mask).to(b.key_mask.device)
+            hit[b.flat_indices(idx.cpu()).flatten()] = True
+            mask = mask | hit.view_as(mask).to(mask.device)
             check_selectable(mask, b.topk)
-            b.key_mask = mask
-        new_mask = b.key_mask & ~model.key_mask
-        if self.erase_values:
-            with torch.no_grad():
-                b.values[new_mask] = 0.0
-        return out, flops, {"num_examples": n, **mask_summary(new_mask), "mask": new_mask}
+        new_mask = mask & ~model.key_mask
+        out, refit_flops, refit = self._finish(model, new_mask, request)
+        return out, flops + refit_flops, {"num_examples": n, **mask_summary(new_mask), "mask": new_mask, **refit}

@@ -1,12 +1,83 @@
-"""Shared by both DKVB unlearners: copy a model with more keys masked, and describe a mask."""
+"""Shared by both DKVB unlearners: copy a model with more keys masked, describe a mask, and the
+options every masking method has (erasing the masked values, re-fitting rerouted values)."""
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from ..data import EmbeddingSet
+from ..flops import FlopCounter, lookup_flops, note_images
 from ..models import DKVBClassifier
+from ..train import TrainConfig, fit_values
+from ..validate import require, require_count
+from .base import ForgetRequest, Unlearner
+
+
+@dataclass
+class MaskingUnlearner(Unlearner):
+    """Base of the DKVB unlearners: they mask keys; these options act on the masked copy.
+
+    Attributes:
+        erase_values: also zero the masked keys' values, so the weights no longer hold them.
+        refit_epochs: 0 (default: masking only, no gradient step). Otherwise a named, counted
+            extra: the retain-set training embeddings whose keys the mask rerouted now select
+            other keys, whose values were never fitted for them; those values (and only those)
+            are re-fitted for this many epochs on the retain examples that select them
+            (:func:`refit_rerouted`). Costs one lookup of the retain set plus the training steps,
+            far less than retraining, and keeps a long request sequence accurate.
+        refit_lr: Adam learning rate of that re-fitting.
+    """
+
+    erase_values: bool = False
+    refit_epochs: int = 0
+    refit_lr: float = 0.01
+
+    model_kind = "dkvb"
+
+    def __post_init__(self) -> None:
+        require_count(self.name, "refit_epochs", self.refit_epochs, low=0)
+        require(self.refit_lr > 0, self.name, "refit_lr", "> 0", self.refit_lr)
+
+    def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
+        """The masked copy of ``model`` with the options applied: (copy, FLOPs, details)."""
+        out = masked_copy(model, new_mask, erase_values=self.erase_values)
+        if not self.refit_epochs:
+            return out, 0, {}
+        flops, details = refit_rerouted(model, out, request.retain, epochs=self.refit_epochs, lr=self.refit_lr,
+                                        seed=request.seed)
+        return out, flops, details
+
+
+def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, retain: EmbeddingSet, *, epochs: int,
+                   lr: float, seed: int = 0, batch_size: int = 256) -> tuple[int, dict[str, Any]]:
+    """Re-fit, in place in ``after``, the values that retain embeddings were rerouted to.
+
+    ``after`` is ``before`` with more keys masked. A retain embedding whose selected key got
+    masked now selects its next-nearest free key, whose value was fitted for other embeddings.
+    Those keys' values are trained again (cross-entropy over all classes, so the forgotten
+    classes' scores fall on them too) on every retain embedding that selects them; no other
+    value and no decoder weight changes. One search of the retain set serves both masks
+    (:meth:`~dkvb.bottleneck.DiscreteKeyValueBottleneck.candidates`). Returns (FLOPs, details).
+    """
+    b = after.bottleneck
+    cands = before.bottleneck.candidates(retain.x)
+    note_images(len(retain))
+    old = b.flat_indices(before.bottleneck.select(retain.x, cands))
+    new = b.flat_indices(b.select(retain.x, cands))
+    rows = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
+    rows[new[new != old]] = True
+    users = rows[new].any(1)
+    counter = FlopCounter()
+    counter.add(lookup_flops(before, len(retain)))
+    if bool(users.any()):
+        fit_values(after, retain.subset(users), TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                   codes=new[users], rows=rows, flops=counter)
+    return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": int(users.sum()),
+                           "rerouted_examples": int((new != old).any(1).sum())}
 
 
 def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False) -> DKVBClassifier:
