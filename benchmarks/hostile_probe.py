@@ -257,7 +257,7 @@ def _log_missing(store: Path) -> str | None:
 def _full_disk(store: Path) -> str | None:
     import errno
 
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     real = store_module.save_file
 

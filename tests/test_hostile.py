@@ -235,7 +235,7 @@ def test_unreadable_manifest_and_config_are_named(store):
 
 
 def test_a_failing_save_leaves_no_partial_version(store, monkeypatch):
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     model, _ = load_model(store)
     monkeypatch.setattr(store_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
@@ -575,7 +575,7 @@ def test_malformed_yaml_and_a_missing_store_fail_in_one_line(tmp_path, capsys):
 def test_a_full_disk_names_the_file_in_one_line(store, monkeypatch, capsys):
     import errno
 
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     def full(tensors, path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
