@@ -272,12 +272,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
 def unlearn_once(
     cfg: ExperimentConfig, classes: str | list, method: MethodConfig
 ) -> tuple[dict[str, float], dict[str, float], Any]:
-    """One request with one method on the run's trained model: (metrics before, metrics after, report)."""
-    train, test = load_embeddings(cfg, progress=False)
+    """One request with one method on the run's trained model: (metrics before, metrics after, report).
+    The method and its parameters are checked before any embedding or training work."""
+    unlearner = create_unlearner(method.name, **method.params)
     kind = method_model(method)
+    train, test = load_embeddings(cfg, progress=False)
     model = train_models(cfg, train, kinds={kind}, progress=False)[kind][0]
     ids = resolve_classes(classes, train.class_names)
-    report = create_unlearner(method.name, **method.params).unlearn(model, ForgetRequest(ids, train, seed=cfg.seed))
+    report = unlearner.unlearn(model, ForgetRequest(ids, train, seed=cfg.seed))
     return (evaluate(model, train, test, ids, seed=cfg.seed), evaluate(report.model, train, test, ids, seed=cfg.seed),
             report)
 
