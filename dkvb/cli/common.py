@@ -80,6 +80,8 @@ def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--embeddings", metavar="FILE", help="training embeddings with labels: .pt/.safetensors/.npz "
                    "holding x and y, .npy (+ labels), or an embedding-cache folder")
     p.add_argument("--test-embeddings", metavar="FILE", help="test embeddings with labels (for test metrics)")
+    p.add_argument("--trust-embeddings", action="store_true", help="use --embeddings/--test-embeddings files that "
+                   "do not name the encoder that made them (no 'encoder' entry; every .npy) without that check")
     p.add_argument("--config", metavar="YAML", help="experiment config whose cached embeddings to use instead")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of --config (repeatable)")
@@ -101,8 +103,9 @@ def service_data(args: argparse.Namespace):
     if args.config:
         return embeddings_from_config(args.config, args.overrides, manifest)
     names = list(manifest["class_names"])
-    test = load_embeddings_file(args.test_embeddings, names, manifest) if args.test_embeddings else None
-    return load_embeddings_file(args.embeddings, names, manifest), test
+    trust = args.trust_embeddings
+    test = load_embeddings_file(args.test_embeddings, names, manifest, trust=trust) if args.test_embeddings else None
+    return load_embeddings_file(args.embeddings, names, manifest, trust=trust), test
 
 
 def print_metrics(metrics: dict) -> None:
