@@ -198,7 +198,7 @@ def _reuse(store: Path) -> str | None:
     newest = list_versions(store)[-1]
     shutil.rmtree(store / "versions" / newest)
     model, _ = load_model(store, "000001")
-    version = save_model(model, store, class_names=NAMES, encoder="synthetic", force=True)
+    version = save_model(model, store, class_names=NAMES, encoder="synthetic", update_head=False)
     return None if version > newest else f"reused {version}"
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .audit import is_served
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
 from .flops import count_images, encoder_flops_per_image
@@ -65,7 +66,9 @@ def train_models(
     """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
     Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
-    that serves deletion requests is not replaced unless ``force`` (see :func:`dkvb.store.save_model`).
+    that serves deletion requests is not replaced unless ``force``; then the forget requests in
+    effect there are re-applied to the new model and logged (:func:`dkvb.service.replace_model`),
+    and the returned model is the one served, with them applied.
     """
     from .flops import FlopCounter
 
@@ -105,8 +108,17 @@ def train_models(
             with timer.track("activation counts", kind):
                 model.compute_activation_counts(train.x, train.y)
             info["count_seconds"] = time.perf_counter() - start
-        save_model(model, path, class_names=list(train.class_names), encoder=cfg.encoder.name,
-                   extra={"fingerprint": _fingerprint(cfg), "train_info": info}, force=force)
+        saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
+                     extra={"fingerprint": _fingerprint(cfg), "train_info": info})
+        if force and is_served(path):
+            from .service import replace_model
+
+            rec = replace_model(path, model, data=train, **saved)
+            log.warning("%s: replaced the served model by the retrained one (%s); forget requests re-applied: %s",
+                        path, rec["request_id"], ", ".join(rec["forgotten"]) or "none")
+            model, _ = load_model(path)
+        else:
+            save_model(model, path, **saved)
         out[kind] = (model, info)
     return out
 

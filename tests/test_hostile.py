@@ -250,8 +250,8 @@ def test_hostile_requests_through_the_cli_fail_cleanly(store, tmp_path, capsys, 
     train, _ = clusters
     x = train.x.clone()
     x[0, 0] = math.nan
-    torch.save({"x": x, "y": train.y}, tmp_path / "nan.pt")
-    torch.save({"x": train.x, "y": train.y + 5}, tmp_path / "range.pt")
+    torch.save({"x": x, "y": train.y, "encoder": "synthetic"}, tmp_path / "nan.pt")
+    torch.save({"x": train.x, "y": train.y + 5, "encoder": "synthetic"}, tmp_path / "range.pt")
     m = ["--model", str(store)]
     cases = [
         (["forget", *m, "--classes", "class1", "--method", "examples", "--embeddings", str(tmp_path / "nan.pt")],
@@ -352,10 +352,10 @@ def test_strings_are_never_guessed_as_indices():
 
 
 def test_readers_serve_the_logged_version_when_a_writer_dies_before_moving_head(store, monkeypatch):
-    import dkvb.service as service
+    import dkvb.served as served
 
     forget(store, "class1")
-    monkeypatch.setattr(service, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(served, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         forget(store, "class2")
     monkeypatch.undo()
@@ -398,7 +398,7 @@ def test_restore_works_with_head_missing_or_corrupt(store, head):
     assert torch.equal(replay(store), load_model(store)[0].key_mask)
 
 
-def test_retraining_a_served_run_refuses_without_force(store, clusters, tmp_path):
+def test_retraining_a_served_run_refuses_without_force_and_reapplies_with_it(store, clusters, tmp_path):
     from dkvb.config import load_config
     from dkvb.experiment import train_models
 
@@ -411,9 +411,12 @@ def test_retraining_a_served_run_refuses_without_force(store, clusters, tmp_path
     with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1"):
         train_models(cfg, train, kinds={"dkvb"}, progress=False)
     assert read_log(served)[-1]["forgotten"] == ["class1"] and current_version(served) == "000003"
-    train_models(cfg, train, kinds={"dkvb"}, progress=False, force=True)
+    model, _ = train_models(cfg, train, kinds={"dkvb"}, progress=False, force=True)["dkvb"]
     last = read_log(served)[-1]
-    assert last["op"] == "origin" and last["forgotten"] == [] and last["version_after"] == current_version(served)
+    assert last["op"] == "origin" and last["forgotten"] == ["class1"] and last["version_after"] == current_version(served)
+    assert [s["request_id"] for s in last["reapplied"]] == ["req-000002"] and last["version"] != last["version_after"]
+    assert torch.equal(model.key_mask, load_model(served)[0].key_mask) and model.key_mask.any()
+    assert torch.equal(replay(served), model.key_mask)
 
 
 def _cut_last_line(p: Path) -> None:
@@ -503,7 +506,7 @@ def test_version_names_are_never_reused(store):
     model, _ = load_model(store, "000001")
     out = tmp = store.parent / "other"
     shutil.copytree(store, tmp)
-    assert save_model(model, out, class_names=NAMES, encoder="synthetic", force=True) > newest
+    assert save_model(model, out, class_names=NAMES, encoder="synthetic", update_head=False) > newest
 
 
 def test_manifest_class_names_and_forgotten_list_are_checksummed(store):
@@ -608,7 +611,7 @@ def test_a_file_size_limit_fails_in_one_line(store):
 def test_bad_images_name_the_file(tmp_path, monkeypatch, content):
     from PIL import Image
 
-    from dkvb.datasets import _FileImages
+    from dkvb.datasets.base import FileImages
 
     path = tmp_path / "img.png"
     Image.fromarray(torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()).save(path)
@@ -619,7 +622,7 @@ def test_bad_images_name_the_file(tmp_path, monkeypatch, content):
     else:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=f"{path}: unreadable image"):
-        _FileImages([str(path)])[0]
+        FileImages([str(path)])[0]
 
 
 def test_store_files_follow_the_umask(store, tmp_path):

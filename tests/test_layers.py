@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("training", {"train", "shards", "evaluate"}),
     ("unlearning", {"unlearn"}),
     ("application", {"config", "experiment", "verify", "report", "store", "audit", "request", "replay",
-                     "embeddings_io", "service"}),
+                     "embeddings_io", "served", "service"}),
     ("interface", {"cli", "__main__", ""}),  # "" is the package facade, dkvb/__init__.py
 ]
 

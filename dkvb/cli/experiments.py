@@ -94,7 +94,8 @@ def _unlearn_args(p: argparse.ArgumentParser) -> None:
 
 def _force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace a trained model even where it serves deletion "
-                   "requests (logged; the classes forgotten there are not forgotten in the new model)")
+                   "requests: the forget requests in effect there are re-applied to the new model (same method, "
+                   "parameters and seed) and logged, so it forgets what the log says is forgotten")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:

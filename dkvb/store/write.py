@@ -11,8 +11,9 @@ full version ``VERSION`` rests on (for a masking unlearner: the key mask); the m
 field names that version, the sha256 of its tensors file and the tensors taken from it. A shared
 version is one level deep (its base is always a full version).
 
-Served stores. :func:`save_model` refuses to move ``HEAD`` of a store with an audit log (a
-retrained model would serve classes the log says are forgotten) unless ``force=True``.
+Served stores. :func:`save_model` refuses to move ``HEAD`` of a store with an audit log: a
+retrained model would serve classes the log says are forgotten. :func:`dkvb.service.replace_model`
+(``dkvb train/run --force``) replaces it with the logged forget requests re-applied.
 """
 from __future__ import annotations
 
@@ -76,7 +77,6 @@ def save_model(
     base: str | None = None,
     base_tensors: Mapping[str, Tensor] | None = None,
     update_head: bool = True,
-    force: bool = False,
     encoder_config: Mapping[str, Any] | None = None,
 ) -> str:
     """Save ``model`` as a new version of the store at ``path``; returns the version.
@@ -91,11 +91,9 @@ def save_model(
             moves it later).
         encoder_config: the encoder's full description (:func:`dkvb.encoders.encoder_config`: image
             size, preprocessing, weights), recorded so embeddings made otherwise are refused.
-        force: move ``HEAD`` of a served store too, logging the new model as an ``origin`` record
-            whose ``forgotten`` list is empty (the classes forgotten before are not forgotten in it).
 
     Raises :class:`StoreLockedError` if another writer is active, and :class:`StoreError` when
-    ``HEAD`` of a served store would move without ``force``.
+    ``HEAD`` of a served store would move (see the module docstring).
     """
     if len(class_names) != model.num_classes:
         raise ValueError(f"class_names has {len(class_names)} entries, the model has {model.num_classes} classes")
@@ -107,15 +105,13 @@ def save_model(
     if bad:
         raise ValueError(f"refusing to save a model with NaN or inf in {bad}")
     with writer_lock(root):
-        log = audit.AuditLog(root, audit.audit_key()) if update_head and audit.is_served(root) else None
-        if log is not None:
-            records = log.sync()
-            if not force:
-                forgotten = records[-1].get("forgotten", []) if records else []
-                raise StoreError(
-                    f"{root} serves deletion requests (see {audit.LOG}; forgotten now: {', '.join(forgotten) or 'none'}):"
-                    " saving a new model would serve one that has not forgotten them; retrain elsewhere, or pass "
-                    "force (--force) to replace it and log that nothing is forgotten in the new model")
+        if update_head and audit.is_served(root):
+            forgotten = (audit.last_record(root) or {}).get("forgotten", [])
+            raise StoreError(
+                f"{root} serves deletion requests (see {audit.LOG}; forgotten now: {', '.join(forgotten) or 'none'}):"
+                " saving a new model here would serve one that has not forgotten them; retrain elsewhere, or "
+                "replace it with --force (dkvb.service.replace_model), which re-applies the logged forget requests "
+                "to the new model")
         clean_leftovers(root)
         (root / "versions").mkdir(parents=True, exist_ok=True)
         shared = _shared_with(root, base, state, base_tensors) if base is not None else None
@@ -156,12 +152,6 @@ def save_model(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         fsync_dir(root / "versions")
-        if log is not None:
-            mask = state.get("bottleneck.key_mask")
-            log.append({"op": "origin", "version": version, "version_after": version,
-                        "note": "model replaced outside the service (save_model force=True); nothing is forgotten in it",
-                        "model_sha256": manifest["model_sha256"], "forgotten": [],
-                        "mask_sha256": tensor_sha256(mask.bool()) if mask is not None else None})
         if update_head:
             atomic_write_text(root / "HEAD", version + "\n")
     return version
