@@ -590,6 +590,60 @@ def test_a_full_disk_names_the_file_in_one_line(store, monkeypatch, capsys):
     assert list_versions(store) == ["000001", "000002"] and not (store / LOG).exists()
 
 
+def _read_only(monkeypatch, root: Path, *, lock_writable: bool = False) -> None:
+    """Simulate a read-only file system under ``root`` (as root, chmod does not stop writes): every
+    open for writing, mkdir and rename there fails with EROFS, reads still work. ``lock_writable``
+    leaves the lock file writable, so the request fails later, inside the locked block."""
+    import builtins
+    import errno
+
+    top = str(root.resolve())
+    real_open, real_os_open, real_mkdir, real_replace, real_rename = (
+        builtins.open, os.open, os.mkdir, os.replace, os.rename)
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def inside(p) -> bool:
+        path = os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else ""
+        return path.startswith(top) and not (lock_writable and path.endswith("/.lock"))
+
+    def refuse(p):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))
+
+    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **k: refuse(f) if inside(f) and any(
+        c in mode for c in "wax+") else real_open(f, mode, *a, **k))
+    monkeypatch.setattr(os, "open", lambda p, flags, *a, **k: refuse(p) if inside(p) and flags & writing
+                        else real_os_open(p, flags, *a, **k))
+    monkeypatch.setattr(os, "mkdir", lambda p, *a, **k: refuse(p) if inside(p) else real_mkdir(p, *a, **k))
+    monkeypatch.setattr(os, "replace", lambda s, d, *a, **k: refuse(d) if inside(d) else real_replace(s, d, *a, **k))
+    monkeypatch.setattr(os, "rename", lambda s, d, *a, **k: refuse(d) if inside(d) else real_rename(s, d, *a, **k))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("lock_writable", [False, True], ids=["whole store", "all but the lock"])
+def test_a_read_only_store_refuses_forget_in_one_line_and_stays_verifiable(store, monkeypatch, capsys,
+                                                                           lock_writable):
+    forget(store, "class1")
+    before = _snapshot(store)
+    _read_only(monkeypatch, store, lock_writable=lock_writable)
+    assert main(["forget", "--model", str(store), "--classes", "class2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{store}: cannot write to the model store (Read-only file system" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(StoreError, match="cannot write to the model store"):
+        forget(store, "class2")
+    with pytest.raises(StoreError, match="cannot write to the model store"):
+        restore(store, "origin")
+    assert _snapshot(store) == before  # nothing written: log, anchor, HEAD and versions as they were
+    monkeypatch.undo()
+    assert [r["op"] for r in read_log(store)] == ["origin", "forget"]
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)  # still verifiable
+    assert forget(store, "class2")["forgotten"] == ["class1", "class2"]  # and writable again
+
+
 def test_a_file_size_limit_fails_in_one_line(store):
     import resource
 

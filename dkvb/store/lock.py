@@ -6,6 +6,7 @@ holder dies, so a killed writer never leaves a stale lock.
 """
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import threading
@@ -15,7 +16,7 @@ from typing import Iterator
 
 import filelock
 
-from ..errors import StoreLockedError
+from ..errors import StoreError, StoreLockedError
 from .layout import LOCK
 
 _HELD: dict[tuple[str, int], list] = {}  # (store, thread) -> [FileLock, depth]
@@ -25,10 +26,13 @@ _HELD: dict[tuple[str, int], list] = {}  # (store, thread) -> [FileLock, depth]
 def writer_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold the store's writer lock; re-entrant within one thread, fails at once elsewhere.
 
-    Raises :class:`StoreLockedError` when another process (or thread) is writing to the store.
+    Raises :class:`StoreLockedError` when another process (or thread) is writing to the store, and
+    :class:`StoreError` naming the store when it cannot be written (a read-only file system, no
+    permission), whether taking the lock or inside the block.
     """
     root = Path(path)
-    root.mkdir(parents=True, exist_ok=True)
+    with _unwritable_names(root):
+        root.mkdir(parents=True, exist_ok=True)
     key = (str(root.resolve()), threading.get_ident())
     if key in _HELD:
         _HELD[key][1] += 1
@@ -39,17 +43,32 @@ def writer_lock(path: str | os.PathLike) -> Iterator[None]:
         return
     lock = filelock.FileLock(str(root / LOCK), timeout=0)
     try:
-        lock.acquire()
+        with _unwritable_names(root):
+            lock.acquire()
     except filelock.Timeout:
         raise StoreLockedError(
             f"{root}: another writer holds the store lock ({root / LOCK}); wait for it to finish and retry"
         ) from None
     _HELD[key] = [lock, 1]
     try:
-        yield
+        with _unwritable_names(root):
+            yield
     finally:
         del _HELD[key]
         lock.release()
+
+
+@contextmanager
+def _unwritable_names(root: Path) -> Iterator[None]:
+    """Turn a write refused by the file system (read-only, no permission) into a :class:`StoreError`
+    that names the store and the file, instead of a bare errno."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise StoreError(f"{root}: cannot write to the model store ({e.strerror}: {e.filename}); requests need a "
+                         "writable store: check the file system is mounted read-write and the permissions") from e
 
 
 def clean_leftovers(root: Path) -> None:
