@@ -119,35 +119,10 @@ class FrozenKeys(nn.Module):
         if self.search == "faiss":
             return _FaissLookup.apply(self.project(x), self.keys, mask, k)
         rows = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
-        out = [self._nearest_torch(x[i:i + rows], k, mask) for i in range(0, x.shape[0], rows)]
+        out = [_nearest_torch(self.project(x[i:i + rows]), self.keys, k, mask) for i in range(0, x.shape[0], rows)]
         if not out:
             return torch.empty(0, self.num_codebooks, k, dtype=torch.long, device=x.device)
         return torch.cat(out)
-
-    def _nearest_torch(self, x: Tensor, k: int, mask: Tensor) -> Tensor:
-        z = self.project(x)
-        # |z - key|^2 up to the per-row constant |z|^2, written as a matmul so fvcore counts it;
-        # masked keys get +inf.
-        knorm = self.keys.pow(2).sum(-1).masked_fill(mask, math.inf)
-        if x.device.type != "cpu" or torch.jit.is_tracing():
-            dist = torch.bmm(z.transpose(0, 1), self.keys.transpose(1, 2)).mul_(-2).add_(knorm.unsqueeze(1))
-            idx = dist.argmin(-1, keepdim=True) if k == 1 else dist.topk(k, dim=-1, largest=False).indices
-            return idx.permute(1, 0, 2)
-        # CPU: one codebook at a time keeps the (rows, K) block in cache, and numpy's argmin is
-        # vectorised (torch's CPU argmin/topk are ~10x slower at these sizes).
-        n = x.shape[0]
-        out = np.empty((n, self.num_codebooks, k), dtype=np.int64)
-        buf = torch.empty(n, self.codebook_size)
-        rows = np.arange(n)
-        for c in range(self.num_codebooks):
-            torch.addmm(knorm[c], z[:, c], self.keys[c].T, alpha=-2, out=buf)
-            a = buf.numpy()
-            for j in range(k):
-                best = a.argmin(axis=1)
-                out[:, c, j] = best
-                if j + 1 < k:
-                    a[rows, best] = np.inf
-        return torch.from_numpy(out)
 
     # ------------------------------------------------------------ candidates
     @torch.no_grad()
@@ -196,6 +171,33 @@ class FrozenKeys(nn.Module):
         """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
         offsets = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1) * self.codebook_size
         return (indices + offsets).flatten(1)
+
+
+def _nearest_torch(z: Tensor, keys: Tensor, k: int, mask: Tensor) -> Tensor:
+    """Indices (N, C, k) of the ``k`` nearest keys to projections ``z`` (N, C, key_dim) not in ``mask``."""
+    num_codebooks, codebook_size = keys.shape[:2]
+    # |z - key|^2 up to the per-row constant |z|^2, written as a matmul so fvcore counts it;
+    # masked keys get +inf.
+    knorm = keys.pow(2).sum(-1).masked_fill(mask, math.inf)
+    if z.device.type != "cpu" or torch.jit.is_tracing():
+        dist = torch.bmm(z.transpose(0, 1), keys.transpose(1, 2)).mul_(-2).add_(knorm.unsqueeze(1))
+        idx = dist.argmin(-1, keepdim=True) if k == 1 else dist.topk(k, dim=-1, largest=False).indices
+        return idx.permute(1, 0, 2)
+    # CPU: one codebook at a time keeps the (rows, K) block in cache, and numpy's argmin is
+    # vectorised (torch's CPU argmin/topk are ~10x slower at these sizes).
+    n = z.shape[0]
+    out = np.empty((n, num_codebooks, k), dtype=np.int64)
+    buf = torch.empty(n, codebook_size)
+    rows = np.arange(n)
+    for c in range(num_codebooks):
+        torch.addmm(knorm[c], z[:, c], keys[c].T, alpha=-2, out=buf)
+        a = buf.numpy()
+        for j in range(k):
+            best = a.argmin(axis=1)
+            out[:, c, j] = best
+            if j + 1 < k:
+                a[rows, best] = np.inf
+    return torch.from_numpy(out)
 
 
 def _available_memory() -> int:

@@ -22,7 +22,7 @@ from .errors import AuditError, StoreError
 from .io import atomic_write_text
 from .models import DKVBClassifier
 from .replay import ReplayResult, replay_records
-from .request import mask_sha
+from .request import flat_mask, mask_sha
 
 log = logging.getLogger("dkvb")
 
@@ -107,6 +107,25 @@ class StoreWriter(ServedStore):
         if store.current_version(self.root) != version:
             atomic_write_text(self.root / "HEAD", version + "\n")
         return logged
+
+    def _save(self, after: DKVBClassifier, before: DKVBClassifier, manifest: dict[str, Any],
+              record: dict[str, Any], base: str | None = None) -> str:
+        """Write the model after a request as a new version sharing all but the changed tensors
+        with ``base`` (default: the served version), whose manifest names the request; completes
+        ``record``."""
+        head, delta = base or self._served, after.key_mask & ~before.key_mask
+        extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != "fingerprint"}
+        extra["service"] = {"request_id": self._log.next_id(ahead=self._origin is not None),
+                            "forgotten": record["forgotten"]}
+        full = manifest.get("shared", {}).get("version", head)
+        version = store.save_model(after, self.root, class_names=list(manifest["class_names"]),
+                                   encoder=manifest["encoder"], encoder_config=manifest.get("encoder_config"),
+                                   extra=extra, base=head, base_tensors=self._full.get(full, (None, None))[1],
+                                   update_head=False)
+        record.update(noop=False, keys_masked=int(delta.sum()), keys_masked_total=int(after.key_mask.sum()),
+                      mask_delta=flat_mask(delta), mask_sha256=mask_sha(after.key_mask), version_after=version,
+                      model_sha256_after=store.read_manifest(self.root, version)["model_sha256"])
+        return version
 
     def _sync(self) -> list[dict[str, Any]]:
         """Verify the log and bring ``HEAD`` in line with it (writer lock held); returns the records.

@@ -180,15 +180,7 @@ class ModelService(StoreWriter):
             version = store.save_model(model, self.root, class_names=list(class_names), encoder=encoder,
                                        encoder_config=encoder_config, extra=extra, update_head=False)
             trained, manifest = self.load(version)
-            current, reapplied = trained, []
-            for step in steps:
-                unlearner = create_unlearner(step["method"], **step["params"])
-                ids = [class_names.index(c) for c in step["new_classes"]]
-                request, digest = make_request(unlearner, current, ids, data, step["seed"])
-                after = unlearner.unlearn(current, request).model
-                reapplied.append({**step, "mask_delta": flat_mask(after.key_mask & ~current.key_mask),
-                                  "data_sha256": digest})
-                current = after
+            current, reapplied = _reapply(steps, trained, list(class_names), data)
             record: dict[str, Any] = {
                 "op": "origin", "version": version, "version_before": self._served,
                 "note": "model replaced by a retrained one; the forget requests in effect re-applied to it",
@@ -199,24 +191,20 @@ class ModelService(StoreWriter):
             record.update(version_after=final, model_sha256_after=store.read_manifest(self.root, final)["model_sha256"])
             return self._commit(record, final)
 
-    def _save(self, after: DKVBClassifier, before: DKVBClassifier, manifest: dict[str, Any],
-              record: dict[str, Any], base: str | None = None) -> str:
-        """Write the model after a request as a new version sharing all but the changed tensors
-        with ``base`` (default: the served version), whose manifest names the request; completes
-        ``record``."""
-        head, delta = base or self._served, after.key_mask & ~before.key_mask
-        extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != "fingerprint"}
-        extra["service"] = {"request_id": self._log.next_id(ahead=self._origin is not None),
-                            "forgotten": record["forgotten"]}
-        full = manifest.get("shared", {}).get("version", head)
-        version = store.save_model(after, self.root, class_names=list(manifest["class_names"]),
-                                   encoder=manifest["encoder"], encoder_config=manifest.get("encoder_config"),
-                                   extra=extra, base=head, base_tensors=self._full.get(full, (None, None))[1],
-                                   update_head=False)
-        record.update(noop=False, keys_masked=int(delta.sum()), keys_masked_total=int(after.key_mask.sum()),
-                      mask_delta=flat_mask(delta), mask_sha256=mask_sha(after.key_mask), version_after=version,
-                      model_sha256_after=store.read_manifest(self.root, version)["model_sha256"])
-        return version
+
+def _reapply(steps: list[dict[str, Any]], model: DKVBClassifier, names: list[str],
+             data: EmbeddingSet | None) -> tuple[DKVBClassifier, list[dict[str, Any]]]:
+    """``model`` with the forget ``steps`` applied in order (each with its logged method, parameters
+    and seed), and the steps completed with their mask deltas and the digests of what they read."""
+    reapplied = []
+    for step in steps:
+        unlearner = create_unlearner(step["method"], **step["params"])
+        request, digest = make_request(unlearner, model, [names.index(c) for c in step["new_classes"]], data,
+                                       step["seed"])
+        after = unlearner.unlearn(model, request).model
+        reapplied.append({**step, "mask_delta": flat_mask(after.key_mask & ~model.key_mask), "data_sha256": digest})
+        model = after
+    return model, reapplied
 
 
 def _steps_in_effect(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
