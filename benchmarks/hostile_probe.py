@@ -141,6 +141,19 @@ def _retrain(store: Path) -> str | None:
     return "HEAD was moved to a retrained model while the log says '1' is forgotten"
 
 
+@probe("2", "retraining with --force re-applies the logged forget requests to the new model")
+def _retrain_force(store: Path) -> str | None:
+    from dkvb.service import replace_model
+
+    cli("forget", "--model", str(store), "--classes", "1")
+    train = make_train()
+    rec = replace_model(store, make_model(train, seed=1), data=train, class_names=NAMES, encoder="synthetic")
+    if rec["forgotten"] != ["1"] or [s["new_classes"] for s in rec["reapplied"]] != [["1"]]:
+        return f"logged {rec['forgotten']} re-applied {rec['reapplied']}"
+    code, out, err = cli("replay", "--model", str(store))
+    return served_matches_log(store) or (None if code == 0 and "bit for bit" in out else f"replay: {err.strip()}")
+
+
 # ------------------------------------------------------------------ 3. history loss
 def _damaged(damage: Callable[[Path], None]) -> Callable[[Path], str | None]:
     def run(store: Path) -> str | None:
@@ -198,7 +211,7 @@ def _reuse(store: Path) -> str | None:
     newest = list_versions(store)[-1]
     shutil.rmtree(store / "versions" / newest)
     model, _ = load_model(store, "000001")
-    version = save_model(model, store, class_names=NAMES, encoder="synthetic", force=True)
+    version = save_model(model, store, class_names=NAMES, encoder="synthetic", update_head=False)
     return None if version > newest else f"reused {version}"
 
 
@@ -223,6 +236,33 @@ def _manifest(store: Path) -> str | None:
     manifest["class_names"][0] = "renamed"
     m.write_text(json.dumps(manifest))
     return one_line_error(*cli("forget", "--model", str(store), "--classes", "2")[::2], "manifest_sha256")
+
+
+def _embeddings_file(store: Path, name: str, **entries) -> Path:
+    train = make_train()
+    path = store.parent / name
+    torch.save({"x": train.x, "y": train.y, **entries}, path)
+    return path
+
+
+@probe("5", "an embeddings file that names no encoder is refused unless --trust-embeddings")
+def _bare_embeddings(store: Path) -> str | None:
+    path = _embeddings_file(store, "bare.pt")
+    args = ("forget", "--model", str(store), "--classes", "1", "--method", "examples", "--embeddings", str(path))
+    refused = one_line_error(*cli(*args)[::2], str(path), "does not say which encoder", "--trust-embeddings")
+    code, _, err = cli(*args, "--trust-embeddings")
+    return refused or (f"trusted: exit {code} {err.strip()}" if code else None)
+
+
+@probe("5", "an embeddings file made by another encoder, or of another size, is refused")
+def _other_embeddings(store: Path) -> str | None:
+    other = _embeddings_file(store, "other.pt", encoder="effnet-lite0")
+    narrow = store.parent / "narrow.pt"
+    torch.save({"x": make_train().x[:, :8], "y": make_train().y, "encoder": "synthetic"}, narrow)
+    base = ("forget", "--model", str(store), "--classes", "1", "--method", "examples", "--embeddings")
+    problems = [one_line_error(*cli(*base, str(other))[::2], "made with encoder 'effnet-lite0'"),
+                one_line_error(*cli(*base, str(narrow))[::2], "embeddings have 8 dimensions, the model takes 32")]
+    return "; ".join(p for p in problems if p) or None
 
 
 # ------------------------------------------------------------------ 6. typed, early, one-line errors
@@ -257,7 +297,7 @@ def _log_missing(store: Path) -> str | None:
 def _full_disk(store: Path) -> str | None:
     import errno
 
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     real = store_module.save_file
 
@@ -270,6 +310,47 @@ def _full_disk(store: Path) -> str | None:
                               "tensors.safetensors")
     finally:
         store_module.save_file = real
+
+
+for param, needle in [("num_keys=x", "dkvb-activations: num_keys must be an integer or null, got 'x'"),
+                      ("erase_values=maybe", "dkvb-activations: erase_values must be true or false, got 'maybe'"),
+                      ("min_share=abc", "dkvb-activations: min_share must be a number or null, got 'abc'")]:
+    def _param_type(store: Path, param=param, needle=needle) -> str | None:
+        failure = one_line_error(*cli("forget", "--model", str(store), "--classes", "1", "--param", param)[::2], needle)
+        return failure or ("a request was logged" if (store / "audit.jsonl").exists() else None)
+    probe("6", f"--param {param} is refused by type before any work")(_param_type)
+
+
+@probe("6", "a read-only store: forget fails in one line naming the store, which stays unchanged and verifiable")
+def _read_only(store: Path) -> str | None:
+    import builtins
+    import errno
+
+    cli("forget", "--model", str(store), "--classes", "1")
+    top, writing = str(store.resolve()), os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+    saved = {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name != ".lock"}
+    real = builtins.open, os.open, os.mkdir, os.replace
+
+    def inside(p) -> bool:
+        return isinstance(p, (str, os.PathLike)) and os.path.abspath(os.fspath(p)).startswith(top)
+
+    def refuse(p):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))
+
+    builtins.open = lambda f, mode="r", *a, **k: (refuse(f) if inside(f) and any(c in mode for c in "wax+")
+                                                  else real[0](f, mode, *a, **k))
+    os.open = lambda p, flags, *a, **k: refuse(p) if inside(p) and flags & writing else real[1](p, flags, *a, **k)
+    os.mkdir = lambda p, *a, **k: refuse(p) if inside(p) else real[2](p, *a, **k)
+    os.replace = lambda s, d, *a, **k: refuse(d) if inside(d) else real[3](s, d, *a, **k)
+    try:
+        failure = one_line_error(*cli("forget", "--model", str(store), "--classes", "2")[::2], str(store),
+                                 "cannot write to the model store", "Read-only file system")
+    finally:
+        builtins.open, os.open, os.mkdir, os.replace = real
+    now = {p: p.read_bytes() for p in sorted(store.rglob("*")) if p.is_file() and p.name != ".lock"}
+    code, out, err = cli("replay", "--model", str(store))
+    return (failure or ("the store changed" if now != saved else None)
+            or (None if code == 0 and "bit for bit" in out else f"replay: {err.strip()}"))
 
 
 # ------------------------------------------------------------------ 7. files usable by others
@@ -297,15 +378,22 @@ def _escape(store: Path) -> str | None:
 
 
 # ------------------------------------------------------------------ run
-def make_store(path: Path) -> None:
+def make_train() -> EmbeddingSet:
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(len(NAMES), 32, generator=g) * 3
     y = torch.arange(600) % len(NAMES)
-    train = EmbeddingSet(centers[y] + torch.randn(600, 32, generator=g), y, NAMES)
-    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), 32, len(NAMES), seed=0)
+    return EmbeddingSet(centers[y] + torch.randn(600, 32, generator=g), y, NAMES)
+
+
+def make_model(train: EmbeddingSet, seed: int = 0) -> torch.nn.Module:
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4), 32, len(NAMES), seed=seed)
     fit(model, train, TrainConfig(epochs=2, lr=1e-2))
     model.compute_activation_counts(train.x, train.y)
-    save_model(model, path, class_names=NAMES, encoder="synthetic")
+    return model
+
+
+def make_store(path: Path) -> None:
+    save_model(make_model(make_train()), path, class_names=NAMES, encoder="synthetic")
 
 
 def run(out: Path | None) -> dict:

@@ -1,34 +1,23 @@
 """Discrete key-value bottleneck (Träuble et al., 2023) with maskable keys.
 
 An embedding is projected once per codebook; each projection selects its ``topk`` nearest
-unmasked keys; the selected keys' values (the only trainable tensor) are returned. Keys are
-set by k-means on unlabelled embeddings and then frozen, so each input touches ``C * topk``
-of the ``C * K`` values. Masking a key removes it from selection: the next-nearest unmasked
-key is chosen instead, which is how a class is unlearned.
-
-Because keys never move after k-means, a search can be kept and reused: :meth:`candidates`
-returns each embedding's nearest ``topk + extra`` keys once, and :meth:`select` picks the
-nearest unmasked ones from that list under any later mask, searching again only the rows
-whose candidates are all masked. The result equals a fresh search, bit for bit.
+unmasked keys (:mod:`dkvb.keys`: projections, frozen keys, the key mask and the search); the
+selected keys' values (the only trainable tensor) are returned. Keys are set by k-means on
+unlabelled embeddings and then frozen, so each input touches ``C * topk`` of the ``C * K``
+values. Masking a key removes it from selection, which is how a class is unlearned.
 """
 from __future__ import annotations
 
-import math
-import os
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
-import faiss
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data import check_embeddings
+from .keys import PROJECTIONS, FrozenKeys, Projection, SearchBackend
 from .validate import require, require_choice
 
-SearchBackend = Literal["torch", "faiss"]
-Projection = Literal["random", "pca", "whitened"]
-PROJECTIONS = ("random", "pca", "whitened")
+__all__ = ["DiscreteKeyValueBottleneck", "BottleneckOutput"]
 
 
 class BottleneckOutput(NamedTuple):
@@ -38,18 +27,7 @@ class BottleneckOutput(NamedTuple):
     indices: Tensor
 
 
-class Candidates(NamedTuple):
-    """Nearest keys of some embeddings, kept so later masks need no fresh search.
-
-    ``indices``: (N, C, T) nearest keys under ``mask``, nearest first; ``mask``: the (C, K) key
-    mask they were searched under. Valid for any later mask that contains ``mask``.
-    """
-
-    indices: Tensor
-    mask: Tensor
-
-
-class DiscreteKeyValueBottleneck(nn.Module):
+class DiscreteKeyValueBottleneck(FrozenKeys):
     """C codebooks of K frozen keys, each key with a trainable value.
 
     Args:
@@ -88,7 +66,6 @@ class DiscreteKeyValueBottleneck(nn.Module):
         chunk_rows: int | None = None,
         seed: int = 0,
     ) -> None:
-        super().__init__()
         for name, v in dict(dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size,
                             key_dim=key_dim, value_dim=value_dim, topk=topk, whiten_dim=whiten_dim,
                             chunk_rows=chunk_rows or 1).items():
@@ -96,163 +73,16 @@ class DiscreteKeyValueBottleneck(nn.Module):
         require(topk <= codebook_size, "DiscreteKeyValueBottleneck", "topk", f"<= codebook_size={codebook_size}", topk)
         require_choice("DiscreteKeyValueBottleneck", "projection", projection, PROJECTIONS)
         require_choice("DiscreteKeyValueBottleneck", "search", search, ("torch", "faiss"))
-        self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
-        self.key_dim, self.value_dim, self.topk = key_dim, value_dim, topk
-        self.projection_kind, self.whiten_dim = projection, min(whiten_dim, dim)
-        self.search, self.chunk_rows, self.seed = search, chunk_rows, seed
-
-        g = torch.Generator().manual_seed(seed)
-        # (in, C, key_dim): one matmul projects onto every codebook at once. "whitened" keeps its
-        # (dim, whiten_dim) whitening apart, so projecting costs dim*q + q*C*key_dim per row
-        # instead of dim*C*key_dim (6x less for 1280 -> 128 -> 256 x 8).
-        whitened = projection == "whitened"
-        proj = torch.randn(self.whiten_dim if whitened else dim, num_codebooks, key_dim, generator=g)
-        self.register_buffer("projection", proj / math.sqrt(proj.shape[0]))
-        self.register_buffer("whitening", torch.zeros(dim, self.whiten_dim) if whitened else torch.zeros(0))
-        self.register_buffer("keys", torch.zeros(num_codebooks, codebook_size, key_dim))
-        self.register_buffer("key_mask", torch.zeros(num_codebooks, codebook_size, dtype=torch.bool))
-        self.register_buffer("initted", torch.tensor(False))
+        super().__init__(dim, num_codebooks, codebook_size, key_dim=key_dim, topk=topk, projection=projection,
+                         whiten_dim=whiten_dim, search=search, chunk_rows=chunk_rows, seed=seed)
+        self.value_dim = value_dim
         self.values = nn.Parameter(torch.zeros(num_codebooks, codebook_size, value_dim))
-
-    # ------------------------------------------------------------------ keys
-    def project(self, x: Tensor) -> Tensor:
-        """(N, dim) -> (N, C, key_dim)."""
-        if self.whitening.numel():
-            x = x @ self.whitening
-        return (x @ self.projection.flatten(1)).view(x.shape[0], self.num_codebooks, self.key_dim)
-
-    @torch.no_grad()
-    def init_keys(self, x: Tensor, *, niter: int = 20, max_points_per_centroid: int = 256) -> None:
-        """Fit the projection (``pca``/``whitened``) and run seeded faiss k-means per codebook on ``x``, then freeze."""
-        check_embeddings(x, self.dim)
-        if x.shape[0] < self.codebook_size:
-            raise ValueError(
-                f"k-means needs at least codebook_size={self.codebook_size} embeddings, got {x.shape[0]}"
-            )
-        x = x.detach().float().cpu()
-        if self.projection_kind == "pca":
-            self.projection.copy_(_pca_projection(x, self.num_codebooks, self.key_dim, self.seed))
-        elif self.projection_kind == "whitened":
-            self.whitening.copy_(_whitening(x, self.whiten_dim))
-        z = self.project(x)
-        keys = torch.empty_like(self.keys, device="cpu")
-        for c in range(self.num_codebooks):
-            km = faiss.Kmeans(
-                self.key_dim, self.codebook_size, niter=niter, seed=self.seed + c,
-                max_points_per_centroid=max_points_per_centroid, verbose=False,
-            )
-            km.train(np.ascontiguousarray(z[:, c].numpy(), dtype=np.float32))
-            keys[c] = torch.from_numpy(km.centroids)
-        self.keys.copy_(keys)
-        self.initted.fill_(True)
-
-    # ---------------------------------------------------------------- lookup
-    @torch.no_grad()
-    def lookup(self, x: Tensor) -> Tensor:
-        """Indices (N, C, topk) of the nearest unmasked keys, nearest first."""
-        return self.nearest(x, self.topk)
-
-    @torch.no_grad()
-    def nearest(self, x: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
-        """Indices (N, C, k) of the ``k`` nearest keys not in ``mask`` (default: the key mask), nearest first.
-
-        Ties go to the lower key index.
-        """
-        if not bool(self.initted):
-            raise RuntimeError("keys are not initialised: call init_keys(embeddings) first")
-        check_embeddings(x, self.dim)
-        mask = self.key_mask if mask is None else mask
-        short = (~mask).sum(dim=1) < k
-        if bool(short.any()):
-            c = int(short.nonzero()[0])
-            raise RuntimeError(f"codebook {c} has fewer than {k} unmasked keys: nothing left to select")
-        if self.search == "faiss":
-            return _FaissLookup.apply(self.project(x), self.keys, mask, k)
-        rows = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
-        out = [self._nearest_torch(x[i:i + rows], k, mask) for i in range(0, x.shape[0], rows)]
-        if not out:
-            return torch.empty(0, self.num_codebooks, k, dtype=torch.long, device=x.device)
-        return torch.cat(out)
-
-    def _nearest_torch(self, x: Tensor, k: int, mask: Tensor) -> Tensor:
-        z = self.project(x)
-        # |z - key|^2 up to the per-row constant |z|^2, written as a matmul so fvcore counts it;
-        # masked keys get +inf.
-        knorm = self.keys.pow(2).sum(-1).masked_fill(mask, math.inf)
-        if x.device.type != "cpu" or torch.jit.is_tracing():
-            dist = torch.bmm(z.transpose(0, 1), self.keys.transpose(1, 2)).mul_(-2).add_(knorm.unsqueeze(1))
-            idx = dist.argmin(-1, keepdim=True) if k == 1 else dist.topk(k, dim=-1, largest=False).indices
-            return idx.permute(1, 0, 2)
-        # CPU: one codebook at a time keeps the (rows, K) block in cache, and numpy's argmin is
-        # vectorised (torch's CPU argmin/topk are ~10x slower at these sizes).
-        n = x.shape[0]
-        out = np.empty((n, self.num_codebooks, k), dtype=np.int64)
-        buf = torch.empty(n, self.codebook_size)
-        rows = np.arange(n)
-        for c in range(self.num_codebooks):
-            torch.addmm(knorm[c], z[:, c], self.keys[c].T, alpha=-2, out=buf)
-            a = buf.numpy()
-            for j in range(k):
-                best = a.argmin(axis=1)
-                out[:, c, j] = best
-                if j + 1 < k:
-                    a[rows, best] = np.inf
-        return torch.from_numpy(out)
-
-    # ------------------------------------------------------------ candidates
-    @torch.no_grad()
-    def candidates(self, x: Tensor, extra: int = 8) -> Candidates:
-        """Each embedding's nearest ``topk + extra`` keys under the current mask, for :meth:`select`
-        (kept as int16/int32 rows of the flattened (C * K) key table: a 60,000-row set with 256
-        codebooks takes ~280 MB)."""
-        k = min(self.topk + extra, int((~self.key_mask).sum(1).min()))
-        flat = self.flat_indices(self.nearest(x, k)).view(x.shape[0], self.num_codebooks, k)
-        small = torch.int16 if self.num_codebooks * self.codebook_size < 2**15 else torch.int32
-        return Candidates(flat.to(small), self.key_mask.clone())
-
-    @torch.no_grad()
-    def select(self, x: Tensor, cands: Candidates) -> Tensor:
-        """What :meth:`lookup` returns for ``x`` under the current mask, from kept candidates.
-
-        Each row takes its first ``topk`` candidates that are not masked now; rows with fewer
-        than ``topk`` left in some codebook are searched again. A mask that unmasks a key the
-        candidates were searched without needs a fresh search (done here, for every row).
-        """
-        if cands.indices.shape[:2] != (x.shape[0], self.num_codebooks):
-            raise ValueError(f"select: candidates for {tuple(cands.indices.shape[:2])} (rows, codebooks) do not match "
-                             f"embeddings {tuple(x.shape)} and {self.num_codebooks} codebooks")
-        mask = self.key_mask
-        if bool((cands.mask & ~mask).any()):
-            return self.lookup(x)
-        flat = cands.indices.numpy()
-        free = ~mask.flatten().cpu().numpy()[flat]  # (N, C, T)
-        if self.topk == 1:  # numpy's bool argmax finds the first free candidate (vectorised)
-            first = free.argmax(-1)[..., None]
-            ok = np.take_along_axis(free, first, -1)[..., 0].all(-1)
-            picked = np.take_along_axis(flat, first, -1)
-        else:
-            rank = free.cumsum(-1)
-            ok = (rank[..., -1] >= self.topk).all(-1)
-            keep = free & (rank <= self.topk)
-            order = np.argsort(~keep, axis=-1, kind="stable")[..., : self.topk]
-            picked = np.take_along_axis(flat, order, -1)
-        offsets = np.arange(self.num_codebooks).reshape(1, -1, 1) * self.codebook_size
-        out = torch.from_numpy(picked.astype(np.int64) - offsets)
-        redo = torch.from_numpy(np.flatnonzero(~ok))
-        if redo.numel():
-            out[redo] = self.lookup(x[redo.to(x.device)]).to(out.device)
-        return out
 
     # ---------------------------------------------------------------- values
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
         """Values (N, C, value_dim) for key indices (N, C, topk), averaged over the top-k."""
         c = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1)
         return self.values[c, indices].mean(dim=2)
-
-    def flat_indices(self, indices: Tensor) -> Tensor:
-        """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
-        offsets = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1) * self.codebook_size
-        return (indices + offsets).flatten(1)
 
     def pool(self, flat: Tensor, weight: Tensor | None = None) -> Tensor:
         """(N, value_dim): the mean of the selected values over codebooks and top-k, in one
@@ -285,77 +115,3 @@ class DiscreteKeyValueBottleneck(nn.Module):
         return (f"dim={self.dim}, num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, "
                 f"key_dim={self.key_dim}, value_dim={self.value_dim}, topk={self.topk}, "
                 f"projection={self.projection_kind}, search={self.search}")
-
-
-def _available_memory() -> int:
-    """Bytes of memory available to this process (MemAvailable on Linux; 2 GiB if unknown)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 2 << 30
-
-
-def _auto_chunk_rows(num_codebooks: int, codebook_size: int, key_dim: int) -> int:
-    """Rows per search chunk: the projected chunk plus one codebook's distance block within
-    1/16 of available memory, and at most 4,096 rows (larger blocks stop fitting in cache)."""
-    per_row = 4 * (num_codebooks * key_dim + codebook_size) + 8 * num_codebooks * 16
-    budget = _available_memory() // 16
-    return int(max(64, min(4096, budget // per_row)))
-
-
-def _pca_projection(x: Tensor, num_codebooks: int, key_dim: int, seed: int) -> Tensor:
-    """(dim, C, key_dim): each codebook gets a fixed random draw of the top principal directions of ``x``."""
-    xc = x - x.mean(0)
-    q = min(x.shape[1], num_codebooks * key_dim, x.shape[0])
-    _, _, v = torch.pca_lowrank(xc, q=q, center=False, niter=4)  # v: (dim, q)
-    g = torch.Generator().manual_seed(seed)
-    cols = torch.cat([torch.randperm(q, generator=g) for _ in range(math.ceil(num_codebooks * key_dim / q))])
-    return v[:, cols[: num_codebooks * key_dim]].reshape(-1, num_codebooks, key_dim).contiguous()
-
-
-def _whitening(x: Tensor, whiten_dim: int) -> Tensor:
-    """(dim, whiten_dim): PCA-whitening of ``x`` (its top principal directions, each scaled to unit
-    variance); columns beyond the rank of ``x`` stay zero.
-
-    Centering is left out: a constant shift of every projection moves the keys with it and
-    changes no nearest-key choice.
-    """
-    xc = x - x.mean(0)
-    q = min(whiten_dim, *xc.shape)
-    cov = (xc.T @ xc).double() / max(1, xc.shape[0] - 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
-    evals, evecs = evals[-q:].flip(0), evecs[:, -q:].flip(1)
-    out = torch.zeros(x.shape[1], whiten_dim)
-    out[:, :q] = (evecs / (evals.clamp_min(1e-12 * float(evals[0])) ** 0.5)).float()
-    return out
-
-
-class _FaissLookup(torch.autograd.Function):
-    """Nearest unmasked keys via one ``faiss.IndexFlatL2`` per codebook.
-
-    Kept behind an autograd Function so fvcore traces it as one ``prim::PythonOp`` that
-    :mod:`dkvb.flops` counts (N * K * key_dim multiply-adds per codebook).
-    """
-
-    @staticmethod
-    def forward(ctx, z: Tensor, keys: Tensor, key_mask: Tensor, topk: int) -> Tensor:  # noqa: D102
-        zc = z.detach().float().cpu().numpy()
-        n, num_codebooks, key_dim = (int(s) for s in z.shape)
-        out = np.empty((n, num_codebooks, int(topk)), dtype=np.int64)
-        for c in range(num_codebooks):
-            index = faiss.IndexFlatL2(key_dim)
-            index.add(np.ascontiguousarray(keys[c].detach().float().cpu().numpy()))
-            masked = key_mask[c].nonzero().flatten().cpu().numpy().astype(np.int64)
-            params = None
-            if masked.size:
-                params = faiss.SearchParameters(sel=faiss.IDSelectorNot(faiss.IDSelectorBatch(masked)))
-            _, out[:, c] = index.search(np.ascontiguousarray(zc[:, c]), int(topk), params=params)
-        return torch.from_numpy(out).to(z.device)
-
-    @staticmethod
-    def backward(ctx, grad):  # pragma: no cover - indices carry no gradient
-        return None, None, None, None

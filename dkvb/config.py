@@ -3,19 +3,17 @@ defaults, and ``key.sub=value`` command-line overrides (defaults < file < comman
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
-import types
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Sequence, Union
+from typing import Any, Sequence
 
 import yaml
 
 from .models import ModelConfig
 from .train import TrainConfig
-from .validate import invalid, require
+from .validate import check_type, invalid, require
 
 
 @dataclass
@@ -142,61 +140,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
         elif sub is not None:
             kwargs[key] = _build(sub, value, f"{path}{key}.")
         else:
-            kwargs[key] = check_type(value, hints[key], f"{path}{key}")
+            kwargs[key] = check_type("config", f"{path}{key}", value, hints[key])
     return cls(**kwargs)
-
-
-def check_type(value: Any, hint: Any, where: str) -> Any:
-    """``value`` checked against a config field's declared type; returns it (a float field takes
-    an int, and a number YAML read as text, e.g. ``1e-3``, as the number it spells).
-
-    Raises ``ValueError`` as ``config: <field> must be <rule>, got <value>``: booleans must be
-    booleans, integers integers (not ``1e12``, which YAML reads as text), floats finite, and
-    ``None``/``nan`` spelled as text are refused with the YAML spelling to use.
-    """
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-
-    def bad(rule: str, note: str = "") -> ValueError:
-        return invalid("config", where, rule, value, note)
-
-    if hint is Any:
-        return value
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        rest = [a for a in args if a is not type(None)]
-        if isinstance(value, str) and value.strip().lower() in ("none", "null") and type(None) in args:
-            raise bad(f"{_rule(rest[0])} or null", " (YAML spells none as null or ~)")
-        return check_type(value, rest[0], where) if len(rest) == 1 else value
-    if origin is Literal:
-        if value not in args:
-            raise bad("one of " + ", ".join(map(repr, args)))
-        return value
-    if hint is bool and not isinstance(value, bool):
-        raise bad("true or false")
-    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise bad("an integer", " (YAML reads 1e12 as text: write the digits)" if isinstance(value, str) else "")
-    if hint is float:
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value)
-            except ValueError:
-                raise bad("a number") from None
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise bad("a number")
-        if not math.isfinite(number):
-            raise bad("a finite number")
-        return number
-    if hint is str and not isinstance(value, str):
-        raise bad("text")
-    if (origin or hint) in (dict, list) and not isinstance(value, origin or hint):
-        raise bad("a mapping" if (origin or hint) is dict else "a list")
-    return value
-
-
-def _rule(hint: Any) -> str:
-    return {bool: "true or false", int: "an integer", float: "a number", str: "text"}.get(hint, str(hint))
 
 
 def check_run_name(name: str) -> str:

@@ -1,13 +1,19 @@
 """Embeddings with labels from files, for requests against a stored model (``dkvb forget``/``replay``/
 ``verify``): ``.pt``/``.pth``, ``.safetensors``, ``.npz``, ``.npy`` or an embedding-cache folder.
 
-A cache folder (:mod:`dkvb.cache`) and an experiment config also say which encoder setting made
-the embeddings (name, image size, preprocessing): :func:`check_encoder` refuses embeddings made
-with another setting than the stored model's, which would put the request's examples in another
-space than the one the model's keys live in. The other formats carry no such description.
+A cache folder (:mod:`dkvb.cache`) and an experiment config say which encoder setting made the
+embeddings (name, image size, preprocessing); a ``.pt``/``.safetensors``/``.npz`` file says it with
+an ``encoder`` entry beside ``x`` and ``y`` (the encoder's name, or its description as a dict or
+JSON text: :func:`dkvb.encoders.encoder_config`; in a ``.safetensors`` file, the ``encoder``
+metadata field). :func:`check_encoder` refuses embeddings made with another setting than the
+stored model's, which would put the request's examples in another space than the one the model's
+keys live in. A file without an ``encoder`` entry (and every ``.npy``) is refused for a stored
+model unless the caller trusts it explicitly (``trust=True``, ``--trust-embeddings``); the
+embedding size is checked against the model's in every case.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,15 +25,20 @@ from torch import Tensor
 from .data import EmbeddingSet
 
 
+TRUST_FLAG = "--trust-embeddings"
+
+
 def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
-                         encoder: Mapping[str, Any] | None = None) -> EmbeddingSet:
+                         encoder: Mapping[str, Any] | None = None, *, trust: bool = False) -> EmbeddingSet:
     """Embeddings with labels from a file: ``.pt``/``.pth`` or ``.safetensors`` or ``.npz`` holding
     ``x`` and ``y``; ``.npy`` holding ``x`` with labels in ``labels.npy`` (beside ``embeddings.npy``)
     or ``<stem>_labels.npy``; or a cached split folder of :mod:`dkvb.cache`.
 
-    ``encoder`` (a stored model's manifest) is checked against a cache folder's encoder description.
-    Raises ``ValueError`` naming the file and the problem (missing arrays, wrong shapes, NaN/inf,
-    labels out of range, another encoder) and ``FileNotFoundError``.
+    ``encoder`` (a stored model's manifest) is checked against the encoder the file or folder
+    names and against the embedding size; a file that names no encoder is refused then unless
+    ``trust``. Raises ``ValueError`` naming the file and the problem (missing arrays, wrong shapes,
+    NaN/inf, labels out of range, another encoder, no encoder named, another embedding size) and
+    ``FileNotFoundError``.
     """
     p = Path(path)
     if p.is_dir():
@@ -36,22 +47,28 @@ def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
         if encoder is not None:
             check_encoder(read_meta(p).get("encoder"), encoder, str(p))
         data = load_cached(p, class_names)
+        _check_dim(data.x, encoder, p)
         _check_finite(data.x, p)
         return data
     if not p.is_file():
         raise FileNotFoundError(f"embeddings file not found: {p}")
-    suffix = p.suffix.lower()
+    suffix, described = p.suffix.lower(), None
     try:
         if suffix in (".pt", ".pth"):
             obj = torch.load(p, map_location="cpu", weights_only=True)
             x, y = _pick(obj, p)
+            described = obj.get("encoder")
         elif suffix == ".safetensors":
+            from safetensors import safe_open
             from safetensors.torch import load_file
 
             x, y = _pick(load_file(str(p)), p)
+            with safe_open(str(p), "pt") as f:
+                described = (f.metadata() or {}).get("encoder")
         elif suffix == ".npz":
             with np.load(p, allow_pickle=False) as z:
                 x, y = _pick({k: z[k] for k in z.files}, p)
+                described = z["encoder"].item() if "encoder" in z.files else None
         elif suffix == ".npy":
             labels = p.with_name("labels.npy") if p.name == "embeddings.npy" else p.with_name(f"{p.stem}_labels.npy")
             if not labels.is_file():
@@ -63,12 +80,15 @@ def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
         raise
     except Exception as e:  # unpickling/format errors of the readers above
         raise ValueError(f"{p}: unreadable embeddings ({type(e).__name__}: {e})") from e
+    if encoder is not None:
+        _check_file_encoder(described, encoder, p, trust)
     x, y = torch.as_tensor(np.asarray(x)), torch.as_tensor(np.asarray(y))
     if not (x.is_floating_point() or x.dtype in (torch.int32, torch.int64)) or x.ndim != 2:
         raise ValueError(f"{p}: x must be a 2-D float array (N, D), got {tuple(x.shape)} {x.dtype}")
     if y.is_floating_point() or y.dtype == torch.bool or y.ndim != 1:
         raise ValueError(f"{p}: y must be a 1-D integer array, got {tuple(y.shape)} {y.dtype}")
     x = x.float()
+    _check_dim(x, encoder, p)
     _check_finite(x, p)
     try:
         return EmbeddingSet(x, y.long(), tuple(class_names))
@@ -91,6 +111,38 @@ def check_encoder(described: Any, manifest: Mapping[str, Any], where: str) -> No
     elif name is not None and described.get("name") != name:
         raise ValueError(f"{where}: embeddings made with encoder {described.get('name')!r}, the model was trained on "
                          f"{name!r} embeddings")
+
+
+def _check_file_encoder(described: Any, manifest: Mapping[str, Any], p: Path, trust: bool) -> None:
+    """Check a file's ``encoder`` entry (a name, or a description as a dict or JSON text) against a
+    stored model's manifest; refuse a file without one unless ``trust``."""
+    if isinstance(described, str) and described.lstrip().startswith("{"):
+        try:
+            described = json.loads(described)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: its 'encoder' entry is not valid JSON ({e})") from None
+    if isinstance(described, str):
+        described = {"name": described}
+    if described is None:
+        if trust:
+            return
+        raise ValueError(f"{p}: the file does not say which encoder made these embeddings (no 'encoder' entry), so "
+                         f"they cannot be checked against the model's encoder {manifest.get('encoder')!r}; add an "
+                         f"'encoder' entry (the encoder's name) beside x and y, or pass {TRUST_FLAG} to use them "
+                         "unchecked")
+    if not isinstance(described, Mapping):
+        raise ValueError(f"{p}: its 'encoder' entry must be the encoder's name or description, got "
+                         f"{type(described).__name__}")
+    if not isinstance(manifest.get("encoder_config"), Mapping) or set(described) == {"name"}:
+        manifest = {"encoder": manifest.get("encoder")}  # a name alone is checked against the name
+    check_encoder(described, manifest, str(p))
+
+
+def _check_dim(x: Tensor, manifest: Mapping[str, Any] | None, p: Path) -> None:
+    dim = manifest.get("embedding_dim") if manifest is not None else None
+    if dim is not None and x.ndim == 2 and x.shape[1] != dim:
+        raise ValueError(f"{p}: embeddings have {x.shape[1]} dimensions, the model takes {dim} (manifest field "
+                         "embedding_dim); they were made by another encoder or setting")
 
 
 def _pick(obj: Any, p: Path) -> tuple[Any, Any]:
@@ -121,4 +173,4 @@ def embeddings_from_config(
     return load_embeddings(cfg, progress=False)
 
 
-__all__ = ["load_embeddings_file", "embeddings_from_config", "check_encoder"]
+__all__ = ["load_embeddings_file", "embeddings_from_config", "check_encoder", "TRUST_FLAG"]

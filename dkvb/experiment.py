@@ -16,12 +16,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .audit import is_served
 from .config import ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
 from .flops import count_images, encoder_flops_per_image
-from .bottleneck import Candidates
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
 from .io import atomic_write_json, atomic_write_text
+from .keys import Candidates
 from .models import build_model, resolve_config
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer
@@ -65,7 +66,9 @@ def train_models(
     """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
     Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
-    that serves deletion requests is not replaced unless ``force`` (see :func:`dkvb.store.save_model`).
+    that serves deletion requests is not replaced unless ``force``; then the forget requests in
+    effect there are re-applied to the new model and logged (:func:`dkvb.service.replace_model`),
+    and the returned model is the one served, with them applied.
     """
     from .flops import FlopCounter
 
@@ -105,8 +108,17 @@ def train_models(
             with timer.track("activation counts", kind):
                 model.compute_activation_counts(train.x, train.y)
             info["count_seconds"] = time.perf_counter() - start
-        save_model(model, path, class_names=list(train.class_names), encoder=cfg.encoder.name,
-                   extra={"fingerprint": _fingerprint(cfg), "train_info": info}, force=force)
+        saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
+                     extra={"fingerprint": _fingerprint(cfg), "train_info": info})
+        if force and is_served(path):
+            from .service import replace_model
+
+            rec = replace_model(path, model, data=train, **saved)
+            log.warning("%s: replaced the served model by the retrained one (%s); forget requests re-applied: %s",
+                        path, rec["request_id"], ", ".join(rec["forgotten"]) or "none")
+            model, _ = load_model(path)
+        else:
+            save_model(model, path, **saved)
         out[kind] = (model, info)
     return out
 
@@ -272,12 +284,14 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
 def unlearn_once(
     cfg: ExperimentConfig, classes: str | list, method: MethodConfig
 ) -> tuple[dict[str, float], dict[str, float], Any]:
-    """One request with one method on the run's trained model: (metrics before, metrics after, report)."""
-    train, test = load_embeddings(cfg, progress=False)
+    """One request with one method on the run's trained model: (metrics before, metrics after, report).
+    The method and its parameters are checked before any embedding or training work."""
+    unlearner = create_unlearner(method.name, **method.params)
     kind = method_model(method)
+    train, test = load_embeddings(cfg, progress=False)
     model = train_models(cfg, train, kinds={kind}, progress=False)[kind][0]
     ids = resolve_classes(classes, train.class_names)
-    report = create_unlearner(method.name, **method.params).unlearn(model, ForgetRequest(ids, train, seed=cfg.seed))
+    report = unlearner.unlearn(model, ForgetRequest(ids, train, seed=cfg.seed))
     return (evaluate(model, train, test, ids, seed=cfg.seed), evaluate(report.model, train, test, ids, seed=cfg.seed),
             report)
 

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .bottleneck import Candidates, DiscreteKeyValueBottleneck
+from .bottleneck import DiscreteKeyValueBottleneck
+from .keys import Candidates
 from .data import EmbeddingSet, check_embeddings
 from .validate import require, require_choice
 

@@ -34,6 +34,8 @@ class ReplayResult:
         mask: the replayed key mask after the last record.
         head_mask: the key mask of the served model.
         steps: one entry per record: ``request_id``, ``op`` and ``how`` (``loaded`` for an origin,
+            ``loaded, N re-applied`` for a retrained model with the forget requests in effect
+            re-applied, ``(logged deltas)`` added where those read embeddings not given,
             ``recomputed``, ``logged delta`` when the embeddings a request read were not given,
             ``unchanged`` for no-ops and prunes, ``restored``).
     """
@@ -63,6 +65,13 @@ def replay_records(records: list[dict[str, Any]], load: Loader, data: EmbeddingS
         if op == "origin":
             model, manifest = load(rec["version"])
             mask, names, how = model.key_mask.clone(), list(manifest["class_names"]), "loaded"
+            hows = []
+            for step in rec.get("reapplied", []):  # forget requests re-applied to a retrained model
+                mask, step_how = _replay_forget({**step, "request_id": f"{rid} (re-applying {step['request_id']})"},
+                                                model, names, mask, data)
+                hows.append(step_how)
+            if hows:
+                how = f"loaded, {len(hows)} re-applied" + ("" if set(hows) == {"recomputed"} else " (logged deltas)")
         elif op == "restore":
             if rec["to"] not in states:
                 raise ReplayError(f"{rid}: restores unknown request {rec['to']!r}")

@@ -32,88 +32,29 @@ from __future__ import annotations
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Sequence
 
 from torch import Tensor
 
 from . import store
-from .audit import LOG, AuditLog, audit_key, is_served, load as load_log
+from .audit import LOG, audit_key, is_served, load as load_log
 from .data import EmbeddingSet, resolve_classes
-from .errors import AuditError, StoreError
-from .io import atomic_write_text
 from .models import DKVBClassifier
-from .replay import ReplayError, ReplayResult, replay_records
+from .replay import ReplayError, ReplayResult
 from .request import METHODS, check_data, flat_mask, make_request, mask_sha, method_name, metrics as request_metrics
+from .served import ServedStore, StoreWriter, find_record, logged_sha
 from .unlearn import create_unlearner
 
 log = logging.getLogger("dkvb")
 
 
-class ServedStore:
-    """Reading a served model store at ``path``: the served model, the verified log, replay.
-
-    Full versions verified once are kept in memory, so a request loads and verifies only the small
-    key-mask file it serves. ``key`` checks (and, for writers, signs) the log's macs (default:
-    :func:`dkvb.audit.audit_key` from the environment).
-    """
-
-    def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
-        self.root = Path(path)
-        self.key = key if key is not None else audit_key()
-        self._full: dict[str, tuple[str, dict[str, Tensor]]] = {}
-
-    def load(self, version: str | None = None) -> tuple[DKVBClassifier, dict[str, Any]]:
-        """A verified DKVB model of the store (default: the served version) and its manifest.
-
-        Raises ``ValueError`` for another kind of model: the service masks keys.
-        """
-        model, manifest = store.load_model(self.root, version, cache=self._full)
-        if not isinstance(model, DKVBClassifier):
-            raise ValueError(f"{self.root}: the service forgets by masking keys of DKVB models; this store holds a "
-                             f"{model.config.get('kind')!r} model")
-        return model, manifest
-
-    def log(self) -> list[dict[str, Any]]:
-        """The verified records (chain, anchor, and macs when the key is set)."""
-        return load_log(self.root, self.key).records
-
-    @staticmethod
-    def forgotten_of(manifest: dict[str, Any]) -> list[str]:
-        """Classes forgotten through the service in the model a manifest describes."""
-        return list(_service_extra(manifest).get("forgotten", []))
-
-    def check(self) -> list[dict[str, Any]]:
-        """The verified records, after checking that every version a request wrote is in the log
-        (so a log deleted or cut together with its anchor is detected too) and that the served
-        version loads. Raises :class:`~dkvb.errors.AuditError` naming what disagrees."""
-        records = self.log()
-        versions = store.list_versions(self.root)
-        for version in versions:
-            _check_version_logged(self.root, version, records, orphan_ok=version == versions[-1])
-        if records:
-            self.load(records[-1]["version_after"])
-        return records
-
-    def replay(self, data: EmbeddingSet | None = None) -> ReplayResult:
-        """Recompute every logged request from the origin model (:mod:`dkvb.replay`) after
-        :meth:`check`. Raises :class:`~dkvb.replay.ReplayError` where a replayed mask differs from
-        the logged one, and :class:`~dkvb.errors.AuditError` for an empty, cut or edited log."""
-        return replay_records(self.check(), self.load, data, str(self.root / LOG))
-
-
-class ModelService(ServedStore):
-    """Forget/restore/prune requests against the model store at ``path``, each appended to its log.
+class ModelService(StoreWriter):
+    """Forget/restore/prune requests against the model store at ``path``, and replacing its model
+    by a retrained one; each appended to its log.
 
     Writers take the store's lock for the whole request, so a second concurrent writer fails at
     once with :class:`~dkvb.store.StoreLockedError`.
     """
-
-    def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
-        super().__init__(path, key)
-        self._log = AuditLog(self.root, self.key)
-        self._origin: dict[str, Any] | None = None  # an origin record to write before the next one
-        self._served: str | None = None  # the version served when the lock was taken (set by _sync)
 
     def forget(self, classes: Sequence[int | str] | str, method: str = "activations",
                params: dict[str, Any] | None = None, *, data: EmbeddingSet | None = None,
@@ -179,7 +120,7 @@ class ModelService(ServedStore):
         self._require_store()
         with store.writer_lock(self.root):
             records = self._sync()
-            target = _find(records, to)
+            target = find_record(records, to)
             head, version = self._served, target["version_after"]
             if version not in store.list_versions(self.root):
                 raise ValueError(f"cannot restore {target['request_id']}: its version {version} was deleted (see "
@@ -190,7 +131,7 @@ class ModelService(ServedStore):
             return self._commit({
                 "op": "restore", "to": target["request_id"], "noop": version == head,
                 "mask_sha256": mask_sha(after.key_mask), "forgotten": self.forgotten_of(manifest),
-                "model_sha256_before": _logged_sha(records[-1]),
+                "model_sha256_before": logged_sha(records[-1]),
                 "model_sha256_after": manifest.get("model_sha256") or store.model_sha256(after),
                 "version_before": head, "version_after": version,
             }, version)
@@ -210,107 +151,78 @@ class ModelService(ServedStore):
                               "version_before": self._served, "version_after": self._served}, self._served)
         return removed
 
-    # -------------------------------------------------------------- commit plumbing
-    def _require_store(self) -> None:
-        """Refuse to write to a folder that is not a model store (so a typo creates nothing)."""
-        if store.served_version(self.root) is None:
-            raise StoreError(f"no stored model at {self.root} (HEAD is missing)")
+    def replace(self, model: DKVBClassifier, *, class_names: list[str], encoder: str,
+                encoder_config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+                data: EmbeddingSet | None = None) -> dict[str, Any]:
+        """Serve a retrained ``model`` instead of the current one, with every forget request in
+        effect re-applied to it (same method, parameters and seed), so the served model still
+        forgets what the log says is forgotten; returns the logged ``origin`` record.
 
-    def _save(self, after: DKVBClassifier, before: DKVBClassifier, manifest: dict[str, Any],
-              record: dict[str, Any]) -> str:
-        """Write the model after a forget request as a new version (sharing all but the changed
-        tensors) whose manifest names the request; completes ``record``."""
-        head, delta = self._served, after.key_mask & ~before.key_mask
-        extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != "fingerprint"}
-        extra["service"] = {"request_id": self._log.next_id(ahead=self._origin is not None),
-                            "forgotten": record["forgotten"]}
-        full = manifest.get("shared", {}).get("version", head)
-        version = store.save_model(after, self.root, class_names=list(manifest["class_names"]),
-                                   encoder=manifest["encoder"], encoder_config=manifest.get("encoder_config"),
-                                   extra=extra, base=head, base_tensors=self._full.get(full, (None, None))[1],
-                                   update_head=False)
-        record.update(noop=False, keys_masked=int(delta.sum()), keys_masked_total=int(after.key_mask.sum()),
-                      mask_delta=flat_mask(delta), mask_sha256=mask_sha(after.key_mask), version_after=version,
-                      model_sha256_after=store.read_manifest(self.root, version)["model_sha256"])
-        return version
+        The record's ``version`` is the new model as trained (replay and verify start from it),
+        ``version_after`` the model served after re-applying, ``reapplied`` one entry per request
+        re-applied (its id, classes, method, parameters, seed, mask delta). ``data`` (training
+        embeddings) is needed where a re-applied method reads embeddings. Nothing is written to
+        the log or ``HEAD`` unless every request re-applies.
 
-    def _commit(self, record: dict[str, Any], version: str) -> dict[str, Any]:
-        """Append the pending origin record (if any) and ``record`` (the commit point), then point
-        ``HEAD`` at ``version``."""
-        if self._origin is not None:
-            origin, self._origin = self._origin, None
-            self._log.append(origin)
-        logged = self._log.append(record)
-        if store.current_version(self.root) != version:
-            atomic_write_text(self.root / "HEAD", version + "\n")
-        return logged
-
-    def _sync(self) -> list[dict[str, Any]]:
-        """Verify the log and bring ``HEAD`` in line with it (writer lock held); returns the records.
-
-        The served version is the last record's: ``HEAD`` is moved there when a writer died before
-        moving it, or when it is missing, corrupt or was edited. The served version's manifest must
-        name a logged request (a cut log is refused). Without a log, the served model gets an
-        origin record, written by :meth:`_commit` just before the request's own.
+        Raises ``ValueError`` where the new model lacks a forgotten class or a method needs
+        ``data`` it was not given.
         """
-        self._origin = None
-        records = self._log.sync()
-        served = records[-1]["version_after"] if records else store.current_version(self.root)
-        if served is None:
-            raise StoreError(f"{self.root}: HEAD is missing; not a dkvb model store")
-        self._served = served
-        _check_version_logged(self.root, served, records)
-        if records and store.current_version(self.root) != served:
-            log.warning("%s: HEAD is not the version the audit log serves (%s): a killed writer or an edit; "
-                        "moving HEAD", self.root, served)
-            atomic_write_text(self.root / "HEAD", served + "\n")
-        if records:
-            return records
-        model, manifest = self.load(served)
-        self._origin = {"op": "origin", "version": served, "note": "the model requests start from",
-                        "model_sha256": manifest.get("model_sha256") or store.model_sha256(model),
-                        "mask_sha256": mask_sha(model.key_mask), "forgotten": self.forgotten_of(manifest),
-                        "version_after": served}
-        return [{"request_id": self._log.next_id(), **self._origin}]
+        self._require_store()
+        with store.writer_lock(self.root):
+            records = self._sync()
+            steps = _steps_in_effect(records)
+            forgotten = [c for s in steps for c in s["new_classes"]]
+            missing = [c for c in forgotten if c not in class_names]
+            if missing:
+                raise ValueError(f"{self.root}: the new model lacks the forgotten class(es) {missing}; the logged "
+                                 "forget requests cannot be re-applied to it")
+            check_data(data, model, list(class_names), "data")
+            version = store.save_model(model, self.root, class_names=list(class_names), encoder=encoder,
+                                       encoder_config=encoder_config, extra=extra, update_head=False)
+            trained, manifest = self.load(version)
+            current, reapplied = _reapply(steps, trained, list(class_names), data)
+            record: dict[str, Any] = {
+                "op": "origin", "version": version, "version_before": self._served,
+                "note": "model replaced by a retrained one; the forget requests in effect re-applied to it",
+                "model_sha256": manifest["model_sha256"], "reapplied": reapplied, "forgotten": forgotten,
+                "mask_sha256": mask_sha(current.key_mask), "model_sha256_before": logged_sha(records[-1]),
+            }
+            final = self._save(current, trained, manifest, dict(record), base=version) if reapplied else version
+            record.update(version_after=final, model_sha256_after=store.read_manifest(self.root, final)["model_sha256"])
+            return self._commit(record, final)
 
 
-# ------------------------------------------------------------------ helpers
-def _service_extra(manifest: dict[str, Any]) -> dict[str, Any]:
-    extra = manifest.get("extra")
-    service = extra.get("service") if isinstance(extra, dict) else None
-    return service if isinstance(service, dict) else {}
+def _reapply(steps: list[dict[str, Any]], model: DKVBClassifier, names: list[str],
+             data: EmbeddingSet | None) -> tuple[DKVBClassifier, list[dict[str, Any]]]:
+    """``model`` with the forget ``steps`` applied in order (each with its logged method, parameters
+    and seed), and the steps completed with their mask deltas and the digests of what they read."""
+    reapplied = []
+    for step in steps:
+        unlearner = create_unlearner(step["method"], **step["params"])
+        request, digest = make_request(unlearner, model, [names.index(c) for c in step["new_classes"]], data,
+                                       step["seed"])
+        after = unlearner.unlearn(model, request).model
+        reapplied.append({**step, "mask_delta": flat_mask(after.key_mask & ~model.key_mask), "data_sha256": digest})
+        model = after
+    return model, reapplied
 
 
-def _check_version_logged(root: Path, version: str, records: list[dict[str, Any]], orphan_ok: bool = False) -> None:
-    """A version a request wrote names that request: the log must hold it, with this version.
-
-    A writer killed before logging leaves an orphan: the newest version (``orphan_ok``) with a
-    request id past the log, or one whose id a later retry logged with a newer version.
-    """
-    rid = _service_extra(store.read_manifest(root, version)).get("request_id")
-    if rid is None:
-        return
-    rec = next((r for r in records if r["request_id"] == rid), None)
-    if (rec is None and orphan_ok) or (rec is not None and rec["version_after"] > version):
-        return
-    if rec is None or rec["version_after"] != version:
-        raise AuditError(f"{root / LOG}: version {version} was written by request {rid}, which the log "
-                         + ("lacks: the log was cut, emptied or deleted" if rec is None else
-                            f"names with version {rec['version_after']}: the log was replaced"))
-
-
-def _logged_sha(record: dict[str, Any]) -> str | None:
-    return record.get("model_sha256_after") or record.get("model_sha256")
-
-
-def _find(records: list[dict[str, Any]], to: str) -> dict[str, Any]:
-    if to == "origin":
-        return next(r for r in records if r["op"] == "origin")
+def _steps_in_effect(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The forget requests the served model carries, oldest first (what :meth:`ModelService.replace`
+    re-applies): followed through restores and earlier replacements."""
+    steps: dict[str, list[dict[str, Any]]] = {}
+    current: list[dict[str, Any]] = []
     for r in records:
-        if r["request_id"] == to:
-            return r
-    raise ValueError(f"unknown request id {to!r}; known: {[r['request_id'] for r in records][-10:]} (last 10) "
-                     "or 'origin'")
+        if r["op"] == "origin":
+            current = [{k: s[k] for k in ("request_id", "new_classes", "method", "params", "seed")}
+                       for s in r.get("reapplied", [])]
+        elif r["op"] == "restore":
+            current = steps[r["to"]]
+        elif r["op"] == "forget" and not r.get("noop"):
+            current = current + [{"request_id": r["request_id"], "new_classes": r["new_classes"],
+                                  "method": r["method"], "params": r["params"], "seed": r.get("seed", 0)}]
+        steps[r["request_id"]] = current
+    return current
 
 
 # ------------------------------------------------------------------ functions
@@ -324,6 +236,13 @@ def forget(path: str | os.PathLike, classes: Sequence[int | str] | str, method: 
 def restore(path: str | os.PathLike, request_id: str) -> dict[str, Any]:
     """:meth:`ModelService.restore` on the store at ``path``."""
     return ModelService(path).restore(request_id)
+
+
+def replace_model(path: str | os.PathLike, model: DKVBClassifier, *, data: EmbeddingSet | None = None,
+                  **save: Any) -> dict[str, Any]:
+    """:meth:`ModelService.replace` on the store at ``path`` (``save``: ``class_names``, ``encoder``,
+    ``encoder_config``, ``extra``)."""
+    return ModelService(path).replace(model, data=data, **save)
 
 
 def replay(path: str | os.PathLike, data: EmbeddingSet | None = None) -> Tensor:
@@ -341,6 +260,6 @@ def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "ServedStore", "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "replay", "read_log",
-    "method_name", "METHODS", "LOG",
+    "ServedStore", "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "replace_model", "replay",
+    "read_log", "method_name", "METHODS", "LOG",
 ]

@@ -178,9 +178,13 @@ def test_divergence_raises_and_leaves_the_model_unchanged(trained_linear, reques
 
 
 def test_retrain_divergence_raises(trained_linear, request1):
+    from dkvb.unlearn import UNLEARNERS
+
+    with pytest.raises(ValueError, match=r"^retrain: lr must be a finite number, got inf$"):
+        create_unlearner("retrain", lr=float("inf"))  # refused up front from a config or --param
     before = state(trained_linear)
-    with pytest.raises(DivergenceError, match="^retrain"):
-        create_unlearner("retrain", lr=float("inf")).unlearn(trained_linear, request1)
+    with pytest.raises(DivergenceError, match="^retrain"):  # built directly, it diverges and says so
+        UNLEARNERS["retrain"](lr=float("inf")).unlearn(trained_linear, request1)
     assert same_state(state(trained_linear), before)
 
 

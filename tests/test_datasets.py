@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from dkvb import datasets
+from dkvb.datasets import cifar, fashion_mnist
 from dkvb.io import sha256_file
 from dkvb.datasets import (
     CIFAR10_CLASSES,
@@ -26,7 +27,7 @@ from dkvb.datasets import (
 
 SHARED = datasets.shared_data_dir()
 CIFAR10_ARCHIVE = SHARED / "cifar10.tar.gz"
-FASHION_MNIST = Path(datasets.DEBIAN_FASHION_MNIST)
+FASHION_MNIST = Path(fashion_mnist.DEBIAN_FASHION_MNIST)
 
 
 def _png(path: Path, value: int, size: int = 8) -> None:
@@ -81,7 +82,7 @@ def test_corrupt_idx_file_names_the_file(tmp_path):
 
 
 def test_fashion_mnist_missing_says_where_it_looked(tmp_path, monkeypatch):
-    monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-copy"))
+    monkeypatch.setattr(fashion_mnist, "DEBIAN_FASHION_MNIST", str(tmp_path / "no-debian-copy"))
     monkeypatch.delenv("DKVB_FASHION_MNIST", raising=False)
     with pytest.raises(FileNotFoundError, match="Fashion-MNIST not found") as info:
         load_dataset("fashion-mnist", "train", root=str(tmp_path / "empty"))
@@ -198,7 +199,7 @@ def test_cifar_missing_everywhere_names_the_paths(tmp_path, monkeypatch):
 @pytest.mark.skipif(not CIFAR10_ARCHIVE.is_file(), reason=f"offline CIFAR-10 archive not at {CIFAR10_ARCHIVE}")
 def test_real_cifar10_archive_counts():
     """Checksum and per-split, per-class counts from the archive listing (nothing decoded or unpacked)."""
-    assert sha256_file(CIFAR10_ARCHIVE) == datasets._expected_sha256(CIFAR10_ARCHIVE)
+    assert sha256_file(CIFAR10_ARCHIVE) == cifar._expected_sha256(CIFAR10_ARCHIVE)
     counts: collections.Counter = collections.Counter()
     with tarfile.open(CIFAR10_ARCHIVE, "r:gz") as tar:
         for member in tar:

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from dkvb import encoders
+from dkvb.encoders import clip as clip_family, weights as fetching
 from dkvb.encoders import Encoder, create_encoder, encoder_config, list_encoders
 
 
@@ -151,8 +152,8 @@ def offline(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(open_clip, "download_pretrained", no_network)
-    monkeypatch.setattr(encoders, "_cached_clip_checkpoint", lambda cfg: None)
-    monkeypatch.setattr(encoders, "_check_reachable", lambda url, **kw: None)  # reach the download itself
+    monkeypatch.setattr(clip_family, "cached_checkpoint", lambda cfg: None)
+    monkeypatch.setattr(fetching, "check_reachable", lambda url, **kw: None)  # reach the download itself
     return calls
 
 
@@ -195,10 +196,10 @@ def test_unreachable_hub_fails_fast_without_retries(tmp_path, monkeypatch):
     import open_clip
     import torchvision.models._api as tv_api
 
-    monkeypatch.setattr(encoders.socket, "create_connection", unreachable)
+    monkeypatch.setattr(fetching.socket, "create_connection", unreachable)
     monkeypatch.setattr(tv_api, "load_state_dict_from_url", must_not_download)
     monkeypatch.setattr(open_clip, "download_pretrained", must_not_download)
-    monkeypatch.setattr(encoders, "_cached_clip_checkpoint", lambda cfg: None)
+    monkeypatch.setattr(clip_family, "cached_checkpoint", lambda cfg: None)
     with pytest.raises(RuntimeError, match="cannot reach download.pytorch.org"):
         create_encoder("torchvision:resnet18")
     with pytest.raises(RuntimeError, match="cannot reach huggingface.co"):

@@ -235,7 +235,7 @@ def test_unreadable_manifest_and_config_are_named(store):
 
 
 def test_a_failing_save_leaves_no_partial_version(store, monkeypatch):
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     model, _ = load_model(store)
     monkeypatch.setattr(store_module, "save_file", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
@@ -250,8 +250,8 @@ def test_hostile_requests_through_the_cli_fail_cleanly(store, tmp_path, capsys, 
     train, _ = clusters
     x = train.x.clone()
     x[0, 0] = math.nan
-    torch.save({"x": x, "y": train.y}, tmp_path / "nan.pt")
-    torch.save({"x": train.x, "y": train.y + 5}, tmp_path / "range.pt")
+    torch.save({"x": x, "y": train.y, "encoder": "synthetic"}, tmp_path / "nan.pt")
+    torch.save({"x": train.x, "y": train.y + 5, "encoder": "synthetic"}, tmp_path / "range.pt")
     m = ["--model", str(store)]
     cases = [
         (["forget", *m, "--classes", "class1", "--method", "examples", "--embeddings", str(tmp_path / "nan.pt")],
@@ -352,10 +352,10 @@ def test_strings_are_never_guessed_as_indices():
 
 
 def test_readers_serve_the_logged_version_when_a_writer_dies_before_moving_head(store, monkeypatch):
-    import dkvb.service as service
+    import dkvb.served as served
 
     forget(store, "class1")
-    monkeypatch.setattr(service, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(served, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         forget(store, "class2")
     monkeypatch.undo()
@@ -398,7 +398,7 @@ def test_restore_works_with_head_missing_or_corrupt(store, head):
     assert torch.equal(replay(store), load_model(store)[0].key_mask)
 
 
-def test_retraining_a_served_run_refuses_without_force(store, clusters, tmp_path):
+def test_retraining_a_served_run_refuses_without_force_and_reapplies_with_it(store, clusters, tmp_path):
     from dkvb.config import load_config
     from dkvb.experiment import train_models
 
@@ -411,9 +411,12 @@ def test_retraining_a_served_run_refuses_without_force(store, clusters, tmp_path
     with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1"):
         train_models(cfg, train, kinds={"dkvb"}, progress=False)
     assert read_log(served)[-1]["forgotten"] == ["class1"] and current_version(served) == "000003"
-    train_models(cfg, train, kinds={"dkvb"}, progress=False, force=True)
+    model, _ = train_models(cfg, train, kinds={"dkvb"}, progress=False, force=True)["dkvb"]
     last = read_log(served)[-1]
-    assert last["op"] == "origin" and last["forgotten"] == [] and last["version_after"] == current_version(served)
+    assert last["op"] == "origin" and last["forgotten"] == ["class1"] and last["version_after"] == current_version(served)
+    assert [s["request_id"] for s in last["reapplied"]] == ["req-000002"] and last["version"] != last["version_after"]
+    assert torch.equal(model.key_mask, load_model(served)[0].key_mask) and model.key_mask.any()
+    assert torch.equal(replay(served), model.key_mask)
 
 
 def _cut_last_line(p: Path) -> None:
@@ -503,7 +506,7 @@ def test_version_names_are_never_reused(store):
     model, _ = load_model(store, "000001")
     out = tmp = store.parent / "other"
     shutil.copytree(store, tmp)
-    assert save_model(model, out, class_names=NAMES, encoder="synthetic", force=True) > newest
+    assert save_model(model, out, class_names=NAMES, encoder="synthetic", update_head=False) > newest
 
 
 def test_manifest_class_names_and_forgotten_list_are_checksummed(store):
@@ -575,7 +578,7 @@ def test_malformed_yaml_and_a_missing_store_fail_in_one_line(tmp_path, capsys):
 def test_a_full_disk_names_the_file_in_one_line(store, monkeypatch, capsys):
     import errno
 
-    import dkvb.store as store_module
+    import dkvb.store.write as store_module
 
     def full(tensors, path):
         raise OSError(errno.ENOSPC, "No space left on device", path)
@@ -585,6 +588,60 @@ def test_a_full_disk_names_the_file_in_one_line(store, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "No space left on device" in err and "tensors.safetensors" in err and len(err.strip().splitlines()) == 1
     assert list_versions(store) == ["000001", "000002"] and not (store / LOG).exists()
+
+
+def _read_only(monkeypatch, root: Path, *, lock_writable: bool = False) -> None:
+    """Simulate a read-only file system under ``root`` (as root, chmod does not stop writes): every
+    open for writing, mkdir and rename there fails with EROFS, reads still work. ``lock_writable``
+    leaves the lock file writable, so the request fails later, inside the locked block."""
+    import builtins
+    import errno
+
+    top = str(root.resolve())
+    real_open, real_os_open, real_mkdir, real_replace, real_rename = (
+        builtins.open, os.open, os.mkdir, os.replace, os.rename)
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def inside(p) -> bool:
+        path = os.path.abspath(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else ""
+        return path.startswith(top) and not (lock_writable and path.endswith("/.lock"))
+
+    def refuse(p):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(p))
+
+    monkeypatch.setattr(builtins, "open", lambda f, mode="r", *a, **k: refuse(f) if inside(f) and any(
+        c in mode for c in "wax+") else real_open(f, mode, *a, **k))
+    monkeypatch.setattr(os, "open", lambda p, flags, *a, **k: refuse(p) if inside(p) and flags & writing
+                        else real_os_open(p, flags, *a, **k))
+    monkeypatch.setattr(os, "mkdir", lambda p, *a, **k: refuse(p) if inside(p) else real_mkdir(p, *a, **k))
+    monkeypatch.setattr(os, "replace", lambda s, d, *a, **k: refuse(d) if inside(d) else real_replace(s, d, *a, **k))
+    monkeypatch.setattr(os, "rename", lambda s, d, *a, **k: refuse(d) if inside(d) else real_rename(s, d, *a, **k))
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("lock_writable", [False, True], ids=["whole store", "all but the lock"])
+def test_a_read_only_store_refuses_forget_in_one_line_and_stays_verifiable(store, monkeypatch, capsys,
+                                                                           lock_writable):
+    forget(store, "class1")
+    before = _snapshot(store)
+    _read_only(monkeypatch, store, lock_writable=lock_writable)
+    assert main(["forget", "--model", str(store), "--classes", "class2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{store}: cannot write to the model store (Read-only file system" in err
+    assert len(err.strip().splitlines()) == 1
+    with pytest.raises(StoreError, match="cannot write to the model store"):
+        forget(store, "class2")
+    with pytest.raises(StoreError, match="cannot write to the model store"):
+        restore(store, "origin")
+    assert _snapshot(store) == before  # nothing written: log, anchor, HEAD and versions as they were
+    monkeypatch.undo()
+    assert [r["op"] for r in read_log(store)] == ["origin", "forget"]
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)  # still verifiable
+    assert forget(store, "class2")["forgotten"] == ["class1", "class2"]  # and writable again
 
 
 def test_a_file_size_limit_fails_in_one_line(store):
@@ -608,7 +665,7 @@ def test_a_file_size_limit_fails_in_one_line(store):
 def test_bad_images_name_the_file(tmp_path, monkeypatch, content):
     from PIL import Image
 
-    from dkvb.datasets import _FileImages
+    from dkvb.datasets.base import FileImages
 
     path = tmp_path / "img.png"
     Image.fromarray(torch.zeros(64, 64, 3, dtype=torch.uint8).numpy()).save(path)
@@ -619,7 +676,7 @@ def test_bad_images_name_the_file(tmp_path, monkeypatch, content):
     else:
         path.write_bytes(content)
     with pytest.raises(ValueError, match=f"{path}: unreadable image"):
-        _FileImages([str(path)])[0]
+        FileImages([str(path)])[0]
 
 
 def test_store_files_follow_the_umask(store, tmp_path):

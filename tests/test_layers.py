@@ -15,11 +15,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dkvb"
 # Lowest first. A name is a module (``dkvb.<name>``) or a subpackage with every module in it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing"}),
-    ("models", {"bottleneck", "models"}),
+    ("models", {"keys", "bottleneck", "models"}),
     ("training", {"train", "shards", "evaluate"}),
     ("unlearning", {"unlearn"}),
     ("application", {"config", "experiment", "verify", "report", "store", "audit", "request", "replay",
-                     "embeddings_io", "service"}),
+                     "embeddings_io", "served", "service"}),
     ("interface", {"cli", "__main__", ""}),  # "" is the package facade, dkvb/__init__.py
 ]
 

@@ -162,28 +162,65 @@ def test_a_tampered_log_is_detected(store):
         forget(store, "class3")
 
 
-def test_a_new_model_replaces_a_served_one_only_with_force_and_logged(store):
+def _retrained(clusters, seed=1):
+    train, _ = clusters
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="random"), train.dim,
+                        train.num_classes, seed=seed)
+    fit(model, train, TrainConfig(epochs=2, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    return model
+
+
+def test_a_retrained_model_replaces_a_served_one_with_the_forget_requests_reapplied(store, clusters):
+    from dkvb.service import replace_model
+
+    train, test = clusters
     forget(store, "class1")
-    model, _ = load_model(store, "000001")
-    names = [f"class{i}" for i in range(5)]
-    with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1"):
+    forget(store, "class2", "examples", {"num_examples": 8}, data=train, seed=3)
+    restore(store, "req-000003")  # the state after both forgets
+    model = _retrained(clusters)
+    names = list(train.class_names)
+    with pytest.raises(StoreError, match="serves deletion requests.*forgotten now: class1, class2"):
         save_model(model, store, class_names=names, encoder="synthetic")
-    assert current_version(store) == "000002" and list_versions(store) == ["000001", "000002"]
-    version = save_model(model, store, class_names=names, encoder="synthetic", force=True)
-    log = read_log(store)
-    assert [r["op"] for r in log] == ["origin", "forget", "origin"] and log[-1]["forgotten"] == []
-    assert log[-1]["version_after"] == version == current_version(store)
-    rec = forget(store, "class2")  # later requests build on the new model
-    assert rec["version_before"] == version and rec["forgotten"] == ["class2"]
+    with pytest.raises(ValueError, match="reads training embeddings"):  # examples needs them: nothing written
+        replace_model(store, model, class_names=names, encoder="synthetic")
+    before = (read_log(store), current_version(store))
+    rec = replace_model(store, model, data=train, class_names=names, encoder="synthetic")
+    assert before[0] == read_log(store)[:-1] and before[1] != current_version(store)
+    assert rec["op"] == "origin" and rec["forgotten"] == ["class1", "class2"]
+    assert [(s["request_id"], s["new_classes"], s["method"]) for s in rec["reapplied"]] == [
+        ("req-000002", ["class1"], "dkvb-activations"), ("req-000003", ["class2"], "dkvb-examples")]
+    served, manifest = load_model(store)
+    assert rec["version_after"] == current_version(store) != rec["version"]
+    assert torch.equal(served.key_mask, mask_of(store, rec["version"]) | served.key_mask) and served.key_mask.any()
+    assert not mask_of(store, rec["version"]).any()  # the new model as trained, what replay starts from
+    assert manifest["extra"]["service"]["forgotten"] == ["class1", "class2"]
+    assert evaluate(served, train, test, [1])["forget_test_acc"] <= 0.01  # forgotten in the new model too
+    result = ModelService(store).replay(train)
+    assert result.matches_head and result.steps[-1]["how"] == "loaded, 2 re-applied"
+    assert ModelService(store).replay().steps[-1]["how"] == "loaded, 2 re-applied (logged deltas)"
+    later = forget(store, "class3")  # later requests build on the new model
+    assert later["version_before"] == rec["version_after"] and later["forgotten"] == ["class1", "class2", "class3"]
     assert torch.equal(replay(store), mask_of(store))
+    assert restore(store, rec["request_id"])["forgotten"] == ["class1", "class2"]
+
+
+def test_a_replacement_lacking_a_forgotten_class_is_refused(store, clusters):
+    from dkvb.service import replace_model
+
+    forget(store, "class1")
+    names = [f"other{i}" for i in range(len(clusters[0].class_names))]
+    with pytest.raises(ValueError, match=r"lacks the forgotten class\(es\) \['class1'\]"):
+        replace_model(store, _retrained(clusters), class_names=names, encoder="synthetic")
+    assert [r["op"] for r in read_log(store)] == ["origin", "forget"]
 
 
 # ------------------------------------------------------------------ crash recovery
 def test_a_request_killed_after_logging_is_completed_by_the_next(store, monkeypatch):
-    import dkvb.service as service
+    import dkvb.served as served
 
     forget(store, "class1")
-    monkeypatch.setattr(service, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(served, "atomic_write_text", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
         forget(store, "class2")
     monkeypatch.undo()
@@ -286,11 +323,59 @@ def test_bad_embeddings_files_are_rejected(tmp_path, clusters):
             load_embeddings_file(tmp_path / name, names)
 
 
+@pytest.mark.parametrize("fmt", ["pt", "npz", "safetensors"])
+def test_embeddings_files_name_their_encoder_and_a_mismatch_is_refused(tmp_path, clusters, fmt):
+    train, _ = clusters
+    names, manifest = train.class_names, {"encoder": "synthetic", "embedding_dim": train.dim}
+    x, y = train.x[:20], train.y[:20]
+
+    def write(name, encoder):
+        path = tmp_path / f"{name}.{fmt}"
+        if fmt == "pt":
+            torch.save({"x": x, "y": y, **({"encoder": encoder} if encoder is not None else {})}, path)
+        elif fmt == "npz":
+            np.savez(path, x=x.numpy(), y=y.numpy(), **({"encoder": encoder} if encoder is not None else {}))
+        else:
+            save_file({"x": x, "y": y}, str(path), metadata={"encoder": encoder} if encoder is not None else None)
+        return path
+
+    assert len(load_embeddings_file(write("same", "synthetic"), names, manifest)) == 20
+    with pytest.raises(ValueError, match=r"made with encoder 'effnet-lite0', the model was trained on 'synthetic'"):
+        load_embeddings_file(write("other", "effnet-lite0"), names, manifest)
+    described = json.dumps({"name": "synthetic", "image_size": 32})
+    full = {**manifest, "encoder_config": {"name": "synthetic", "image_size": 64}}
+    with pytest.raises(ValueError, match=r"another encoder setting than the model's \(fields \['image_size'\]"):
+        load_embeddings_file(write("described", described), names, full)
+    bare = write("bare", None)
+    with pytest.raises(ValueError, match=r"does not say which encoder made these embeddings.*--trust-embeddings"):
+        load_embeddings_file(bare, names, manifest)
+    assert len(load_embeddings_file(bare, names, manifest, trust=True)) == 20  # trusted explicitly
+    assert len(load_embeddings_file(bare, names)) == 20  # no model to check against
+    with pytest.raises(ValueError, match=rf"embeddings have {train.dim} dimensions, the model takes 3 \(manifest field"):
+        load_embeddings_file(bare, names, {**manifest, "embedding_dim": 3}, trust=True)
+
+
+def test_cli_refuses_embeddings_without_an_encoder_unless_trusted(store, clusters, tmp_path, capsys):
+    train, _ = clusters
+    torch.save({"x": train.x, "y": train.y}, tmp_path / "bare.pt")
+    torch.save({"x": train.x, "y": train.y, "encoder": "effnet-lite0"}, tmp_path / "other.pt")
+    torch.save({"x": train.x[:, :3], "y": train.y, "encoder": "synthetic"}, tmp_path / "narrow.pt")
+    m = ["--model", str(store), "--classes", "class1", "--method", "examples"]
+    for name, message in [("bare", "does not say which encoder"), ("other", "made with encoder 'effnet-lite0'"),
+                          ("narrow", f"embeddings have 3 dimensions, the model takes {train.dim}")]:
+        assert main(["forget", *m, "--embeddings", str(tmp_path / f"{name}.pt")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and f"{name}.pt" in err and len(err.strip().splitlines()) == 1
+    assert not (store / LOG).exists()  # refused before any request was logged
+    assert main(["forget", *m, "--embeddings", str(tmp_path / "bare.pt"), "--trust-embeddings"]) == 0
+    assert "forgot class1 with dkvb-examples" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------ CLI
 def test_cli_forget_log_replay_restore(store, clusters, tmp_path, capsys):
     train, test = clusters
-    torch.save({"x": train.x, "y": train.y}, tmp_path / "train.pt")
-    torch.save({"x": test.x, "y": test.y}, tmp_path / "test.pt")
+    torch.save({"x": train.x, "y": train.y, "encoder": "synthetic"}, tmp_path / "train.pt")
+    torch.save({"x": test.x, "y": test.y, "encoder": "synthetic"}, tmp_path / "test.pt")
     m = ["--model", str(store)]
     assert main(["forget", *m, "--classes", "class1,class2"]) == 0
     assert "req-000002: forgot class1, class2 with dkvb-activations" in capsys.readouterr().out

@@ -158,15 +158,15 @@ def test_head_moves_only_when_asked(tmp_path, model):
 
 
 def test_a_verified_cache_spares_rehashing_the_base(tmp_path, model, monkeypatch):
-    import dkvb.store as store
+    import dkvb.store.read as reading
 
     base = save(model, tmp_path / "m")
     save(masked(model, 1), tmp_path / "m", base=base)
     cache = {}
     first, _ = load_model(tmp_path / "m", cache=cache)
     hashed = []
-    real = store.sha256_file
-    monkeypatch.setattr(store, "sha256_file", lambda p: hashed.append(p.parent.name) or real(p))
+    real = reading.sha256_file
+    monkeypatch.setattr(reading, "sha256_file", lambda p: hashed.append(p.parent.name) or real(p))
     again, _ = load_model(tmp_path / "m", cache=cache)
     assert same_state(first, again) and "000001" not in hashed
 

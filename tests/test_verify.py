@@ -85,8 +85,8 @@ def test_cli_verify_on_a_stored_model(original, clusters, tmp_path, capsys):
     train, test = clusters
     store = tmp_path / "model"
     save_model(original, store, class_names=list(train.class_names), encoder="synthetic")
-    torch.save({"x": train.x, "y": train.y}, tmp_path / "train.pt")
-    torch.save({"x": test.x, "y": test.y}, tmp_path / "test.pt")
+    torch.save({"x": train.x, "y": train.y, "encoder": "synthetic"}, tmp_path / "train.pt")
+    torch.save({"x": test.x, "y": test.y, "encoder": "synthetic"}, tmp_path / "test.pt")
     data = ["--embeddings", str(tmp_path / "train.pt"), "--test-embeddings", str(tmp_path / "test.pt")]
     assert main(["verify", "--model", str(store), *data]) == 2
     assert "no requests logged" in capsys.readouterr().err

@@ -5,11 +5,12 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
-from typing import Any, Callable, ClassVar, TypeVar
+from typing import Any, Callable, ClassVar, TypeVar, get_type_hints
 
 from torch import nn
 
 from ..data import EmbeddingSet
+from ..validate import check_type
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,12 @@ def register(name: str) -> Callable[[U], U]:
 
 
 def create_unlearner(name: str, **params: Any) -> Unlearner:
-    """Build a registered unlearner from its name and hyperparameters."""
+    """Build a registered unlearner from its name and hyperparameters.
+
+    Every value is first checked against its field's declared type (:func:`dkvb.validate.check_type`),
+    then the method's own ranges (``__post_init__``), so a bad value from a config or ``--param``
+    fails here, before any work, as ``<name>: <parameter> must be <rule>, got <value>``.
+    """
     if name not in UNLEARNERS:
         raise ValueError(f"unknown unlearning method {name!r}; choose from {sorted(UNLEARNERS)}")
     cls = UNLEARNERS[name]
@@ -133,5 +139,6 @@ def create_unlearner(name: str, **params: Any) -> Unlearner:
     unknown = sorted(set(params) - known)
     if unknown:
         raise ValueError(f"{name}: unknown parameter(s) {unknown}; known: {sorted(known)}")
-    return cls(**params)
+    hints = get_type_hints(cls)
+    return cls(**{k: check_type(name, k, v, hints[k]) for k, v in params.items()})
 

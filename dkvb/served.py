@@ -1,0 +1,194 @@
+"""Reading a served model store, and the commit protocol of the requests that write to it.
+
+:class:`ServedStore` reads: the served model (the version the audit log's last record names), the
+verified log and replay. :class:`StoreWriter` adds what every request that writes does under the
+store's writer lock: verify the log and bring ``HEAD`` in line with it (:meth:`StoreWriter._sync`),
+then append the request's record, the commit point, and move ``HEAD`` (:meth:`StoreWriter._commit`).
+The requests themselves live in :mod:`dkvb.service`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from . import store
+from .audit import LOG, AuditLog, audit_key, load as load_log
+from .data import EmbeddingSet
+from .errors import AuditError, StoreError
+from .io import atomic_write_text
+from .models import DKVBClassifier
+from .replay import ReplayResult, replay_records
+from .request import flat_mask, mask_sha
+
+log = logging.getLogger("dkvb")
+
+
+class ServedStore:
+    """Reading a served model store at ``path``: the served model, the verified log, replay.
+
+    Full versions verified once are kept in memory, so a request loads and verifies only the small
+    key-mask file it serves. ``key`` checks (and, for writers, signs) the log's macs (default:
+    :func:`dkvb.audit.audit_key` from the environment).
+    """
+
+    def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
+        self.root = Path(path)
+        self.key = key if key is not None else audit_key()
+        self._full: dict[str, tuple[str, dict[str, Tensor]]] = {}
+
+    def load(self, version: str | None = None) -> tuple[DKVBClassifier, dict[str, Any]]:
+        """A verified DKVB model of the store (default: the served version) and its manifest.
+
+        Raises ``ValueError`` for another kind of model: the service masks keys.
+        """
+        model, manifest = store.load_model(self.root, version, cache=self._full)
+        if not isinstance(model, DKVBClassifier):
+            raise ValueError(f"{self.root}: the service forgets by masking keys of DKVB models; this store holds a "
+                             f"{model.config.get('kind')!r} model")
+        return model, manifest
+
+    def log(self) -> list[dict[str, Any]]:
+        """The verified records (chain, anchor, and macs when the key is set)."""
+        return load_log(self.root, self.key).records
+
+    @staticmethod
+    def forgotten_of(manifest: dict[str, Any]) -> list[str]:
+        """Classes forgotten through the service in the model a manifest describes."""
+        return list(service_extra(manifest).get("forgotten", []))
+
+    def check(self) -> list[dict[str, Any]]:
+        """The verified records, after checking that every version a request wrote is in the log
+        (so a log deleted or cut together with its anchor is detected too) and that the served
+        version loads. Raises :class:`~dkvb.errors.AuditError` naming what disagrees."""
+        records = self.log()
+        versions = store.list_versions(self.root)
+        for version in versions:
+            check_version_logged(self.root, version, records, orphan_ok=version == versions[-1])
+        if records:
+            self.load(records[-1]["version_after"])
+        return records
+
+    def replay(self, data: EmbeddingSet | None = None) -> ReplayResult:
+        """Recompute every logged request from the origin model (:mod:`dkvb.replay`) after
+        :meth:`check`. Raises :class:`~dkvb.replay.ReplayError` where a replayed mask differs from
+        the logged one, and :class:`~dkvb.errors.AuditError` for an empty, cut or edited log."""
+        return replay_records(self.check(), self.load, data, str(self.root / LOG))
+
+
+class StoreWriter(ServedStore):
+    """The commit protocol shared by every request that writes to the store at ``path``.
+
+    Writers take the store's lock for the whole request, so a second concurrent writer fails at
+    once with :class:`~dkvb.store.StoreLockedError`.
+    """
+
+    def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
+        super().__init__(path, key)
+        self._log = AuditLog(self.root, self.key)
+        self._origin: dict[str, Any] | None = None  # an origin record to write before the next one
+        self._served: str | None = None  # the version served when the lock was taken (set by _sync)
+
+    def _require_store(self) -> None:
+        """Refuse to write to a folder that is not a model store (so a typo creates nothing)."""
+        if store.served_version(self.root) is None:
+            raise StoreError(f"no stored model at {self.root} (HEAD is missing)")
+
+    def _commit(self, record: dict[str, Any], version: str) -> dict[str, Any]:
+        """Append the pending origin record (if any) and ``record`` (the commit point), then point
+        ``HEAD`` at ``version``."""
+        if self._origin is not None:
+            origin, self._origin = self._origin, None
+            self._log.append(origin)
+        logged = self._log.append(record)
+        if store.current_version(self.root) != version:
+            atomic_write_text(self.root / "HEAD", version + "\n")
+        return logged
+
+    def _save(self, after: DKVBClassifier, before: DKVBClassifier, manifest: dict[str, Any],
+              record: dict[str, Any], base: str | None = None) -> str:
+        """Write the model after a request as a new version sharing all but the changed tensors
+        with ``base`` (default: the served version), whose manifest names the request; completes
+        ``record``."""
+        head, delta = base or self._served, after.key_mask & ~before.key_mask
+        extra = {k: v for k, v in (manifest.get("extra") or {}).items() if k != "fingerprint"}
+        extra["service"] = {"request_id": self._log.next_id(ahead=self._origin is not None),
+                            "forgotten": record["forgotten"]}
+        full = manifest.get("shared", {}).get("version", head)
+        version = store.save_model(after, self.root, class_names=list(manifest["class_names"]),
+                                   encoder=manifest["encoder"], encoder_config=manifest.get("encoder_config"),
+                                   extra=extra, base=head, base_tensors=self._full.get(full, (None, None))[1],
+                                   update_head=False)
+        record.update(noop=False, keys_masked=int(delta.sum()), keys_masked_total=int(after.key_mask.sum()),
+                      mask_delta=flat_mask(delta), mask_sha256=mask_sha(after.key_mask), version_after=version,
+                      model_sha256_after=store.read_manifest(self.root, version)["model_sha256"])
+        return version
+
+    def _sync(self) -> list[dict[str, Any]]:
+        """Verify the log and bring ``HEAD`` in line with it (writer lock held); returns the records.
+
+        The served version is the last record's: ``HEAD`` is moved there when a writer died before
+        moving it, or when it is missing, corrupt or was edited. The served version's manifest must
+        name a logged request (a cut log is refused). Without a log, the served model gets an
+        origin record, written by :meth:`_commit` just before the request's own.
+        """
+        self._origin = None
+        records = self._log.sync()
+        served = records[-1]["version_after"] if records else store.current_version(self.root)
+        if served is None:
+            raise StoreError(f"{self.root}: HEAD is missing; not a dkvb model store")
+        self._served = served
+        check_version_logged(self.root, served, records)
+        if records and store.current_version(self.root) != served:
+            log.warning("%s: HEAD is not the version the audit log serves (%s): a killed writer or an edit; "
+                        "moving HEAD", self.root, served)
+            atomic_write_text(self.root / "HEAD", served + "\n")
+        if records:
+            return records
+        model, manifest = self.load(served)
+        self._origin = {"op": "origin", "version": served, "note": "the model requests start from",
+                        "model_sha256": manifest.get("model_sha256") or store.model_sha256(model),
+                        "mask_sha256": mask_sha(model.key_mask), "forgotten": self.forgotten_of(manifest),
+                        "version_after": served}
+        return [{"request_id": self._log.next_id(), **self._origin}]
+
+
+def service_extra(manifest: dict[str, Any]) -> dict[str, Any]:
+    extra = manifest.get("extra")
+    service = extra.get("service") if isinstance(extra, dict) else None
+    return service if isinstance(service, dict) else {}
+
+
+def check_version_logged(root: Path, version: str, records: list[dict[str, Any]], orphan_ok: bool = False) -> None:
+    """A version a request wrote names that request: the log must hold it, with this version.
+
+    A writer killed before logging leaves an orphan: the newest version (``orphan_ok``) with a
+    request id past the log, or one whose id a later retry logged with a newer version.
+    """
+    rid = service_extra(store.read_manifest(root, version)).get("request_id")
+    if rid is None:
+        return
+    rec = next((r for r in records if r["request_id"] == rid), None)
+    if (rec is None and orphan_ok) or (rec is not None and rec["version_after"] > version):
+        return
+    if rec is None or rec["version_after"] != version:
+        raise AuditError(f"{root / LOG}: version {version} was written by request {rid}, which the log "
+                         + ("lacks: the log was cut, emptied or deleted" if rec is None else
+                            f"names with version {rec['version_after']}: the log was replaced"))
+
+
+def logged_sha(record: dict[str, Any]) -> str | None:
+    return record.get("model_sha256_after") or record.get("model_sha256")
+
+
+def find_record(records: list[dict[str, Any]], to: str) -> dict[str, Any]:
+    if to == "origin":
+        return next(r for r in records if r["op"] == "origin")
+    for r in records:
+        if r["request_id"] == to:
+            return r
+    raise ValueError(f"unknown request id {to!r}; known: {[r['request_id'] for r in records][-10:]} (last 10) "
+                     "or 'origin'")

@@ -1,0 +1,44 @@
+"""Deleting the versions of a store that nothing needs any more."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+from ..errors import StoreError
+from ..io import fsync_dir
+from .layout import current_version, list_versions, served_version
+from .lock import clean_leftovers, writer_lock
+from .read import read_manifest
+
+
+def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = False) -> list[str]:
+    """Delete every version but the served one, ``HEAD``'s, those in ``keep`` and the full versions
+    any of them shares tensors with; returns the deleted names (``dry_run``: those it would delete).
+
+    Each version is first renamed out of sight, then removed, so a killed prune leaves no
+    half-deleted version. Raises :class:`StoreError` where a kept version's manifest is unreadable
+    (its base would be unknown).
+    """
+    root = Path(path)
+    with writer_lock(root):
+        clean_leftovers(root)
+        existing = list_versions(root)
+        wanted = {v for v in (served_version(root), current_version(root), *keep) if v in existing}
+        if not wanted:
+            raise StoreError(f"no stored model at {root}: nothing to keep, refusing to delete every version")
+        needed = set(wanted)
+        for v in wanted:
+            info = read_manifest(root, v).get("shared")
+            if isinstance(info, dict):
+                needed.add(str(info.get("version")))
+        doomed = [v for v in existing if v not in needed]
+        if not dry_run:
+            for v in doomed:
+                gone = root / "versions" / f".tmp-pruned-{v}"
+                os.replace(root / "versions" / v, gone)
+                shutil.rmtree(gone)
+            fsync_dir(root / "versions")
+    return doomed
+

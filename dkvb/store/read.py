@@ -1,0 +1,183 @@
+"""Reading a model store: manifests, verified tensors and models.
+
+Loading verifies the manifest and the checksums and names the field that does not match. Readers
+take no lock: versions are immutable and ``HEAD`` is replaced atomically. A caller that loads many
+versions passes a ``cache`` dict so each full version is read and hashed once. A shared version's
+tensors are verified against both files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..errors import StoreError
+from ..io import sha256_file
+from ..models import build_model
+from .digests import manifest_sha256, state_sha256
+from .layout import CONFIG, MANIFEST, READABLE_FORMATS, TENSORS, VERSION_NAME, version_dir
+
+
+def read_manifest(path: str | os.PathLike, version: str | None = None) -> dict[str, Any]:
+    """The manifest of ``version`` (default: ``HEAD``) without loading tensors."""
+    vdir = version_dir(Path(path), version)
+    try:
+        manifest = json.loads((vdir / MANIFEST).read_text())
+    except FileNotFoundError as e:
+        raise StoreError(f"{vdir}: manifest.json is missing") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{vdir / MANIFEST}: corrupt manifest ({e})") from e
+    if not isinstance(manifest, dict):
+        raise StoreError(f"{vdir / MANIFEST}: corrupt manifest (not a JSON object)")
+    return manifest
+
+
+def load_tensors(
+    path: str | os.PathLike,
+    version: str | None = None,
+    *,
+    shared: bool = True,
+    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Verified tensors of a version and its manifest.
+
+    Args:
+        shared: also return the tensors the version shares with its full version (``False``
+            reads only its own file).
+        cache: ``{full version: (sha256 of its tensors file, tensors)}`` of full versions already
+            verified in this process; consulted before hashing a base file again and filled after.
+            Versions are immutable, so a long-lived caller (:class:`dkvb.service.ModelService`)
+            verifies each full version once; the version's own file is always verified.
+    """
+    root = Path(path)
+    vdir = version_dir(root, version)
+    manifest = read_manifest(root, vdir.name)
+    fmt = manifest.get("format_version")
+    if type(fmt) is not int or fmt not in READABLE_FORMATS:
+        raise StoreError(
+            f"{vdir}: manifest field format_version is {manifest.get('format_version')!r}, "
+            f"this dkvb reads {' or '.join(map(str, READABLE_FORMATS))}"
+        )
+    sums = manifest.get("sha256")
+    if not isinstance(sums, dict) or not isinstance(sums.get(TENSORS), str):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field sha256.{TENSORS} is missing")
+    info = manifest.get("shared")
+    if cache is not None and info is None and cache.get(vdir.name, ("",))[0] == sums[TENSORS]:
+        state = dict(cache[vdir.name][1])
+        for name, digest in sums.items():
+            if name != TENSORS:
+                _check_file(vdir / name, digest, f"sha256.{name}")
+        return state, manifest
+    for name, digest in sums.items():
+        _check_file(vdir / name, digest, f"sha256.{name}")
+    state = _read_tensors(vdir / TENSORS)
+    if cache is not None and info is None:
+        cache[vdir.name] = (sums[TENSORS], dict(state))
+    if shared and info is not None:
+        try:
+            full, digest, names = info["version"], info["sha256"], list(info["tensors"])
+        except (KeyError, TypeError) as e:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field shared is malformed ({e!r})") from e
+        if not isinstance(full, str) or not VERSION_NAME.match(full) or full == vdir.name:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field shared.version is {full!r}, not another version")
+        fdir = version_dir(root, full)
+        if cache is not None and cache.get(full, ("",))[0] == digest:
+            base = cache[full][1]
+        else:
+            _check_file(fdir / TENSORS, digest, f"shared.sha256 of {vdir / MANIFEST}")
+            base = _read_tensors(fdir / TENSORS)
+            if cache is not None:
+                cache[full] = (digest, base)
+        missing = [n for n in names if n not in base]
+        if missing:
+            raise StoreError(f"{fdir / TENSORS}: lacks shared tensor(s) {missing} (manifest field shared.tensors)")
+        state = {**{n: base[n] for n in names}, **state}
+    return state, manifest
+
+
+def load_model(
+    path: str | os.PathLike,
+    version: str | None = None,
+    *,
+    expect_encoder: str | None = None,
+    expect_dim: int | None = None,
+    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load and verify a stored model; returns ``(model, manifest)``.
+
+    ``cache`` is passed to :func:`load_tensors`. Raises :class:`StoreError` naming the field for a
+    wrong format version, a checksum mismatch, an encoder or embedding size other than expected,
+    a config that disagrees with the manifest, or unreadable tensors.
+    """
+    root = Path(path)
+    vdir = version_dir(root, version)
+    state, manifest = load_tensors(root, vdir.name, cache=cache)
+    for field in ("encoder", "embedding_dim", "num_classes", "class_names"):
+        if field not in manifest:
+            raise StoreError(f"{vdir / MANIFEST}: manifest field {field} is missing")
+    if expect_encoder is not None and manifest["encoder"] != expect_encoder:
+        raise StoreError(f"manifest field encoder is {manifest['encoder']!r}, expected {expect_encoder!r}")
+    if expect_dim is not None and manifest["embedding_dim"] != expect_dim:
+        raise StoreError(f"manifest field embedding_dim is {manifest['embedding_dim']}, expected {expect_dim}")
+    names = manifest["class_names"]
+    if not isinstance(names, list) or len(names) != manifest["num_classes"]:
+        raise StoreError(f"{vdir / MANIFEST}: manifest field class_names does not list num_classes="
+                         f"{manifest['num_classes']!r} names")
+    if len(set(map(str, names))) != len(names):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field class_names has duplicates")
+    digests = manifest.get("tensor_sha256")
+    if manifest["format_version"] >= 2:  # the recorded names and model digest must agree with the tensors
+        if not isinstance(digests, dict) or sorted(digests) != sorted(state):
+            raise StoreError(f"{vdir / MANIFEST}: manifest field tensor_sha256 does not name the stored tensors")
+        if state_sha256(digests) != manifest.get("model_sha256"):
+            raise StoreError(f"{vdir / MANIFEST}: manifest field model_sha256 does not match tensor_sha256")
+    try:
+        config = json.loads((vdir / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StoreError(f"{vdir / CONFIG}: unreadable config ({e})") from e
+    if not isinstance(config, dict):
+        raise StoreError(f"{vdir / CONFIG}: unreadable config (not a JSON object)")
+    for field, key in (("input_dim", "embedding_dim"), ("num_classes", "num_classes"), ("kind", "kind")):
+        if key in manifest and config.get(field) != manifest.get(key):
+            raise StoreError(f"config field {field}={config.get(field)!r} disagrees with manifest field {key}")
+    try:
+        model = build_model(config, config["input_dim"], config["num_classes"], seed=config.get("seed", 0))
+    except (KeyError, TypeError, ValueError) as e:
+        raise StoreError(f"{vdir / CONFIG}: cannot rebuild the model ({e!r})") from e
+    counts = state.get("activation_counts")
+    if counts is not None and hasattr(model, "activation_counts"):
+        b = model.bottleneck
+        if counts.numel() and tuple(counts.shape) != (model.num_classes, b.num_codebooks, b.codebook_size):
+            raise StoreError(f"{vdir / TENSORS}: activation_counts has shape {tuple(counts.shape)}, expected "
+                             f"{(model.num_classes, b.num_codebooks, b.codebook_size)} or empty")
+        model.activation_counts = torch.zeros_like(counts)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise StoreError(f"{vdir / TENSORS}: tensors do not match config.json ({e})") from e
+    if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
+                         "it was edited (class names, extra, ...)")
+    model.eval()
+    return model, manifest
+
+
+def _check_file(path: Path, digest: str, field: str) -> None:
+    if not path.is_file():
+        raise StoreError(f"{path.parent}: {path.name} is missing")
+    if sha256_file(path) != digest:
+        raise StoreError(f"{path}: checksum mismatch (manifest field {field}); the file is corrupt")
+
+
+def _read_tensors(path: Path) -> dict[str, Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StoreError(f"{path}: unreadable tensors ({e})") from e
+
