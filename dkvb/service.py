@@ -196,14 +196,14 @@ def _reapply(steps: list[dict[str, Any]], model: DKVBClassifier, names: list[str
              data: EmbeddingSet | None) -> tuple[DKVBClassifier, list[dict[str, Any]]]:
     """``model`` with the forget ``steps`` applied in order (each with its logged method, parameters
     and seed), and the steps completed with their mask deltas and the digests of what they read."""
-    reapplied = []
+    reapplied, done = [], []
     for step in steps:
         unlearner = create_unlearner(step["method"], **step["params"])
-        request, digest = make_request(unlearner, model, [names.index(c) for c in step["new_classes"]], data,
-                                       step["seed"])
+        ids = [names.index(c) for c in step["new_classes"]]
+        request, digest = make_request(unlearner, model, ids, data, step["seed"], done)
         after = unlearner.unlearn(model, request).model
         reapplied.append({**step, "mask_delta": flat_mask(after.key_mask & ~model.key_mask), "data_sha256": digest})
-        model = after
+        model, done = after, done + ids
     return model, reapplied
 
 
