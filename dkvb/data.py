@@ -1,6 +1,7 @@
 """Embedding sets: the cached encoder outputs every model and unlearner works on."""
 from __future__ import annotations
 
+import hashlib
 import operator
 from dataclasses import dataclass
 from typing import Sequence
@@ -114,6 +115,14 @@ def resolve_classes(spec: Sequence[int | str] | str, class_names: Sequence[str])
     if not out:
         raise ValueError("empty forget set: name at least one class to forget")
     return tuple(sorted(out))
+
+
+def fingerprint(x: Tensor) -> str:
+    """sha256 of an embedding tensor's shape and bytes: names the exact rows a cache was made from."""
+    x = x.detach().cpu().contiguous()
+    digest = hashlib.sha256(str((tuple(x.shape), str(x.dtype))).encode())
+    digest.update(memoryview(x.numpy()).cast("B"))
+    return digest.hexdigest()
 
 
 def check_embeddings(x: Tensor, dim: int, *, finite: bool = True) -> None:

@@ -167,6 +167,31 @@ class FrozenKeys(nn.Module):
         if redo.numel():
             out[redo] = self.lookup(x[redo.to(x.device)]).to(out.device)
         return out
+    @torch.no_grad()
+    def reroute(self, x: Tensor, indices: Tensor, old_mask: Tensor) -> Tensor:
+        """What :meth:`lookup` returns for ``x`` under the current mask, from ``indices``: its
+        lookup under ``old_mask`` (contained in the current mask).
+
+        Keys only ever got masked, so a selection none of whose keys is masked now is still the
+        nearest; only the (row, codebook) pairs that lost a key are searched again, in their
+        codebook alone. A mask that unmasks a key, or the faiss backend, gets a fresh search.
+        """
+        mask = self.key_mask
+        if self.search != "torch" or bool((old_mask & ~mask).any()):
+            return self.lookup(x)
+        out = indices.long().clone()
+        hit = mask[torch.arange(self.num_codebooks).view(1, -1, 1), out].any(-1)  # (N, C)
+        rows = hit.any(1).nonzero().flatten()
+        step = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
+        for i in range(0, rows.numel(), step):
+            r = rows[i:i + step]
+            z, h = self.project(x[r]), hit[r]
+            for c in h.any(0).nonzero().flatten().tolist():
+                sub = h[:, c].nonzero().flatten()
+                near = _nearest_torch(z[sub, c:c + 1], self.keys[c:c + 1], self.topk, mask[c:c + 1])
+                out[r[sub], c] = near[:, 0]
+        return out
+
     def flat_indices(self, indices: Tensor) -> Tensor:
         """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
         offsets = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1) * self.codebook_size

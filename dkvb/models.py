@@ -8,7 +8,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .bottleneck import DiscreteKeyValueBottleneck
 from .keys import Candidates
-from .data import EmbeddingSet, check_embeddings
+from .data import EmbeddingSet, check_embeddings, fingerprint
 from .validate import require, require_choice
 
 
@@ -77,6 +77,16 @@ class MLPDecoder(nn.Module):
         return self.net(pooled)
 
 
+class CodeCache(NamedTuple):
+    """The training embeddings' selected keys, kept on a model between requests (not saved):
+    ``indices`` (N, C, topk) of the embeddings whose :func:`~dkvb.data.fingerprint` is
+    ``digest``, valid under key ``mask``."""
+
+    digest: str
+    indices: Tensor
+    mask: Tensor
+
+
 class DKVBClassifier(nn.Module):
     """Frozen embedding -> discrete key-value bottleneck -> decoder -> logits.
 
@@ -97,6 +107,7 @@ class DKVBClassifier(nn.Module):
         self.decoder = (MeanDecoder() if config.decoder == "mean"
                         else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
         self.register_buffer("activation_counts", torch.zeros(0, dtype=torch.long))
+        self.code_cache: CodeCache | None = None
 
     @property
     def config(self) -> dict:
@@ -135,11 +146,20 @@ class DKVBClassifier(nn.Module):
         mask = self.bottleneck.key_mask.clone()
         self.bottleneck.key_mask.zero_()
         try:
+            if indices is None:
+                indices = self.bottleneck.lookup(x)
             counts = self.bottleneck.activation_counts(x, y, self.num_classes, indices=indices)
         finally:
             self.bottleneck.key_mask.copy_(mask)
         self.activation_counts = counts
+        self.keep_codes(x, indices, torch.zeros_like(mask))
         return counts
+
+    def keep_codes(self, x: Tensor, indices: Tensor, mask: Tensor) -> None:
+        """Keep ``indices``, the lookup of embeddings ``x`` under key ``mask``, as :attr:`code_cache`
+        (int16 where the codebook allows), so re-fitting after a mask searches only what moved."""
+        small = torch.int16 if self.bottleneck.codebook_size < 2**15 else torch.int32
+        self.code_cache = CodeCache(fingerprint(x), indices.to(small), mask.clone())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -54,7 +54,14 @@ class ModelService(StoreWriter):
 
     Writers take the store's lock for the whole request, so a second concurrent writer fails at
     once with :class:`~dkvb.store.StoreLockedError`.
+
+    The service keeps, in memory only, the training embeddings' selected keys of the last
+    version it wrote (:class:`~dkvb.models.CodeCache`), so a run of re-fitting requests
+    searches only what each mask moved; a version name is never reused, so a cache can only
+    match the model it was made for.
     """
+
+    _codes: tuple[str, Any] | None = None
 
     def forget(self, classes: Sequence[int | str] | str, method: str = "activations",
                params: dict[str, Any] | None = None, *, data: EmbeddingSet | None = None,
@@ -80,6 +87,8 @@ class ModelService(StoreWriter):
             self._sync()
             head = self._served
             model, manifest = self.load(head)
+            if self._codes is not None and self._codes[0] == head:  # this process made the served version
+                model.code_cache = self._codes[1]
             names = list(manifest["class_names"])
             ids = resolve_classes(classes, names)
             for what, given in (("data", data), ("test", test)):
@@ -108,6 +117,7 @@ class ModelService(StoreWriter):
             record.update(seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,
                           forgotten=done + [names[i] for i in new])
             version = self._save(report.model, model, manifest, record)
+            self._codes = (version, report.model.code_cache)
             if data is not None and metrics:
                 record["metrics"] = request_metrics(report.model, data, test,
                                                     [names.index(c) for c in record["forgotten"]])

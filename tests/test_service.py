@@ -451,3 +451,22 @@ def test_erase_values_request_stores_the_zeroed_values_and_replays(store, cluste
     forget_test, _ = test.split([1])
     assert unmasked_accuracy(model, forget_test) < 0.5  # clearing the mask gives the class back no more
     assert torch.equal(replay(store), model.key_mask)
+
+
+def test_refit_requests_through_the_service_store_values_keep_codes_and_replay(store, clusters):
+    train, test = clusters
+    svc = ModelService(store)
+    with pytest.raises(ValueError, match="reads training embeddings"):
+        svc.forget("class1", params={"refit_epochs": 1})
+    first = svc.forget("class1", params={"refit_epochs": 1}, data=train, metrics=False)
+    assert svc._codes[0] == first["version_after"]  # kept for the next request, in memory only
+    second = svc.forget("class2", params={"refit_epochs": 1}, data=train, metrics=False)
+    assert second["flops"] < first["flops"]  # the first searched every training embedding, the second only what moved
+    model, _ = load_model(store)
+    assert model.code_cache is None  # never saved
+    m = evaluate(model, train, test, [1, 2])
+    assert m["forget_test_acc"] <= 0.01 and m["retain_test_acc"] >= 0.95
+    full = svc.replay(train)  # the masks do not depend on the re-fitted values
+    assert full.matches_head and full.recomputed == 2
+    fresh = ModelService(store).forget("class3", params={"refit_epochs": 1}, data=train, metrics=False)
+    assert fresh["flops"] > second["flops"]  # a new process has no kept codes

@@ -294,3 +294,21 @@ def test_the_retain_set_leaves_out_classes_earlier_requests_forgot(clusters):
         ForgetRequest((0, 1), train, forgotten=(2, 3, 4))
     with pytest.raises(ValueError, match="unknown class index"):
         ForgetRequest((0,), train, forgotten=(9,))
+
+
+def test_refit_from_the_kept_codes_equals_refit_from_a_fresh_search(clusters, trained_dkvb):
+    import copy
+
+    train, _ = clusters
+    with_cache = copy.deepcopy(trained_dkvb)
+    with_cache.compute_activation_counts(train.x, train.y)
+    assert with_cache.code_cache is not None and "code_cache" not in with_cache.state_dict()
+    without = copy.deepcopy(with_cache)
+    without.code_cache = None
+    unlearner = create_unlearner("dkvb-activations", refit_epochs=2)
+    a = unlearner.unlearn(with_cache, ForgetRequest((1,), train, seed=3))
+    b = unlearner.unlearn(without, ForgetRequest((1,), train, seed=3))
+    assert torch.equal(a.model.bottleneck.values, b.model.bottleneck.values)
+    assert a.flops < b.flops  # the kept codes save the search of every training embedding
+    # the next request starts from the codes the re-fit kept, valid under the new mask
+    assert torch.equal(a.model.code_cache.indices.long(), a.model.bottleneck.lookup(train.x))

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..data import EmbeddingSet
+from ..data import EmbeddingSet, fingerprint
 from ..flops import FlopCounter, lookup_flops, note_images
 from ..models import DKVBClassifier
 from ..train import TrainConfig, fit_values
@@ -47,37 +47,51 @@ class MaskingUnlearner(Unlearner):
         out = masked_copy(model, new_mask, erase_values=self.erase_values)
         if not self.refit_epochs:
             return out, 0, {}
-        flops, details = refit_rerouted(model, out, request.retain, epochs=self.refit_epochs, lr=self.refit_lr,
-                                        seed=request.seed)
+        retain = ~request.train.class_mask(request.forget_classes + request.forgotten)
+        flops, details = refit_rerouted(model, out, request.train, retain, epochs=self.refit_epochs,
+                                        lr=self.refit_lr, seed=request.seed)
         return out, flops, details
 
 
-def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, retain: EmbeddingSet, *, epochs: int,
-                   lr: float, seed: int = 0, batch_size: int = 256) -> tuple[int, dict[str, Any]]:
+def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: EmbeddingSet, retain: Tensor, *,
+                   epochs: int, lr: float, seed: int = 0, batch_size: int = 256) -> tuple[int, dict[str, Any]]:
     """Re-fit, in place in ``after``, the values that retain embeddings were rerouted to.
 
-    ``after`` is ``before`` with more keys masked. A retain embedding whose selected key got
+    ``after`` is ``before`` with more keys masked; ``retain`` (bool per row of ``train``) marks
+    the embeddings of the classes still served. A retain embedding whose selected key got
     masked now selects its next-nearest free key, whose value was fitted for other embeddings.
     Those keys' values are trained again (cross-entropy over all classes, so the forgotten
     classes' scores fall on them too) on every retain embedding that selects them; no other
-    value and no decoder weight changes. One search of the retain set serves both masks
-    (:meth:`~dkvb.bottleneck.DiscreteKeyValueBottleneck.candidates`). Returns (FLOPs, details).
+    value and no decoder weight changes.
+
+    The training set's keys come from ``before.code_cache`` when it holds this very set (kept by
+    :meth:`~dkvb.models.DKVBClassifier.compute_activation_counts` and by every re-fit), else
+    from one search; only the rows that lost a key are searched again, in the codebooks where
+    they lost it (:meth:`~dkvb.keys.FrozenKeys.reroute`; counted as a full lookup of each such
+    row, an upper bound). ``after.code_cache`` gets the new keys. Returns (FLOPs, details).
     """
-    b = after.bottleneck
-    cands = before.bottleneck.candidates(retain.x)
-    note_images(len(retain))
-    old = b.flat_indices(before.bottleneck.select(retain.x, cands))
-    new = b.flat_indices(b.select(retain.x, cands))
+    b, counter = after.bottleneck, FlopCounter()
+    digest, cache = fingerprint(train.x), before.code_cache
+    if cache is not None and cache.digest == digest:
+        old, old_mask = cache.indices.long(), cache.mask
+    else:
+        old, old_mask = before.bottleneck.lookup(train.x), before.key_mask
+        counter.add(lookup_flops(before, len(train)))
+        note_images(len(train))
+    new = b.reroute(train.x, old, old_mask)
+    moved = (new != old).flatten(1).any(1)
+    counter.add(lookup_flops(before, int(moved.sum())))
+    after.keep_codes(train.x, new, b.key_mask)
+    old_flat, new_flat = b.flat_indices(old)[retain], b.flat_indices(new)[retain]
     rows = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
-    rows[new[new != old]] = True
-    users = rows[new].any(1)
-    counter = FlopCounter()
-    counter.add(lookup_flops(before, len(retain)))
+    rows[new_flat[new_flat != old_flat]] = True
+    users = rows[new_flat].any(1)
     if bool(users.any()):
-        fit_values(after, retain.subset(users), TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
-                   codes=new[users], rows=rows, flops=counter)
+        subset = train.subset(retain.nonzero().flatten()[users])
+        fit_values(after, subset, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                   codes=new_flat[users], rows=rows, flops=counter)
     return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": int(users.sum()),
-                           "rerouted_examples": int((new != old).any(1).sum())}
+                           "rerouted_examples": int((new_flat != old_flat).any(1).sum())}
 
 
 def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False) -> DKVBClassifier:
@@ -92,7 +106,7 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
     check_selectable(mask, b.topk)
-    memo = {id(t): t for t in (b.keys, b.projection, b.whitening, model.activation_counts)}
+    memo = {id(t): t for t in (b.keys, b.projection, b.whitening, model.activation_counts, model.code_cache)}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
     if erase_values:
