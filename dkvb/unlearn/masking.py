@@ -71,7 +71,7 @@ def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: Embeddi
     row, an upper bound). ``after.code_cache`` gets the new keys. Returns (FLOPs, details).
     """
     b, counter = after.bottleneck, FlopCounter()
-    digest, cache = fingerprint(train.x), before.code_cache
+    digest, cache = fingerprint(train.x), getattr(before, "code_cache", None)
     if cache is not None and cache.digest == digest:
         old, old_mask = cache.indices.long(), cache.mask
     else:
@@ -106,7 +106,7 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
     check_selectable(mask, b.topk)
-    memo = {id(t): t for t in (b.keys, b.projection, b.whitening, model.activation_counts, model.code_cache)}
+    memo = {id(t): t for t in (b.keys, b.projection, b.whitening, model.activation_counts, getattr(model, "code_cache", None))}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
     if erase_values:
