@@ -283,11 +283,20 @@ def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
                "--out", str(out)])
     result = json.loads(out.read_text())
     (tuned,) = result["configs"]
-    assert len(tuned["candidates"]) == 4 and tuned["val_requests"] == [[0]]
+    assert len(tuned["candidates"]) == len(result["grid"]) == 4 and tuned["val_requests"] == [[0]]
     chosen = tune.choose(tuned["candidates"], 0.05)
     assert (chosen and chosen["params"]) == tuned["chosen"]
-    if chosen:
-        assert tuned["test_requests"] == 2 and set(tuned["chosen_test"]) == {"forget", "retain", "flops"}
+    if chosen:  # one config: the common choice is its own, tested on every request of the config
+        assert result["common"] == tuned["chosen"] == tuned["tested"]
+        assert tuned["test_requests"] == len(tuned["test_per_request"]) == 2
+        assert {"forget", "retain", "forget_max", "retain_min", "seconds"} <= set(tuned["test"])
+        assert tuned["test"]["forget_max"] == max(r["forget"] for r in tuned["test_per_request"])
+    # a grid from the command line; --no-test never touches the test split
+    tune.main([str(tiny_config), "--lrs", "0.5", "--presets", "small", "--requests", "1", "--no-test",
+               "--out", str(out)])
+    (tuned,) = json.loads(out.read_text())["configs"]
+    assert [c["params"] for c in tuned["candidates"]] == [{"lr": 0.5, **tune.PRESETS["small"]}]
+    assert "test" not in tuned
 
 
 @pytest.fixture(scope="module")
