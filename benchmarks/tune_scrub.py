@@ -14,7 +14,8 @@ experiment runs it (head trained on the full training set, every forget request 
 and its test accuracies (mean, worst forget, worst/best retain) and seconds per request are
 reported: they play no part in the choice. ``--no-test`` stops after the validation phase.
 
-The grid (ours): learning rates (``--lrs``) x presets (``--presets``) of the other settings,
+The grid (ours): learning rates (``--lrs``) x presets (``--presets``) of the other settings, or
+any list of settings (``--grid``, each laid over a preset),
 the repository's two (``large_scale_unlearning.ipynb``: 3 epochs, msteps 2, alpha 0.001,
 gamma 0.99, T 4; ``small_scale_unlearning.ipynb``: alpha 0.5, gamma 1, T 2, msteps 3, with 5
 epochs instead of its 10), SGD with the repository's momentum and weight decay. Torch uses
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lrs", type=float, nargs="+", default=list(LRS), help="learning rates of the grid")
     p.add_argument("--presets", nargs="+", choices=list(PRESETS), default=list(PRESETS),
                    help="presets of the other settings in the grid")
+    p.add_argument("--grid", metavar="JSON", help="the grid as a JSON list of SCRUB settings (or a file holding one); "
+                   "each is laid over the --presets' first preset; replaces --lrs x --presets")
     p.add_argument("--no-test", action="store_true", help="stop after the validation phase (no test split touched)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, for every config")
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/tune_scrub.json"))
@@ -171,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.info("torch threads: %d", set_threads())
     torch.manual_seed(0)
     candidates = grid(tuple(args.lrs), tuple(args.presets))
+    if args.grid:
+        text = Path(args.grid).read_text() if Path(args.grid).is_file() else args.grid
+        candidates = [{**PRESETS[args.presets[0]], **c} for c in json.loads(text)]
     tuned, skipped, configs = [], [], []
     result: dict[str, Any] = {"max_forget": args.max_forget, "grid": candidates, "configs": tuned, "skipped": skipped}
 

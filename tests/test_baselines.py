@@ -297,6 +297,10 @@ def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
     (tuned,) = json.loads(out.read_text())["configs"]
     assert [c["params"] for c in tuned["candidates"]] == [{"lr": 0.5, **tune.PRESETS["small"]}]
     assert "test" not in tuned
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}]', "--presets", "large",
+               "--requests", "1", "--no-test", "--out", str(out)])
+    (tuned,) = json.loads(out.read_text())["configs"]
+    assert [c["params"] for c in tuned["candidates"]] == [{**tune.PRESETS["large"], "lr": 0.5, "forget_batch_size": 8}]
 
 
 @pytest.fixture(scope="module")
