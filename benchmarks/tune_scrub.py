@@ -104,20 +104,35 @@ def choose(results: list[dict[str, Any]], max_forget: float) -> dict[str, Any] |
     return max(ok, key=lambda r: (r["val"]["retain"], -r["val"]["flops"]), default=None)
 
 
+def key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True)
+
+
 def select(cfg: ExperimentConfig, train: EmbeddingSet, candidates: list[dict[str, Any]], *, val_fraction: float,
-           num_requests: int, max_forget: float) -> dict[str, Any]:
-    """Score every candidate on a validation split of ``train`` and choose (no test data involved)."""
+           num_requests: int, max_forget: float, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Score every candidate on a validation split of ``train`` and choose (no test data involved).
+
+    ``previous``: this config's record from an earlier run; its scores are reused for candidates
+    it holds when it used the same validation split and requests (the split, the head and SCRUB
+    are seeded, so a rerun would give the same numbers)."""
     requests = forget_requests(cfg, train.class_names)[:num_requests]
     fit_set, val = train.holdout(val_fraction, cfg.seed)
     head = linear_head(cfg, fit_set)
+    same = previous and previous["val_fraction"] == val_fraction and previous["train_size"] == len(train) \
+        and [tuple(r) for r in previous["val_requests"]] == requests
+    done = {key(r["params"]): r for r in previous["candidates"]} if same else {}
     results = []
     for params in candidates:
+        if key(params) in done:
+            results.append(done[key(params)])
+            continue
         start = time.perf_counter()
         results.append({"params": params, "val": score(cfg, params, head, fit_set, val, requests)})
         logging.info("%s %s: %s (%.1fs)", cfg.name, params, results[-1]["val"], time.perf_counter() - start)
     best = choose(results, max_forget)
     return {"config": cfg.name, "train_size": len(train), "val_fraction": val_fraction, "val_requests": requests,
             "original_val": original(head, fit_set, val, requests, cfg.seed), "candidates": results,
+            "reused": sum(key(c) in done for c in candidates),
             "chosen": best and best["params"], "chosen_val": best and best["val"]}
 
 
@@ -147,12 +162,12 @@ def common(tuned: list[dict[str, Any]], max_forget: float) -> dict[str, Any] | N
     by_params: dict[str, list[dict[str, float]]] = {}
     for t in tuned:
         for r in t["candidates"]:
-            by_params.setdefault(json.dumps(r["params"], sort_keys=True), []).append(r["val"])
+            by_params.setdefault(key(r["params"]), []).append(r["val"])
     ok = {k: v for k, v in by_params.items() if len(v) == len(tuned) and all(x["forget"] <= max_forget for x in v)}
     if not ok:
         return None
-    key = max(ok, key=lambda k: sum(x["retain"] for x in ok[k]) / len(ok[k]))
-    return json.loads(key)
+    best = max(ok, key=lambda k: sum(x["retain"] for x in ok[k]) / len(ok[k]))
+    return json.loads(best)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="presets of the other settings in the grid")
     p.add_argument("--grid", metavar="JSON", help="the grid as a JSON list of SCRUB settings (or a file holding one); "
                    "each is laid over the --presets' first preset; replaces --lrs x --presets")
+    p.add_argument("--reuse", type=Path, metavar="JSON", help="an earlier run's output: its validation scores are "
+                   "reused for candidates it holds (same split and requests); only new candidates are run")
     p.add_argument("--no-test", action="store_true", help="stop after the validation phase (no test split touched)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, for every config")
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/tune_scrub.json"))
@@ -179,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         candidates = [{**PRESETS[args.presets[0]], **c} for c in json.loads(text)]
     tuned, skipped, configs = [], [], []
     result: dict[str, Any] = {"max_forget": args.max_forget, "grid": candidates, "configs": tuned, "skipped": skipped}
+    previous = {t["config"]: t for t in json.loads(args.reuse.read_text())["configs"]} if args.reuse else {}
+    if args.reuse:
+        result["reused_from"] = str(args.reuse)
 
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -193,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         train, _ = load_embeddings(cfg, progress=False)
         tuned.append(select(cfg, train, candidates, val_fraction=args.val_fraction, num_requests=args.requests,
-                            max_forget=args.max_forget))
+                            max_forget=args.max_forget, previous=previous.get(cfg.name)))
         configs.append(cfg)
         print(f"{cfg.name}: chosen {tuned[-1]['chosen']}; val {tuned[-1]['chosen_val']}")
     result["common"] = common(tuned, args.max_forget)

@@ -301,6 +301,17 @@ def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
                "--requests", "1", "--no-test", "--out", str(out)])
     (tuned,) = json.loads(out.read_text())["configs"]
     assert [c["params"] for c in tuned["candidates"]] == [{**tune.PRESETS["large"], "lr": 0.5, "forget_batch_size": 8}]
+    # --reuse: candidates already scored on the same split are taken over, only new ones run
+    first = tuned["candidates"][0]
+    first["val"]["retain"] = -1.0  # a marker: a rerun would overwrite it
+    out.write_text(json.dumps({"configs": [tuned]}))
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}, {"lr": 0.1}]', "--presets", "large",
+               "--requests", "1", "--no-test", "--reuse", str(out), "--out", str(out)])
+    (again,) = json.loads(out.read_text())["configs"]
+    assert again["candidates"][0] == first and again["reused"] == 1 and len(again["candidates"]) == 2
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}]', "--presets", "large",
+               "--requests", "2", "--no-test", "--reuse", str(out), "--out", str(out)])  # other requests: rerun
+    assert json.loads(out.read_text())["configs"][0]["reused"] == 0
 
 
 @pytest.fixture(scope="module")
