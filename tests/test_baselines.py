@@ -60,14 +60,14 @@ def test_retrain_forgets_and_retains(clusters, trained_linear, request1):
 
 @pytest.mark.parametrize("classes", [(1,), (2, 4)])
 def test_scrub_forgets_and_retains_with_a_large_enough_lr(clusters, trained_linear, classes):
-    # the repository's lr 5e-4 does not move a linear head on these embeddings; 0.5 does
+    # the repository's lr 5e-4 does not move a linear head on these clusters; 0.5 does
     train, test = clusters
     request = ForgetRequest(classes, train)
     m = evaluate(create_unlearner("scrub", lr=0.5).unlearn(trained_linear, request).model, train, test, classes)
     assert m["forget_train_acc"] <= 0.02 and m["forget_test_acc"] <= 0.02
     assert m["retain_train_acc"] >= 0.97 and m["retain_test_acc"] >= 0.97
-    default = create_unlearner("scrub").unlearn(trained_linear, request).model
-    assert evaluate(default, train, test, classes)["forget_test_acc"] >= 0.9  # documented: defaults do not forget
+    repository = create_unlearner("scrub", lr=5e-4).unlearn(trained_linear, request).model
+    assert evaluate(repository, train, test, classes)["forget_test_acc"] >= 0.9  # the repository's lr does not forget
 
 
 def test_salun_forgets_and_masks_half_the_weights(clusters, trained_linear, request1):
@@ -287,11 +287,35 @@ def test_tune_scrub_end_to_end_on_a_tiny_config(tiny_config, tmp_path):
                "--out", str(out)])
     result = json.loads(out.read_text())
     (tuned,) = result["configs"]
-    assert len(tuned["candidates"]) == 4 and tuned["val_requests"] == [[0]]
+    assert len(tuned["candidates"]) == len(result["grid"]) == 4 and tuned["val_requests"] == [[0]]
     chosen = tune.choose(tuned["candidates"], 0.05)
     assert (chosen and chosen["params"]) == tuned["chosen"]
-    if chosen:
-        assert tuned["test_requests"] == 2 and set(tuned["chosen_test"]) == {"forget", "retain", "flops"}
+    if chosen:  # one config: the common choice is its own, tested on every request of the config
+        assert result["common"] == tuned["chosen"] == tuned["tested"]
+        assert tuned["test_requests"] == len(tuned["test_per_request"]) == 2
+        assert {"forget", "retain", "forget_max", "retain_min", "seconds"} <= set(tuned["test"])
+        assert tuned["test"]["forget_max"] == max(r["forget"] for r in tuned["test_per_request"])
+    # a grid from the command line; --no-test never touches the test split
+    tune.main([str(tiny_config), "--lrs", "0.5", "--presets", "small", "--requests", "1", "--no-test",
+               "--out", str(out)])
+    (tuned,) = json.loads(out.read_text())["configs"]
+    assert [c["params"] for c in tuned["candidates"]] == [{"lr": 0.5, **tune.PRESETS["small"]}]
+    assert "test" not in tuned
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}]', "--presets", "large",
+               "--requests", "1", "--no-test", "--out", str(out)])
+    (tuned,) = json.loads(out.read_text())["configs"]
+    assert [c["params"] for c in tuned["candidates"]] == [{**tune.PRESETS["large"], "lr": 0.5, "forget_batch_size": 8}]
+    # --reuse: candidates already scored on the same split are taken over, only new ones run
+    first = tuned["candidates"][0]
+    first["val"]["retain"] = -1.0  # a marker: a rerun would overwrite it
+    out.write_text(json.dumps({"configs": [tuned]}))
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}, {"lr": 0.1}]', "--presets", "large",
+               "--requests", "1", "--no-test", "--reuse", str(out), "--out", str(out)])
+    (again,) = json.loads(out.read_text())["configs"]
+    assert again["candidates"][0] == first and again["reused"] == 1 and len(again["candidates"]) == 2
+    tune.main([str(tiny_config), "--grid", '[{"lr": 0.5, "forget_batch_size": 8}]', "--presets", "large",
+               "--requests", "2", "--no-test", "--reuse", str(out), "--out", str(out)])  # other requests: rerun
+    assert json.loads(out.read_text())["configs"][0]["reused"] == 0
 
 
 @pytest.fixture(scope="module")

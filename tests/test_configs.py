@@ -1,6 +1,8 @@
 """Every experiment YAML parses and names only registered datasets, encoders and methods."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,9 @@ from dkvb.datasets import list_datasets
 from dkvb.experiment import expand_methods, method_model
 from dkvb.unlearn import UNLEARNERS, create_unlearner
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((ROOT / "experiments").glob("*.yaml"))
+TUNED_SCRUB = json.loads((ROOT / "benchmarks" / "results" / "tune_scrub.json").read_text())
 
 
 def test_there_are_experiments():
@@ -58,3 +62,26 @@ def test_experiment_config_is_valid(path):
 def test_overrides_win_over_the_file():
     cfg = load_config(EXPERIMENTS[0], ["train.epochs=1", "encoder.device=cuda", "forget=[[0]]"])
     assert (cfg.train.epochs, cfg.encoder.device, cfg.forget) == (1, "cuda", [[0]])
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_scrub_runs_the_setting_tune_scrub_chose(path):
+    """Every config that runs SCRUB ships benchmarks/tune_scrub.py's choice: the cross-dataset one
+    where there is one (configs without cached embeddings always), else the config's own."""
+    cfg = load_config(path)
+    runs = [m for m in cfg.methods if m.name == "scrub"]
+    if not runs:
+        pytest.skip("no SCRUB in this config")
+    own = {t["config"]: t["chosen"] for t in TUNED_SCRUB["configs"]}
+    expected = TUNED_SCRUB["common"] or own[cfg.name]
+    assert expected and all(m.params == expected for m in runs)
+
+
+def test_scrub_defaults_are_the_cross_dataset_choice():
+    from dkvb.unlearn.scrub import SCRUB
+
+    common = TUNED_SCRUB["common"]
+    if common is None:
+        pytest.skip("no setting forgot on every tuned config")
+    defaults = {f.name: f.default for f in dataclasses.fields(SCRUB)}
+    assert {k: defaults[k] for k in common} == common

@@ -53,16 +53,17 @@ class SCRUB(GradientUnlearner):
     the teacher on the same batch (the same images: one encoder pass in the from-images count).
 
     Defaults: the repository's large-scale settings (``args.sgda_*``, ``msteps``, ``kd_T``,
-    ``alpha``, ``gamma``; forget/retain batches 512/256 as its loaders). They fine-tune a whole
-    ResNet: on a linear head over frozen embeddings lr 5e-4 barely moves the weights and
-    nothing is forgotten, so every shipped config sets the values that
-    ``benchmarks/tune_scrub.py`` selected on a validation split carved from the training set
-    (``benchmarks/results/tune_scrub.json``).
+    ``alpha``, ``gamma``; forget/retain batches 512/256 as its loaders) except the learning rate:
+    2e-3 instead of its 5e-4, which fine-tunes a whole ResNet. ``benchmarks/tune_scrub.py`` chose
+    this setting on validation splits carved from the training sets of Fashion-MNIST, CIFAR-10
+    and CIFAR-100 (EfficientNet-Lite0 embeddings, linear head): the one that forgets on all three
+    (mean forget-validation accuracy <= 3%) with the best mean retain-validation accuracy
+    (``benchmarks/results/tune_scrub.json``, ``docs/methods.md``). Every shipped config sets it.
 
     Attributes:
         epochs: ``sgda_epochs`` (default 3).
         msteps: ``msteps``, the first epochs that also run max-steps (default 2).
-        lr: ``sgda_learning_rate`` (default 5e-4, see above).
+        lr: ``sgda_learning_rate`` (default 2e-3, tuned; the repository's 5e-4, see above).
         optimizer, momentum, weight_decay: SGD, 0.9, 5e-4 (repository).
         batch_size: retain batch of the min-steps (default 256).
         forget_batch_size: forget batch of the max-steps (default 512).
@@ -72,7 +73,7 @@ class SCRUB(GradientUnlearner):
     """
 
     epochs: int = 3
-    lr: float = 5e-4
+    lr: float = 2e-3
     msteps: int = 2
     forget_batch_size: int = 512
     alpha: float = 0.001
