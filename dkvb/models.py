@@ -155,11 +155,12 @@ class DKVBClassifier(nn.Module):
         self.keep_codes(x, indices, torch.zeros_like(mask))
         return counts
 
-    def keep_codes(self, x: Tensor, indices: Tensor, mask: Tensor) -> None:
+    def keep_codes(self, x: Tensor, indices: Tensor, mask: Tensor, digest: str | None = None) -> None:
         """Keep ``indices``, the lookup of embeddings ``x`` under key ``mask``, as :attr:`code_cache`
-        (int16 where the codebook allows), so re-fitting after a mask searches only what moved."""
+        (int16 where the codebook allows), so re-fitting after a mask searches only what moved;
+        ``digest``: ``fingerprint(x)`` when the caller has it."""
         small = torch.int16 if self.bottleneck.codebook_size < 2**15 else torch.int32
-        self.code_cache = CodeCache(fingerprint(x), indices.to(small), mask.clone())
+        self.code_cache = CodeCache(digest or fingerprint(x), indices.to(small), mask.clone())
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

@@ -81,7 +81,7 @@ def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: Embeddi
     new = b.reroute(train.x, old, old_mask)
     moved = (new != old).flatten(1).any(1)
     counter.add(lookup_flops(before, int(moved.sum())))
-    after.keep_codes(train.x, new, b.key_mask)
+    after.keep_codes(train.x, new, b.key_mask, digest)
     old_flat, new_flat = b.flat_indices(old)[retain], b.flat_indices(new)[retain]
     rows = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
     rows[new_flat[new_flat != old_flat]] = True
