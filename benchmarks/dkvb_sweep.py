@@ -20,6 +20,7 @@ Results are appended to a JSON file so a sweep can be extended run by run.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -102,10 +103,19 @@ def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, b
     return out
 
 
-def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
-                     rules: list[dict[str, Any]]) -> dict[str, Any]:
-    """Train one DKVB setting on ``fit_part``; validation accuracy and, per forget rule, one forget
-    request per class."""
+def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
+                  models: Path | None = None) -> tuple[Any, float, float]:
+    """(model, k-means seconds, training seconds) of one setting trained on ``fit_part``. With a
+    ``models`` folder, a model trained before on the same rows, setting and seed is loaded from it
+    (with the seconds its training took) and a new one is saved there, so rule sweeps reuse it."""
+    from dkvb.data import fingerprint
+    from dkvb.store import load_model, save_model
+
+    key = json.dumps({"setting": setting, "seed": seed, "data": fingerprint(fit_part.x)}, sort_keys=True)
+    path = None if models is None else models / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if path is not None and path.is_dir():
+        model, manifest = load_model(path)
+        return model, manifest["extra"]["kmeans_seconds"], manifest["extra"]["train_seconds"]
     model_cfg = resolve_config(ModelConfig(**{k: v for k, v in setting.items() if k in MODEL_FIELDS}), len(fit_part))
     train_cfg = TrainConfig(**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, seed=seed)
     model = build_model(model_cfg, fit_part.dim, fit_part.num_classes, seed=seed)
@@ -116,11 +126,22 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
     fit(model, fit_part, train_cfg)
     train_s = time.perf_counter() - start
     model.compute_activation_counts(fit_part.x, fit_part.y)
+    if path is not None:
+        save_model(model, path, class_names=list(fit_part.class_names), encoder="dkvb_sweep",
+                   extra={"kmeans_seconds": kmeans_s, "train_seconds": train_s, "key": key})
+    return model, kmeans_s, train_s
+
+
+def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
+                     rules: list[dict[str, Any]], models: Path | None = None) -> dict[str, Any]:
+    """Train (or load, see :func:`train_setting`) one DKVB setting on ``fit_part``; validation
+    accuracy and, per forget rule, one forget request per class."""
+    model, kmeans_s, train_s = train_setting(setting, fit_part, seed, models)
     b = model.bottleneck
     cands = b.candidates(val.x)
     before = model.predict_from(val.x, cands)
     out: dict[str, Any] = {
-        "setting": setting, "codebook_size": model_cfg.codebook_size, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
+        "setting": setting, "codebook_size": b.codebook_size, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
         "train_seconds": train_s,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
     }
@@ -169,6 +190,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="results/benchmarks/dkvb_sweep.json")
+    p.add_argument("--models", type=Path, help="folder of trained models to reuse across runs (e.g. to add rules)")
     p.add_argument("--summary", nargs="+", metavar="JSON", help="print the markdown summary of these result files")
     args = p.parse_args(argv)
     if args.summary:
@@ -200,7 +222,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, rules = json.loads(args.base), json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
-        r = evaluate_setting(setting, fit_part, val, args.seed, rules)
+        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models)
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)
