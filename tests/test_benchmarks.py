@@ -90,3 +90,15 @@ def test_dkvb_sweep_chooses_on_a_validation_split_and_summarises(tmp_path, tiny_
     assert entry["runs"][0]["codebook_size"] == 16  # auto: 232 examples -> the floor of 16 keys
     summary = _run("dkvb_sweep.py", "--summary", str(out)).stdout
     assert "### tiny" in summary and summary.count("| `{") == 4
+
+
+def test_dkvb_sweep_reuses_saved_models_for_new_rules(tmp_path, tiny_config):
+    out, models = tmp_path / "sweep.json", tmp_path / "models"
+    args = ["dkvb_sweep.py", str(tiny_config), "--out", str(out), "--no-probe", "--models", str(models),
+            "--base", '{"num_codebooks": 8, "codebook_size": "auto", "key_dim": 4, "epochs": 2, "lr": 0.01}']
+    _run(*args, "--rules", '[{}]')
+    _run(*args, "--rules", '[{"min_share": 0.5}]')
+    first, second = json.loads(out.read_text())["datasets"]["tiny"]["runs"]
+    assert len(list(models.iterdir())) == 1  # trained once, loaded the second time
+    assert first["val_acc"] == second["val_acc"] and first["train_seconds"] == second["train_seconds"]
+    assert second["rules"][0]["rule"] == {"min_share": 0.5}
