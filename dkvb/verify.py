@@ -106,12 +106,22 @@ def probe_relearning(model: nn.Module, train: EmbeddingSet, test: EmbeddingSet, 
     """The relearning probe of ``model``: :func:`relearn_steps` on ``probe.examples`` seeded
     forget-train examples until forget-test accuracy reaches ``target_acc``."""
     probe = probe or ProbeConfig()
-    classes = sorted(set(int(c) for c in forget_classes))
-    forget_train, _ = train.split(classes)
-    forget_test, _ = test.split(classes)
-    g = torch.Generator().manual_seed(probe.seed)
-    few = forget_train.subset(torch.randperm(len(forget_train), generator=g)[: probe.examples])
+    few, forget_test = probe_sets(train, test, forget_classes, probe)
     return relearn_steps(model, few, forget_test, target_acc, lr=probe.lr, max_steps=probe.max_steps)
+
+
+def probe_sets(train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
+               probe: ProbeConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(the ``probe.examples`` seeded forget-train examples, the forget-test set) of the probe.
+
+    The examples are drawn by position among the forget-train rows, so only those rows and the
+    forget-test rows are copied (not the retain sets).
+    """
+    classes = sorted(set(int(c) for c in forget_classes))
+    forget_rows = train.class_mask(classes).nonzero().flatten()
+    g = torch.Generator().manual_seed(probe.seed)
+    few = train.subset(forget_rows[torch.randperm(len(forget_rows), generator=g)[: probe.examples]])
+    return few, test.subset(test.class_mask(classes))
 
 
 def unmasked_accuracy(model: nn.Module, data: EmbeddingSet) -> float:
