@@ -22,7 +22,7 @@ from .flops import count_images, encoder_flops_per_image
 from .bottleneck import Candidates
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
 from .io import atomic_write_json, atomic_write_text
-from .models import build_model, resolve_config
+from .models import KeptLogits, build_model, resolve_config
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer
 from .train import DivergenceError, fit
@@ -61,11 +61,15 @@ def train_models(
     cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
     force: bool = False,
     timer: PhaseTimer | None = None,
+    candidates: dict[str, Candidates] | None = None,
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
     Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
     that serves deletion requests is not replaced unless ``force`` (see :func:`dkvb.store.save_model`).
+    A DKVB's training set is searched once, for its nearest ``topk + 8`` keys: the first
+    ``topk`` are the training codes and the activation counts, and the whole lists are put in
+    ``candidates[kind]`` (when given) for evaluating masked copies.
     """
     from .flops import FlopCounter
 
@@ -96,14 +100,21 @@ def train_models(
             with timer.track("k-means", kind):
                 model.prepare(train.x)
             start = time.perf_counter()
+            codes = None
+            if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates
+                with timer.track("nearest-key search (train set)", kind):
+                    found = model.bottleneck.candidates(train.x)
+                    codes = model.bottleneck.select(train.x, found)
+                if candidates is not None:
+                    candidates[kind] = found
             with timer.track("train", kind):
                 fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
-                    progress=progress, desc=f"train {kind}")
+                    progress=progress, desc=f"train {kind}", indices=codes)
         info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total}
         if kind == "dkvb":
             start = time.perf_counter()
             with timer.track("activation counts", kind):
-                model.compute_activation_counts(train.x, train.y)
+                model.compute_activation_counts(train.x, train.y, indices=codes)
             info["count_seconds"] = time.perf_counter() - start
         save_model(model, path, class_names=list(train.class_names), encoder=cfg.encoder.name,
                    extra={"fingerprint": _fingerprint(cfg), "train_info": info}, force=force)
@@ -174,19 +185,22 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     timer = PhaseTimer()
     with timer.track("embed (or load the cache)"):
         train, test = load_embeddings(cfg, progress=progress)
-    models = train_models(cfg, train, progress=progress, force=force, timer=timer)
-    # A DKVB's nearest keys are searched once; every masked copy of it picks from these candidates.
-    candidates: dict[str, tuple[Candidates, Candidates]] = {}
+    searched: dict[str, Candidates] = {}
+    models = train_models(cfg, train, progress=progress, force=force, timer=timer, candidates=searched)
+    # A DKVB's nearest keys are searched once (the training set's while training it); its logits
+    # are kept with them, and every masked copy recomputes only the rows its mask reaches.
+    kept: dict[str, tuple[KeptLogits, KeptLogits]] = {}
     with timer.track("nearest-key candidates", "dkvb"):
         for kind, (m, _) in models.items():
             if hasattr(m, "bottleneck"):
-                candidates[kind] = (m.bottleneck.candidates(train.x), m.bottleneck.candidates(test.x))
+                kept[kind] = (m.keep_logits(train.x, searched.get(kind)), m.keep_logits(test.x))
+    searched.clear()
 
     def predict(model: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, test) logits, from the kept candidates when ``model`` shares the original's keys."""
+        """(train, test) logits, from the kept ones when ``model`` shares the original's keys."""
         original = models[kind][0]
-        if kind in candidates and model.bottleneck.keys.data_ptr() == original.bottleneck.keys.data_ptr():
-            return model.predict_from(train.x, candidates[kind][0]), model.predict_from(test.x, candidates[kind][1])
+        if kind in kept and model.bottleneck.keys.data_ptr() == original.bottleneck.keys.data_ptr():
+            return model.predict_from(train.x, kept[kind][0]), model.predict_from(test.x, kept[kind][1])
         return predict_logits(model, train.x), predict_logits(model, test.x)
 
     with timer.track("evaluate", "original"):

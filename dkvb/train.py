@@ -77,12 +77,13 @@ def fit(
     flops: FlopCounter | None = None,
     progress: bool = False,
     desc: str = "train",
+    indices: Tensor | None = None,
 ) -> nn.Module:
     """Minimise ``loss_fn`` (default cross-entropy) over ``data``; initialises keys first if needed.
 
-    A DKVB with the default loss trains through :func:`fit_values`; anything else runs the
-    generic loop (Adam on every trainable parameter). Raises :class:`DivergenceError` on a
-    non-finite loss.
+    A DKVB with the default loss trains through :func:`fit_values` (``indices``: its nearest
+    keys of ``data``, if already looked up); anything else runs the generic loop (Adam on every
+    trainable parameter). Raises :class:`DivergenceError` on a non-finite loss.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty embedding set")
@@ -90,13 +91,15 @@ def fit(
     if bottleneck is not None and not bool(bottleneck.initted):
         model.prepare(data.x)
     if bottleneck is not None and loss_fn is None:
-        return fit_values(model, data, config, flops=flops, progress=progress, desc=desc)
+        return fit_values(model, data, config, flops=flops, progress=progress, desc=desc, indices=indices)
+    if indices is not None:
+        raise ValueError("fit: indices are a DKVB's looked-up keys, for the default loss only")
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=config.label_smoothing))
     opt = torch.optim.Adam(model.trainable_parameters(), lr=config.lr, weight_decay=config.weight_decay)
 
     def step(idx: Tensor) -> Tensor:
-        x = data.x[idx]
-        loss = loss_fn(model, x, data.y[idx])
+        x = data.x.index_select(0, idx)
+        loss = loss_fn(model, x, data.y.index_select(0, idx))
         _check(loss, desc)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -116,6 +119,7 @@ def fit_values(
     flops: FlopCounter | None = None,
     progress: bool = False,
     desc: str = "train",
+    indices: Tensor | None = None,
 ) -> nn.Module:
     """Train a DKVB's values (and decoder) with cross-entropy, at about a linear head's cost.
 
@@ -124,10 +128,15 @@ def fit_values(
     classifier over a sparse code of ``C * topk`` ones per row: each step pools the selected
     values, back-propagates to the pooled vector only, spreads that gradient over the selected
     rows and updates just those rows with :class:`LazyAdam`. The decoder's own parameters
-    (MLP) use dense Adam.
+    (MLP) use dense Adam. ``indices`` (N, C, topk): the keys ``lookup(data.x)`` returns, when a
+    search of ``data`` was already made (the one that also serves activation counts and
+    evaluation candidates); counted as a lookup all the same.
     """
     b = model.bottleneck
-    flat = b.flat_indices(b.lookup(data.x))
+    if indices is not None and tuple(indices.shape) != (len(data), b.num_codebooks, b.topk):
+        raise ValueError(f"fit_values: indices must be (N, C, topk) = {(len(data), b.num_codebooks, b.topk)}, "
+                         f"got {tuple(indices.shape)}")
+    flat = b.flat_indices(b.lookup(data.x) if indices is None else indices)
     if config.value_init == "counts":
         if model.decoder.__class__.__name__ != "MeanDecoder":
             raise ValueError("value_init='counts' needs the mean decoder (values are class scores)")
@@ -148,7 +157,7 @@ def fit_values(
         with torch.no_grad():
             pooled = b.pool(rows)
         pooled.requires_grad_(True)
-        loss = F.cross_entropy(model.decoder(pooled), data.y[idx], label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(model.decoder(pooled), data.y.index_select(0, idx), label_smoothing=config.label_smoothing)
         _check(loss, desc)
         if dense_opt is not None:
             dense_opt.zero_grad(set_to_none=True)

@@ -67,3 +67,16 @@ def test_lazy_adam_leaves_untouched_rows_alone():
     before = w.clone()
     LazyAdam(w, lr=0.1, weight_decay=0.5).step(torch.tensor([[1, 2]]), torch.ones(1, 2))
     assert torch.equal(w[3:], before[3:]) and not torch.equal(w[1:3], before[1:3])
+
+
+def test_training_from_looked_up_keys_equals_training_that_looks_them_up(data):
+    train, _ = data
+    model = build_model(CFG, train.dim, train.num_classes, seed=0)
+    model.prepare(train.x)
+    cands = model.bottleneck.candidates(train.x)
+    given = fit(model, train, TrainConfig(epochs=2, lr=0.01, seed=0), indices=model.bottleneck.select(train.x, cands))
+    fresh = build_model(CFG, train.dim, train.num_classes, seed=0)
+    fit(fresh, train, TrainConfig(epochs=2, lr=0.01, seed=0))
+    assert torch.equal(given.bottleneck.values, fresh.bottleneck.values)
+    with pytest.raises(ValueError, match="indices must be"):
+        fit(fresh, train, TrainConfig(epochs=1), indices=torch.zeros(3, 32, 2, dtype=torch.long))
