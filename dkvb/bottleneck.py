@@ -246,10 +246,8 @@ class DiscreteKeyValueBottleneck(nn.Module):
         elif self.topk == 1:
             rows = _rows_hitting(flat, changed, 1) if changed is not None else np.arange(x.shape[0])
             picked = _first_free(flat, masked, rows)
-            r, c = np.nonzero(picked < 0)
+            self._search_exhausted(x, rows, picked)
             out = torch.from_numpy(picked)
-            if len(r):
-                out[r, c] = self._search_pairs(x, rows[r], c) + torch.from_numpy(c * self.codebook_size)
         else:
             rows = _rows_hitting(flat, changed, self.topk) if changed is not None else np.arange(x.shape[0])
             sub = flat[rows]
@@ -264,22 +262,25 @@ class DiscreteKeyValueBottleneck(nn.Module):
                 out[redo] = self.flat_indices(self.lookup(x[torch.from_numpy(rows[redo]).to(x.device)])).cpu()
         return out if changed is None else (torch.from_numpy(rows), out)
 
-    def _search_pairs(self, x: Tensor, r: np.ndarray, c: np.ndarray) -> Tensor:
-        """Nearest unmasked key of row ``r[i]`` of ``x`` in codebook ``c[i]``, for each pair, by
-        the same projection, distance and argmin as :meth:`lookup` (one codebook at a time)."""
-        rows, local = np.unique(r, return_inverse=True)
-        z = self.project(x[torch.from_numpy(rows).to(x.device)]).cpu()
+    def _search_exhausted(self, x: Tensor, rows: np.ndarray, picked: np.ndarray) -> None:
+        """Fill the -1 entries of ``picked`` (R, C) flat keys of ``x[rows]`` with the nearest
+        unmasked key of that row and codebook, by the same projection, distance and argmin as
+        :meth:`lookup`: chunks of rows, one codebook at a time, only the pairs that need it."""
+        exhausted = picked < 0
+        which = np.flatnonzero(exhausted.any(1))
+        if not len(which):
+            return
         keys = self.keys.cpu()
         knorm = keys.pow(2).sum(-1).masked_fill(self.key_mask.cpu(), math.inf)
-        out = np.empty(len(r), dtype=np.int64)
-        order = np.argsort(c, kind="stable")
-        starts = np.flatnonzero(np.r_[True, c[order][1:] != c[order][:-1]])
-        for begin, end in zip(starts, np.r_[starts[1:], len(order)]):
-            pairs = order[begin:end]
-            cb = int(c[pairs[0]])
-            buf = torch.addmm(knorm[cb], z[torch.from_numpy(local[pairs]), cb], keys[cb].T, alpha=-2)
-            out[pairs] = buf.numpy().argmin(axis=1)
-        return torch.from_numpy(out)
+        step = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
+        for start in range(0, len(which), step):
+            part = which[start:start + step]
+            z = self.project(x[torch.from_numpy(rows[part]).to(x.device)]).cpu()
+            need = exhausted[part]
+            for c in np.flatnonzero(need.any(0)):
+                sel = np.flatnonzero(need[:, c])
+                buf = torch.addmm(knorm[c], z[torch.from_numpy(sel), c], keys[c].T, alpha=-2)
+                picked[part[sel], c] = buf.numpy().argmin(axis=1) + c * self.codebook_size
 
     # ---------------------------------------------------------------- values
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
