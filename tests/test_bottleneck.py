@@ -200,3 +200,14 @@ def test_selection_of_the_rows_a_change_reaches_equals_a_fresh_search(topk):
         assert torch.equal(b.select_flat(x, cands), fresh)
     with pytest.raises(ValueError, match="every key masked since"):
         b.select_flat(x, cands, np.zeros(6 * 20, dtype=bool))
+
+
+@pytest.mark.parametrize("bag", [1, 3, 96, 250, 256])
+def test_pooling_equals_embedding_bags_mean_bit_for_bit(bag):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(bag)
+    weight = torch.randn(bag * 40, 7, generator=g)
+    flat = torch.randint(0, bag * 40, (300, bag), generator=g)
+    b = DiscreteKeyValueBottleneck(16, bag, 40, value_dim=7)
+    assert torch.equal(b.pool(flat, weight), F.embedding_bag(flat, weight, mode="mean"))
