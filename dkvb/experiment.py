@@ -196,10 +196,12 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                 kept[kind] = (m.keep_logits(train.x, searched.get(kind)), m.keep_logits(test.x))
     searched.clear()
 
+    def shares_keys(model: nn.Module, kind: str) -> bool:
+        return model.bottleneck.keys.data_ptr() == models[kind][0].bottleneck.keys.data_ptr()
+
     def predict(model: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(train, test) logits, from the kept ones when ``model`` shares the original's keys."""
-        original = models[kind][0]
-        if kind in kept and model.bottleneck.keys.data_ptr() == original.bottleneck.keys.data_ptr():
+        if kind in kept and shares_keys(model, kind):
             return model.predict_from(train.x, kept[kind][0]), model.predict_from(test.x, kept[kind][1])
         return predict_logits(model, train.x), predict_logits(model, test.x)
 
@@ -221,7 +223,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             return {}
         forget = test.class_mask(list(classes))  # the original's forget-test accuracy, from its cached logits
         original = accuracy(logits[kind][1][forget], test.y[forget])
-        return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
+        cands = kept[kind][1].candidates if kind in kept and shares_keys(model, kind) else None
+        return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe, cands)}
 
     def measure(model: nn.Module, kind: str, label: str, classes: tuple[int, ...],
                 given: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:

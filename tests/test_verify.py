@@ -114,3 +114,15 @@ def test_probe_examples_are_the_seeded_draw_among_the_forget_rows(clusters):
     expected = forget_train.subset(torch.randperm(len(forget_train), generator=g)[:7])
     assert torch.equal(few.x, expected.x) and torch.equal(few.y, expected.y)
     assert torch.equal(forget_test.x, test.split([0, 2])[0].x)
+
+
+def test_probe_from_kept_candidates_equals_the_probe_that_searches(original, clusters):
+    from dkvb.verify import probe_relearning
+
+    train, test = clusters
+    cands = original.bottleneck.candidates(test.x, extra=2)
+    for params in ({}, {"min_share": 0.0}, {"num_keys": 1}):
+        model = create_unlearner("dkvb-activations", **params).unlearn(original, ForgetRequest((1,), train)).model
+        probe = ProbeConfig(max_steps=30)
+        searched = probe_relearning(model, train, test, [1], 0.5, probe)
+        assert probe_relearning(model, train, test, [1], 0.5, probe, cands) == searched
