@@ -416,5 +416,5 @@ def fresh_copy(model: nn.Module) -> nn.Module:
 
 
 Classifier = DKVBClassifier | LinearHead
-__all__ = ["ModelConfig", "DKVBClassifier", "KeptLogits", "LinearHead", "MeanDecoder", "MLPDecoder", "ShardedEnsemble", "build_model",
-           "seeded_build", "fresh_copy", "Classifier"]
+__all__ = ["ModelConfig", "DKVBClassifier", "KeptLogits", "LinearHead", "MeanDecoder", "MLPDecoder", "ShardedEnsemble",
+           "build_model", "seeded_build", "fresh_copy", "Classifier"]

@@ -1,4 +1,5 @@
-"""How many CPU threads torch, faiss, numba and the BLAS/OpenMP pools of numpy, scipy and scikit-learn use: the cores actually free to this process.
+"""How many CPU threads torch, faiss, numba and the BLAS/OpenMP pools of numpy, scipy and
+scikit-learn use: the cores actually free to this process.
 
 torch defaults to one thread per core it can see. On a shared machine (a laptop with other
 jobs, a CI runner) that oversubscribes the cores and every op runs several times slower, so

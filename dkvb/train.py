@@ -157,7 +157,8 @@ def fit_values(
         with torch.no_grad():
             pooled = b.pool(rows)
         pooled.requires_grad_(True)
-        loss = F.cross_entropy(model.decoder(pooled), data.y.index_select(0, idx), label_smoothing=config.label_smoothing)
+        loss = F.cross_entropy(model.decoder(pooled), data.y.index_select(0, idx),
+                               label_smoothing=config.label_smoothing)
         _check(loss, desc)
         if dense_opt is not None:
             dense_opt.zero_grad(set_to_none=True)
