@@ -23,7 +23,7 @@ from .flops import count_images, encoder_flops_per_image
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
 from .io import atomic_write_json, atomic_write_text
 from .keys import Candidates
-from .models import build_model, resolve_config
+from .models import KeptLogits, build_model, resolve_config
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer
 from .train import DivergenceError, fit
@@ -62,6 +62,7 @@ def train_models(
     cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
     force: bool = False,
     timer: PhaseTimer | None = None,
+    candidates: dict[str, Candidates] | None = None,
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
@@ -69,6 +70,9 @@ def train_models(
     that serves deletion requests is not replaced unless ``force``; then the forget requests in
     effect there are re-applied to the new model and logged (:func:`dkvb.service.replace_model`),
     and the returned model is the one served, with them applied.
+    A DKVB's training set is searched once, for its nearest ``topk + 8`` keys: the first
+    ``topk`` are the training codes and the activation counts, and the whole lists are put in
+    ``candidates[kind]`` (when given) for evaluating masked copies.
     """
     from .flops import FlopCounter
 
@@ -99,14 +103,21 @@ def train_models(
             with timer.track("k-means", kind):
                 model.prepare(train.x)
             start = time.perf_counter()
+            codes = None
+            if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates
+                with timer.track("nearest-key search (train set)", kind):
+                    found = model.bottleneck.candidates(train.x)
+                    codes = model.bottleneck.select(train.x, found)
+                if candidates is not None:
+                    candidates[kind] = found
             with timer.track("train", kind):
                 fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
-                    progress=progress, desc=f"train {kind}")
+                    progress=progress, desc=f"train {kind}", indices=codes)
         info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total}
         if kind == "dkvb":
             start = time.perf_counter()
             with timer.track("activation counts", kind):
-                model.compute_activation_counts(train.x, train.y)
+                model.compute_activation_counts(train.x, train.y, indices=codes)
             info["count_seconds"] = time.perf_counter() - start
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
                      extra={"fingerprint": _fingerprint(cfg), "train_info": info})
@@ -186,19 +197,24 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     timer = PhaseTimer()
     with timer.track("embed (or load the cache)"):
         train, test = load_embeddings(cfg, progress=progress)
-    models = train_models(cfg, train, progress=progress, force=force, timer=timer)
-    # A DKVB's nearest keys are searched once; every masked copy of it picks from these candidates.
-    candidates: dict[str, tuple[Candidates, Candidates]] = {}
+    searched: dict[str, Candidates] = {}
+    models = train_models(cfg, train, progress=progress, force=force, timer=timer, candidates=searched)
+    # A DKVB's nearest keys are searched once (the training set's while training it); its logits
+    # are kept with them, and every masked copy recomputes only the rows its mask reaches.
+    kept: dict[str, tuple[KeptLogits, KeptLogits]] = {}
     with timer.track("nearest-key candidates", "dkvb"):
         for kind, (m, _) in models.items():
             if hasattr(m, "bottleneck"):
-                candidates[kind] = (m.bottleneck.candidates(train.x), m.bottleneck.candidates(test.x))
+                kept[kind] = (m.keep_logits(train.x, searched.get(kind)), m.keep_logits(test.x))
+    searched.clear()
+
+    def shares_keys(model: nn.Module, kind: str) -> bool:
+        return model.bottleneck.keys.data_ptr() == models[kind][0].bottleneck.keys.data_ptr()
 
     def predict(model: nn.Module, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(train, test) logits, from the kept candidates when ``model`` shares the original's keys."""
-        original = models[kind][0]
-        if kind in candidates and model.bottleneck.keys.data_ptr() == original.bottleneck.keys.data_ptr():
-            return model.predict_from(train.x, candidates[kind][0]), model.predict_from(test.x, candidates[kind][1])
+        """(train, test) logits, from the kept ones when ``model`` shares the original's keys."""
+        if kind in kept and shares_keys(model, kind):
+            return model.predict_from(train.x, kept[kind][0]), model.predict_from(test.x, kept[kind][1])
         return predict_logits(model, train.x), predict_logits(model, test.x)
 
     with timer.track("evaluate", "original"):
@@ -219,7 +235,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
             return {}
         forget = test.class_mask(list(classes))  # the original's forget-test accuracy, from its cached logits
         original = accuracy(logits[kind][1][forget], test.y[forget])
-        return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe)}
+        cands = kept[kind][1].candidates if kind in kept and shares_keys(model, kind) else None
+        return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe, cands)}
 
     def measure(model: nn.Module, kind: str, label: str, classes: tuple[int, ...],
                 given: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:

@@ -16,6 +16,7 @@ import math
 from typing import Literal, NamedTuple
 
 import faiss
+import numba
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -139,58 +140,99 @@ class FrozenKeys(nn.Module):
     def select(self, x: Tensor, cands: Candidates) -> Tensor:
         """What :meth:`lookup` returns for ``x`` under the current mask, from kept candidates.
 
-        Each row takes its first ``topk`` candidates that are not masked now; rows with fewer
-        than ``topk`` left in some codebook are searched again. A mask that unmasks a key the
-        candidates were searched without needs a fresh search (done here, for every row).
+        Each row takes its first ``topk`` candidates that are not masked now; where fewer than
+        ``topk`` are left in a codebook, that codebook is searched again (with ``topk=1``, only
+        the exhausted (row, codebook) pairs; otherwise the whole row). A mask that unmasks a key
+        the candidates were searched without needs a fresh search (done here, for every row).
+        """
+        flat = self.select_flat(x, cands)
+        offsets = torch.arange(self.num_codebooks).repeat_interleave(self.topk) * self.codebook_size
+        return (flat - offsets).view(x.shape[0], self.num_codebooks, self.topk)
+
+    @torch.no_grad()
+    def select_flat(self, x: Tensor, cands: Candidates, changed: np.ndarray | None = None) -> Tensor:
+        """:meth:`select` as rows of :meth:`flat_indices` (N, C * topk), on the CPU.
+
+        ``changed`` (C * K,) bool, when given, must hold every key masked since ``cands`` were
+        searched; then only the rows whose first ``topk`` candidates hold a ``changed`` key are
+        selected, and ``(rows, flat)`` is returned: the rows (int64 tensor) and their selections.
         """
         if cands.indices.shape[:2] != (x.shape[0], self.num_codebooks):
             raise ValueError(f"select: candidates for {tuple(cands.indices.shape[:2])} (rows, codebooks) do not match "
                              f"embeddings {tuple(x.shape)} and {self.num_codebooks} codebooks")
         mask = self.key_mask
-        if bool((cands.mask & ~mask).any()):
-            return self.lookup(x)
         flat = cands.indices.numpy()
-        free = ~mask.flatten().cpu().numpy()[flat]  # (N, C, T)
-        if self.topk == 1:  # numpy's bool argmax finds the first free candidate (vectorised)
-            first = free.argmax(-1)[..., None]
-            ok = np.take_along_axis(free, first, -1)[..., 0].all(-1)
-            picked = np.take_along_axis(flat, first, -1)
+        masked = mask.flatten().cpu().numpy()
+        if changed is not None and not bool(changed[masked & ~cands.mask.flatten().cpu().numpy()].all()):
+            raise ValueError("select_flat: changed must hold every key masked since the candidates were searched")
+        if bool((cands.mask & ~mask).any()):  # a key unmasked since: every row is searched again
+            rows = np.arange(x.shape[0])
+            out = self.flat_indices(self.lookup(x)).cpu()
+        elif self.topk == 1:
+            rows = _rows_hitting(flat, changed, 1) if changed is not None else np.arange(x.shape[0])
+            picked = _first_free(flat, masked, rows)
+            self._search_exhausted(x, rows, picked)
+            out = torch.from_numpy(picked)
         else:
+            rows = _rows_hitting(flat, changed, self.topk) if changed is not None else np.arange(x.shape[0])
+            sub = flat[rows]
+            free = ~masked[sub]  # (R, C, T)
             rank = free.cumsum(-1)
             ok = (rank[..., -1] >= self.topk).all(-1)
             keep = free & (rank <= self.topk)
             order = np.argsort(~keep, axis=-1, kind="stable")[..., : self.topk]
-            picked = np.take_along_axis(flat, order, -1)
-        offsets = np.arange(self.num_codebooks).reshape(1, -1, 1) * self.codebook_size
-        out = torch.from_numpy(picked.astype(np.int64) - offsets)
-        redo = torch.from_numpy(np.flatnonzero(~ok))
-        if redo.numel():
-            out[redo] = self.lookup(x[redo.to(x.device)]).to(out.device)
-        return out
+            out = torch.from_numpy(np.take_along_axis(sub, order, -1).astype(np.int64)).flatten(1)
+            redo = np.flatnonzero(~ok)
+            if len(redo):
+                out[redo] = self.flat_indices(self.lookup(x[torch.from_numpy(rows[redo]).to(x.device)])).cpu()
+        return out if changed is None else (torch.from_numpy(rows), out)
+
+    def _search_exhausted(self, x: Tensor, rows: np.ndarray, picked: np.ndarray) -> None:
+        """Fill the -1 entries of ``picked`` (R, C) flat keys of ``x[rows]`` with the nearest
+        unmasked key of that row and codebook, by the same projection, distance and argmin as
+        :meth:`lookup`: chunks of rows, one codebook at a time, only the pairs that need it."""
+        exhausted = picked < 0
+        which = np.flatnonzero(exhausted.any(1))
+        if not len(which):
+            return
+        keys = self.keys.cpu()
+        knorm = keys.pow(2).sum(-1).masked_fill(self.key_mask.cpu(), math.inf)
+        step = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
+        for start in range(0, len(which), step):
+            part = which[start:start + step]
+            z = self.project(x[torch.from_numpy(rows[part]).to(x.device)]).cpu()
+            need = exhausted[part]
+            for c in np.flatnonzero(need.any(0)):
+                sel = np.flatnonzero(need[:, c])
+                buf = torch.addmm(knorm[c], z[torch.from_numpy(sel), c], keys[c].T, alpha=-2)
+                picked[part[sel], c] = buf.numpy().argmin(axis=1) + c * self.codebook_size
+
     @torch.no_grad()
     def reroute(self, x: Tensor, indices: Tensor, old_mask: Tensor) -> Tensor:
         """What :meth:`lookup` returns for ``x`` under the current mask, from ``indices``: its
         lookup under ``old_mask`` (contained in the current mask).
 
         Keys only ever got masked, so a selection none of whose keys is masked now is still the
-        nearest; only the (row, codebook) pairs that lost a key are searched again, in their
-        codebook alone. A mask that unmasks a key, or the faiss backend, gets a fresh search.
+        nearest; with ``topk=1`` only the (row, codebook) pairs that lost their key are searched
+        again, in their codebook alone (:meth:`_search_exhausted`), otherwise the rows that lost
+        one. A mask that unmasks a key, or the faiss backend, gets a fresh search.
         """
-        mask = self.key_mask
-        if self.search != "torch" or bool((old_mask & ~mask).any()):
+        if self.search != "torch" or bool((old_mask & ~self.key_mask).any()):
             return self.lookup(x)
-        out = indices.long().clone()
-        hit = mask[torch.arange(self.num_codebooks).view(1, -1, 1), out].any(-1)  # (N, C)
-        rows = hit.any(1).nonzero().flatten()
-        step = self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
-        for i in range(0, rows.numel(), step):
-            r = rows[i:i + step]
-            z, h = self.project(x[r]), hit[r]
-            for c in h.any(0).nonzero().flatten().tolist():
-                sub = h[:, c].nonzero().flatten()
-                near = _nearest_torch(z[sub, c:c + 1], self.keys[c:c + 1], self.topk, mask[c:c + 1])
-                out[r[sub], c] = near[:, 0]
-        return out
+        flat = self.flat_indices(indices.long())
+        lost = self.key_mask.flatten()[flat].numpy()  # (N, C * topk)
+        rows = np.flatnonzero(lost.any(1))
+        if self.topk > 1:
+            out = indices.long().clone()
+            if len(rows):
+                out[torch.from_numpy(rows)] = self.lookup(x[torch.from_numpy(rows).to(x.device)]).cpu()
+            return out
+        picked = flat.numpy().copy()
+        sub = np.where(lost[rows], -1, picked[rows])
+        self._search_exhausted(x, rows, sub)
+        picked[rows] = sub
+        offsets = np.arange(self.num_codebooks) * self.codebook_size
+        return torch.from_numpy(picked - offsets).view(x.shape[0], self.num_codebooks, 1)
 
     def flat_indices(self, indices: Tensor) -> Tensor:
         """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
@@ -270,6 +312,38 @@ def _whitening(x: Tensor, whiten_dim: int) -> Tensor:
     out = torch.zeros(x.shape[1], whiten_dim)
     out[:, :q] = (evecs / (evals.clamp_min(1e-12 * float(evals[0])) ** 0.5)).float()
     return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _first_free(flat, masked, rows):  # pragma: no cover - compiled
+    """(R, C) int64: for each row in ``rows`` of the (N, C, T) flat candidates, each codebook's
+    first candidate not in ``masked`` (C * K,), or -1 where every candidate is masked."""
+    out = np.empty((len(rows), flat.shape[1]), dtype=np.int64)
+    for i in range(len(rows)):
+        n = rows[i]
+        for c in range(flat.shape[1]):
+            out[i, c] = -1
+            for j in range(flat.shape[2]):
+                k = flat[n, c, j]
+                if not masked[k]:
+                    out[i, c] = k
+                    break
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _rows_hitting(flat, changed, topk):  # pragma: no cover - compiled
+    """Rows of the (N, C, T) flat candidates whose first ``topk`` in some codebook hold a key in ``changed``."""
+    hit = np.zeros(flat.shape[0], dtype=np.bool_)
+    for n in range(flat.shape[0]):
+        for c in range(flat.shape[1]):
+            for j in range(topk):
+                if changed[flat[n, c, j]]:
+                    hit[n] = True
+                    break
+            if hit[n]:
+                break
+    return np.flatnonzero(hit)
 
 
 class _FaissLookup(torch.autograd.Function):

@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import asdict, dataclass
 from typing import Callable, Literal, NamedTuple
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,6 +87,20 @@ class CodeCache(NamedTuple):
     digest: str
     indices: Tensor
     mask: Tensor
+class KeptLogits(NamedTuple):
+    """A DKVB's logits on some embeddings, kept with what they were computed from (see
+    :meth:`DKVBClassifier.keep_logits`), so that a copy with more keys masked or some values
+    changed computes again only the rows the change reaches.
+
+    ``candidates``: the embeddings' nearest keys, searched under the mask the logits were computed
+    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values and the
+    decoder's state they were computed with.
+    """
+
+    candidates: Candidates
+    logits: Tensor
+    values: Tensor
+    decoder: dict[str, Tensor]
 
 
 class DKVBClassifier(nn.Module):
@@ -130,11 +146,56 @@ class DKVBClassifier(nn.Module):
         return self.decoder(self.bottleneck.pool(self.bottleneck.flat_indices(indices)))
 
     @torch.no_grad()
-    def predict_from(self, x: Tensor, cands: Candidates) -> Tensor:
-        """Logits of ``x`` from candidates kept by ``bottleneck.candidates(x)`` (on this model or
-        one sharing its keys): no fresh search unless the mask leaves a row without candidates."""
+    def keep_logits(self, x: Tensor, cands: Candidates | None = None) -> "KeptLogits":
+        """Logits of ``x`` kept with what they came from, for :meth:`predict_from` on copies of
+        this model; ``cands``: ``bottleneck.candidates(x)`` under the current mask (searched here
+        if not given)."""
         self.eval()
-        return self.decode(self.bottleneck.select(x, cands))
+        cands = self.bottleneck.candidates(x) if cands is None else cands
+        if not torch.equal(cands.mask.to(self.key_mask.device), self.key_mask):
+            raise ValueError("keep_logits: the candidates were searched under another key mask than this model's")
+        logits = self.decoder(self.bottleneck.pool(self.bottleneck.select_flat(x, cands)))
+        return KeptLogits(cands, logits, self.bottleneck.values.detach().clone(),
+                          {k: v.detach().clone() for k, v in self.decoder.state_dict().items()})
+
+    @torch.no_grad()
+    def predict_from(self, x: Tensor, kept: "Candidates | KeptLogits") -> Tensor:
+        """Logits of ``x`` from candidates kept by ``bottleneck.candidates(x)`` (on this model or
+        one sharing its keys): no fresh search unless the mask leaves a row without candidates.
+
+        Given :class:`KeptLogits` (from :meth:`keep_logits` on a model sharing these keys), only
+        the rows whose kept selection holds a key that is now masked or whose value changed are
+        computed again; every other row keeps its logits, which are what a full evaluation gives
+        it (its keys and their values are the same). A changed decoder, or a key unmasked since,
+        means every row is computed again.
+        """
+        self.eval()
+        b = self.bottleneck
+        if isinstance(kept, Candidates):
+            return self.decoder(b.pool(b.select_flat(x, kept)))
+        if kept.logits.shape[0] != x.shape[0]:
+            raise ValueError(f"predict_from: logits kept for {kept.logits.shape[0]} rows, got {x.shape[0]} embeddings")
+        changed = self._changed_keys(kept)
+        if changed is None:
+            return self.decoder(b.pool(b.select_flat(x, kept.candidates)))
+        rows, flat = b.select_flat(x, kept.candidates, changed)
+        out = kept.logits.clone()
+        if rows.numel():
+            out[rows] = self.decoder(b.pool(flat))
+        return out
+
+    def _changed_keys(self, kept: "KeptLogits") -> np.ndarray | None:
+        """(C * K,) bool: keys masked since ``kept`` or with other values now; ``None`` when every
+        row must be computed again (a key unmasked, another decoder or other value shapes)."""
+        b = self.bottleneck
+        if bool((kept.candidates.mask & ~b.key_mask).any()) or kept.values.shape != b.values.shape:
+            return None
+        state = self.decoder.state_dict()
+        if state.keys() != kept.decoder.keys() or not all(torch.equal(v, kept.decoder[k]) for k, v in state.items()):
+            return None
+        changed = (b.key_mask & ~kept.candidates.mask).flatten()
+        changed |= (b.values.detach() != kept.values).any(-1).flatten()
+        return changed.cpu().numpy()
 
     @torch.no_grad()
     def compute_activation_counts(self, x: Tensor, y: Tensor, *, indices: Tensor | None = None) -> Tensor:
@@ -375,5 +436,5 @@ def fresh_copy(model: nn.Module) -> nn.Module:
 
 
 Classifier = DKVBClassifier | LinearHead
-__all__ = ["ModelConfig", "DKVBClassifier", "LinearHead", "MeanDecoder", "MLPDecoder", "ShardedEnsemble", "build_model",
-           "seeded_build", "fresh_copy", "Classifier"]
+__all__ = ["ModelConfig", "DKVBClassifier", "KeptLogits", "LinearHead", "MeanDecoder", "MLPDecoder", "ShardedEnsemble",
+           "build_model", "seeded_build", "fresh_copy", "Classifier"]

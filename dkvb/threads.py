@@ -1,4 +1,5 @@
-"""How many CPU threads torch, faiss and numba use: the cores actually free to this process.
+"""How many CPU threads torch, faiss, numba and the BLAS/OpenMP pools of numpy, scipy and
+scikit-learn use: the cores actually free to this process.
 
 torch defaults to one thread per core it can see. On a shared machine (a laptop with other
 jobs, a CI runner) that oversubscribes the cores and every op runs several times slower, so
@@ -39,7 +40,8 @@ def default_threads() -> int:
 
 
 def set_threads(n: int | None = None) -> int:
-    """Use ``n`` threads (default :func:`default_threads`) in torch, faiss and numba; returns ``n``."""
+    """Use ``n`` threads (default :func:`default_threads`) in torch, faiss, numba and the BLAS/OpenMP
+    pools numpy, scipy and scikit-learn load (``threadpoolctl``); returns ``n``."""
     import torch
 
     n = default_threads() if n is None else n
@@ -50,6 +52,12 @@ def set_threads(n: int | None = None) -> int:
         import faiss
 
         faiss.omp_set_num_threads(n)
+    except ImportError:
+        pass
+    try:  # numpy/scipy's OpenBLAS and scikit-learn's OpenMP: the MIA's logistic regression ran 4x
+        from threadpoolctl import threadpool_limits  # slower on two busy cores with their default
+
+        threadpool_limits(n)
     except ImportError:
         pass
     return n

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .keys import Candidates
 from .data import EmbeddingSet
 from .evaluate import accuracy, evaluate, predict_logits
 from .validate import require
@@ -69,17 +70,20 @@ class ProbeConfig:
 
 
 def relearn_steps(model: nn.Module, probe: EmbeddingSet, forget_test: EmbeddingSet, target_acc: float, *,
-                  lr: float, max_steps: int) -> float:
+                  lr: float, max_steps: int, test_candidates: Candidates | None = None) -> float:
     """SGD steps on ``probe`` until forget-test accuracy >= ``target_acc`` (0 if already; ``inf`` if
     not within ``max_steps``). Fine-tunes a copy's trainable parameters; buffers such as the key
-    mask are left as they are, so a DKVB's keys are looked up once for the whole probe."""
+    mask are left as they are, so a DKVB's keys are looked up once for the whole probe, or picked
+    from ``test_candidates`` (``bottleneck.candidates(forget_test.x)`` on a model sharing its keys)."""
     if len(probe) == 0 or len(forget_test) == 0:
         return float("nan")
     m = copy.deepcopy(model)
     params = m.trainable_parameters() if hasattr(m, "trainable_parameters") else list(m.parameters())
     opt = torch.optim.SGD(params, lr=lr)
     if hasattr(m, "bottleneck"):  # keys and mask are fixed during the probe: search once
-        probe_in, test_in, forward = m.bottleneck.lookup(probe.x), m.bottleneck.lookup(forget_test.x), m.decode
+        b = m.bottleneck
+        test_in = b.lookup(forget_test.x) if test_candidates is None else b.select(forget_test.x, test_candidates)
+        probe_in, forward = b.lookup(probe.x), m.decode
     else:
         probe_in, test_in, forward = probe.x, forget_test.x, m
 
@@ -102,16 +106,32 @@ def relearn_steps(model: nn.Module, probe: EmbeddingSet, forget_test: EmbeddingS
 
 
 def probe_relearning(model: nn.Module, train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
-                     target_acc: float, probe: ProbeConfig | None = None) -> float:
+                     target_acc: float, probe: ProbeConfig | None = None,
+                     test_candidates: Candidates | None = None) -> float:
     """The relearning probe of ``model``: :func:`relearn_steps` on ``probe.examples`` seeded
-    forget-train examples until forget-test accuracy reaches ``target_acc``."""
+    forget-train examples until forget-test accuracy reaches ``target_acc`` (``test_candidates``:
+    a DKVB's kept candidates of the whole test set, from a model sharing its keys)."""
     probe = probe or ProbeConfig()
+    few, forget_test = probe_sets(train, test, forget_classes, probe)
+    if test_candidates is not None:
+        rows = test.class_mask(sorted(set(int(c) for c in forget_classes)))
+        test_candidates = Candidates(test_candidates.indices[rows], test_candidates.mask)
+    return relearn_steps(model, few, forget_test, target_acc, lr=probe.lr, max_steps=probe.max_steps,
+                         test_candidates=test_candidates)
+
+
+def probe_sets(train: EmbeddingSet, test: EmbeddingSet, forget_classes: Sequence[int],
+               probe: ProbeConfig) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(the ``probe.examples`` seeded forget-train examples, the forget-test set) of the probe.
+
+    The examples are drawn by position among the forget-train rows, so only those rows and the
+    forget-test rows are copied (not the retain sets).
+    """
     classes = sorted(set(int(c) for c in forget_classes))
-    forget_train, _ = train.split(classes)
-    forget_test, _ = test.split(classes)
+    forget_rows = train.class_mask(classes).nonzero().flatten()
     g = torch.Generator().manual_seed(probe.seed)
-    few = forget_train.subset(torch.randperm(len(forget_train), generator=g)[: probe.examples])
-    return relearn_steps(model, few, forget_test, target_acc, lr=probe.lr, max_steps=probe.max_steps)
+    few = train.subset(forget_rows[torch.randperm(len(forget_rows), generator=g)[: probe.examples]])
+    return few, test.subset(test.class_mask(classes))
 
 
 def unmasked_accuracy(model: nn.Module, data: EmbeddingSet) -> float:

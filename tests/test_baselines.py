@@ -353,11 +353,35 @@ def test_potion_searches_ssd_strength_until_the_forget_set_is_forgotten(overlapp
 def test_potion_flops_count_importances_tries_and_fine_tuning(trained_linear, request1):
     report = create_unlearner("potion", epochs=2, max_tries=3, rho=0.0).unlearn(trained_linear, request1)
     d = report.details
-    assert d["tries"] == 3 and not d["forgotten"]  # a linear head on separated clusters is not dampened away
+    # a linear head on separated clusters is not dampened away; its first try already has alpha <= 1
+    assert d["tries"] == 1 and not d["forgotten"] and d["saturated"]
     nf, n, nr, w = len(request1.forget), len(request1.train), len(request1.retain), 165
     ratios = w  # every importance ratio of these weights is finite
     forward = 32 * 5  # per example
     assert report.flops == (3 * forward * (nf + n)  # importance passes
                             + forward * nf  # the original's forget accuracy
-                            + 3 * (ratios + 3 * w + forward * nf)  # per try: percentile, dampening, forget accuracy
+                            + 1 * (ratios + 3 * w + forward * nf)  # per try: percentile, dampening, forget accuracy
                             + 2 * 3 * forward * nr)  # fine-tuning steps
+
+
+def test_potion_search_stops_once_every_later_try_gives_the_same_weights(trained_linear, request1):
+    """From the first try with alpha <= 1 on, the dampened weights no longer change: the search
+    ends there with the weights the repository's last try (max_tries) would have given."""
+    import math
+
+    import numpy as np
+
+    from dkvb.unlearn.potion import Potion
+    from dkvb.unlearn.ssd import dampen, ssd_importances
+
+    searched = copy.deepcopy(trained_linear)
+    _, d = Potion(rho=0.0, max_tries=40).prepare(searched, request1, FlopCounter())
+    assert d["saturated"] and d["tries"] < 40 and d["alpha"] <= 1
+    last = copy.deepcopy(trained_linear)
+    imp_f, imp_d = ssd_importances(last, request1, batch_size=256, flops=FlopCounter())
+    ratios = torch.cat([(f / dd).flatten() for f, dd in zip(imp_f, imp_d)]).double()
+    share = len(request1.forget) / len(request1.train) / 25 * 1.1 ** 39
+    alpha = float(np.percentile(ratios[torch.isfinite(ratios)].numpy(), max(0.0, 100 - math.log(1 + 100 * share))))
+    assert alpha < d["alpha"]
+    dampen(last, imp_f, imp_d, alpha=alpha, dampening=1.0, flops=FlopCounter())
+    assert same_state(state(searched), state(last))

@@ -189,3 +189,40 @@ def test_rerouting_a_kept_lookup_equals_a_fresh_search_as_masks_grow(topk):
         assert torch.equal(codes, b.lookup(x))
     b.key_mask.zero_()  # an unmask falls back to a fresh search
     assert torch.equal(b.reroute(x, codes, mask), b.lookup(x))
+
+
+@pytest.mark.parametrize("topk", [1, 3])
+def test_selection_of_the_rows_a_change_reaches_equals_a_fresh_search(topk):
+    """select_flat(..., changed) returns the rows whose kept selection holds a changed key, with
+    what a fresh search gives them; every other row's fresh search is its kept selection."""
+    import numpy as np
+
+    b = make(topk=topk)
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(2))
+    cands = b.candidates(x, extra=2)  # few candidates: heavy masks leave (row, codebook) pairs without any
+    kept = b.flat_indices(b.lookup(x))
+    g = torch.Generator().manual_seed(4)
+    for share in (0.02, 0.2, 0.5, 0.8):
+        b.key_mask.copy_(torch.rand(6, 20, generator=g) < share)
+        b.key_mask[:, :topk] = False
+        changed = b.key_mask.flatten().numpy() | (torch.rand(6 * 20, generator=g) < 0.05).numpy()
+        rows, flat = b.select_flat(x, cands, changed)
+        fresh = b.flat_indices(b.lookup(x))
+        assert torch.equal(flat, fresh[rows])
+        others = np.setdiff1d(np.arange(400), rows.numpy())
+        assert torch.equal(fresh[others], kept[others])
+        assert not changed[kept[others].numpy()].any()
+        assert torch.equal(b.select_flat(x, cands), fresh)
+    with pytest.raises(ValueError, match="every key masked since"):
+        b.select_flat(x, cands, np.zeros(6 * 20, dtype=bool))
+
+
+@pytest.mark.parametrize("bag", [1, 3, 96, 250, 256])
+def test_pooling_equals_embedding_bags_mean_bit_for_bit(bag):
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(bag)
+    weight = torch.randn(bag * 40, 7, generator=g)
+    flat = torch.randint(0, bag * 40, (300, bag), generator=g)
+    b = DiscreteKeyValueBottleneck(16, bag, 40, value_dim=7)
+    assert torch.equal(b.pool(flat, weight), F.embedding_bag(flat, weight, mode="mean"))

@@ -75,6 +75,29 @@ def test_nan_and_inf_embeddings_are_rejected_clearly(b, bad, n, data):
 
 
 @FUZZ
+@given(bad=st.sampled_from([math.nan, math.inf, -math.inf]), n=st.integers(1, 40), data=st.data())
+def test_embeddings_written_after_their_check_are_checked_again(bad, n, data):
+    """A set is scanned for NaN/inf once; its subsets and slices are trusted until written to."""
+    from dkvb.data import all_finite, check_embeddings
+
+    full = EmbeddingSet(torch.randn(n, 3), torch.zeros(n, dtype=torch.long), ["a"])
+    part = full.subset(torch.arange(n) % 2 == 0)
+    check_embeddings(full.x[: n // 2 + 1], 3)
+    check_embeddings(part.x, 3)
+    assert torch.equal(part.x, full.x[::2]) and torch.equal(part.y, full.y[::2])
+    row = data.draw(st.integers(0, n - 1))
+    full.x[row, data.draw(st.integers(0, 2))] = bad
+    assert not all_finite(full.x) and all_finite(torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_embeddings(full.x[row:], 3)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_embeddings(full.x, 3)
+    part.x[0, 0] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        check_embeddings(part.x, 3)
+
+
+@FUZZ
 @given(b=bottlenecks(), shape=st.lists(st.integers(0, 5), min_size=0, max_size=3))
 def test_wrong_shapes_are_rejected_clearly(b, shape):
     assume(not (len(shape) == 2 and shape[1] == b.dim))

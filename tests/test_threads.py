@@ -45,3 +45,11 @@ def test_phase_timer_accumulates_per_phase_and_label():
     assert rows[("evaluate", "retrain")]["calls"] == 3
     assert ("total (wall)", "") in rows
     assert "| evaluate | retrain |" in timer.table()
+
+
+def test_set_threads_limits_the_blas_and_openmp_pools():
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits():  # restored afterwards
+        threads.set_threads(1)
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())

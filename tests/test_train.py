@@ -78,11 +78,14 @@ def test_lazy_adam_freezes_rows_outside_trainable():
     assert torch.equal(w[:2], before[:2]) and torch.equal(w[3:], before[3:]) and not torch.equal(w[2], before[2])
 
 
-def test_fit_values_refuses_codes_of_the_wrong_shape(clusters, trained_dkvb):
-    import copy
-
-    from dkvb.train import fit_values
-
-    train, _ = clusters
-    with pytest.raises(ValueError, match="codes of shape"):
-        fit_values(copy.deepcopy(trained_dkvb), train, TrainConfig(epochs=1), codes=torch.zeros(3, 2, dtype=torch.long))
+def test_training_from_looked_up_keys_equals_training_that_looks_them_up(data):
+    train, _ = data
+    model = build_model(CFG, train.dim, train.num_classes, seed=0)
+    model.prepare(train.x)
+    cands = model.bottleneck.candidates(train.x)
+    given = fit(model, train, TrainConfig(epochs=2, lr=0.01, seed=0), indices=model.bottleneck.select(train.x, cands))
+    fresh = build_model(CFG, train.dim, train.num_classes, seed=0)
+    fit(fresh, train, TrainConfig(epochs=2, lr=0.01, seed=0))
+    assert torch.equal(given.bottleneck.values, fresh.bottleneck.values)
+    with pytest.raises(ValueError, match="indices must be"):
+        fit(fresh, train, TrainConfig(epochs=1), indices=torch.zeros(3, 32, 2, dtype=torch.long))

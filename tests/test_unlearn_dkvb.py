@@ -313,3 +313,44 @@ def test_refit_from_the_kept_codes_equals_refit_from_a_fresh_search(clusters, tr
     assert a.flops < b.flops  # the kept codes save the search of every training embedding
     # the next request starts from the codes the re-fit kept, valid under the new mask
     assert torch.equal(a.model.code_cache.indices.long(), a.model.bottleneck.lookup(train.x))
+
+
+@pytest.mark.parametrize("decoder", ["mean", "mlp"])
+@pytest.mark.parametrize("topk", [1, 2])
+def test_evaluation_from_kept_logits_equals_a_full_evaluation(clusters, decoder, topk):
+    """A masked copy evaluated from the original's kept logits (only rows reaching a newly masked
+    key or a changed value computed again) gives the full evaluation's logits, bit for bit."""
+    from dkvb import ModelConfig, TrainConfig, build_model, fit
+    from dkvb.evaluate import predict_logits
+
+    train, test = clusters
+    config = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4, topk=topk, decoder=decoder,
+                         projection="random", value_dim=8, hidden_dim=16)
+    model = fit(build_model(config, train.dim, train.num_classes, seed=0), train, TrainConfig(epochs=2, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    cands = model.bottleneck.candidates(test.x, extra=3)
+    kept = model.keep_logits(test.x, cands)
+    assert torch.equal(kept.logits, predict_logits(model, test.x))
+    runs = [("dkvb-activations", {}), ("dkvb-activations", {"num_keys": 1}), ("dkvb-activations", {"min_share": 0.0}),
+            ("dkvb-activations", {"erase_values": True}), ("dkvb-examples", {"num_examples": 3}),
+            ("dkvb-examples", {"num_examples": 50, "rounds": 2})]
+    for classes in ((0,), (1, 3)):
+        for name, params in runs:
+            masked = create_unlearner(name, **params).unlearn(model, ForgetRequest(classes, train)).model
+            assert torch.equal(masked.predict_from(test.x, kept), predict_logits(masked, test.x)), (name, params)
+    tuned = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((2,), train)).model
+    with torch.no_grad():  # a few values changed (all rows that select them are computed again), then a new decoder
+        tuned.bottleneck.values[3, :5] += 1.0
+        assert torch.equal(tuned.predict_from(test.x, kept), predict_logits(tuned, test.x))
+        for p in tuned.decoder.parameters():
+            p.mul_(1.5)
+    assert torch.equal(tuned.predict_from(test.x, kept), predict_logits(tuned, test.x))
+    tuned.bottleneck.key_mask.zero_()  # unmasked keys: a fresh search
+    tuned.bottleneck.key_mask[0, 0] = True
+    model.bottleneck.key_mask[0, 1] = True
+    assert torch.equal(tuned.predict_from(test.x, model.keep_logits(test.x)), predict_logits(tuned, test.x))
+    with pytest.raises(ValueError, match="another key mask"):
+        model.keep_logits(test.x, cands)
+    model.bottleneck.key_mask.zero_()
+    with pytest.raises(ValueError, match="logits kept for"):
+        model.predict_from(test.x[:5], kept)

@@ -101,3 +101,28 @@ def test_cli_verify_on_a_stored_model(original, clusters, tmp_path, capsys):
     assert main(args[:-1]) == 0  # the latest request, as a table
     text = capsys.readouterr().out
     assert "forgotten: class1, class3" in text and "masked keys stay masked" in text
+
+
+def test_probe_examples_are_the_seeded_draw_among_the_forget_rows(clusters):
+    from dkvb.verify import probe_sets
+
+    train, test = clusters
+    probe = ProbeConfig(examples=7, seed=3)
+    few, forget_test = probe_sets(train, test, [2, 0], probe)
+    forget_train, _ = train.split([0, 2])  # the draw as it was made from the split forget set
+    g = torch.Generator().manual_seed(3)
+    expected = forget_train.subset(torch.randperm(len(forget_train), generator=g)[:7])
+    assert torch.equal(few.x, expected.x) and torch.equal(few.y, expected.y)
+    assert torch.equal(forget_test.x, test.split([0, 2])[0].x)
+
+
+def test_probe_from_kept_candidates_equals_the_probe_that_searches(original, clusters):
+    from dkvb.verify import probe_relearning
+
+    train, test = clusters
+    cands = original.bottleneck.candidates(test.x, extra=2)
+    for params in ({}, {"min_share": 0.0}, {"num_keys": 1}):
+        model = create_unlearner("dkvb-activations", **params).unlearn(original, ForgetRequest((1,), train)).model
+        probe = ProbeConfig(max_steps=30)
+        searched = probe_relearning(model, train, test, [1], 0.5, probe)
+        assert probe_relearning(model, train, test, [1], 0.5, probe, cands) == searched

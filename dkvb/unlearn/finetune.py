@@ -51,7 +51,7 @@ class Finetune(GradientUnlearner):
         g = torch.Generator().manual_seed(request.seed)
         for _ in range(self.epochs):
             for idx in batches(len(retain), self.batch_size, g):
-                x = retain.x[idx]
-                loop.step(cross_entropy(out, x, retain.y[idx]), x)
+                x = retain.x.index_select(0, idx)
+                loop.step(cross_entropy(out, x, retain.y.index_select(0, idx)), x)
         out, total = loop.finish()
         return out, total, {**details, "steps": loop.steps, **(mask_details(mask) if mask is not None else {})}

@@ -159,8 +159,8 @@ def accumulate_gradients(
     model.eval()
     chunks = batches(len(data), batch_size, None)
     for step, idx in enumerate(chunks):
-        x = data.x[idx]
-        loss = loss_fn(model, x, data.y[idx])
+        x = data.x.index_select(0, idx)
+        loss = loss_fn(model, x, data.y.index_select(0, idx))
         check_finite(loss, method, step, what="saliency loss")
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for s, g in zip(sums, grads):

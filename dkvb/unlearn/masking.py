@@ -87,9 +87,9 @@ def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: Embeddi
     rows[new_flat[new_flat != old_flat]] = True
     users = rows[new_flat].any(1)
     if bool(users.any()):
-        subset = train.subset(retain.nonzero().flatten()[users])
-        fit_values(after, subset, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
-                   codes=new_flat[users], rows=rows, flops=counter)
+        picked = retain.nonzero().flatten()[users]
+        fit_values(after, train.subset(picked), TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                   indices=new[picked], rows=rows, flops=counter, count_lookup=False)
     return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": int(users.sum()),
                            "rerouted_examples": int((new_flat != old_flat).any(1).sum())}
 

@@ -56,9 +56,9 @@ class NegGradPlus(GradientUnlearner):
         g = torch.Generator().manual_seed(request.seed)
         for _ in range(self.epochs):
             for r, f in paired_batches(len(retain), len(forget), self.batch_size, self.forget_batch_size, g):
-                xr, xf = retain.x[r], forget.x[f]
-                loss = (self.alpha * cross_entropy(out, xr, retain.y[r])
-                        - (1 - self.alpha) * cross_entropy(out, xf, forget.y[f]))
+                xr, xf = retain.x.index_select(0, r), forget.x.index_select(0, f)
+                loss = (self.alpha * cross_entropy(out, xr, retain.y.index_select(0, r))
+                        - (1 - self.alpha) * cross_entropy(out, xf, forget.y.index_select(0, f)))
                 loop.step(loss, xr, xf)
         out, total = loop.finish()
         return out, total, {"steps": loop.steps}

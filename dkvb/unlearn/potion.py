@@ -35,6 +35,9 @@ def forget_accuracy(model: nn.Module, x: Tensor, y: Tensor, flops: FlopCounter) 
         return float((model(x).argmax(1) == y).float().mean())
 
 
+DAMPENING = 1.0  # Potion's dampening constant (lambda of SSD)
+
+
 @register("potion")
 @dataclass
 class Potion(Finetune):
@@ -50,6 +53,11 @@ class Potion(Finetune):
             forget class must be forgotten, not merely weakened).
         step: factor on the share ``s`` after a failed try (1.1, ``STEP_MULT``).
         max_tries: give up the search after this many tries and keep the last (500, ``MAX_TRY``).
+            The search also ends at the first try with ``alpha <= 1`` (the dampening constant):
+            from there every weight with ``I_Df > I_D`` is dampened and every further selected
+            weight is multiplied by ``min(I_D / I_Df, 1) = 1``, so every later try gives the same
+            weights as this one and would fail the same way (``saturated`` in the details; the
+            repository runs the remaining tries, ending with the same model).
         share: the initial ``s``; ``None``: ``|D_f| / |D| / 25`` (repository).
         importance_batch_size: mini-batch of the importance passes (256, ours, as ``ssd``).
         epochs, lr, optimizer, momentum, weight_decay, batch_size: the retain fine-tuning,
@@ -91,10 +99,11 @@ class Potion(Finetune):
             with torch.no_grad():
                 for p, o in zip(params, original):
                     p.copy_(o)
-            selected = dampen(model, imp_f, imp_d, alpha=alpha, dampening=1.0, flops=flops)
+            selected = dampen(model, imp_f, imp_d, alpha=alpha, dampening=DAMPENING, flops=flops)
             accuracy = forget_accuracy(model, x, y, flops)
-            if accuracy <= target:
+            if accuracy <= target or alpha <= DAMPENING:
                 break
             share *= self.step
         return None, {"tries": tries, "alpha": alpha, "percentile": percentile, "forget_train_acc_before_ft": accuracy,
-                      "forgotten": accuracy <= target, "weights_dampened": sum(int(s.sum()) for s in selected)}
+                      "forgotten": accuracy <= target, "saturated": accuracy > target and alpha <= DAMPENING,
+                      "weights_dampened": sum(int(s.sum()) for s in selected)}

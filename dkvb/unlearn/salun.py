@@ -63,6 +63,7 @@ class SalUn(GradientUnlearner):
             random_labels = retain_classes[torch.randint(len(retain_classes), (len(forget),), generator=g)]
             y = torch.cat([random_labels, retain.y])
             for idx in batches(len(x), self.batch_size, g):
-                loop.step(cross_entropy(out, x[idx], y[idx]), x[idx])
+                xb = x.index_select(0, idx)
+                loop.step(cross_entropy(out, xb, y.index_select(0, idx)), xb)
         out, total = loop.finish()
         return out, total, {"steps": loop.steps, **mask_details(mask)}

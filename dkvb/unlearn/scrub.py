@@ -106,13 +106,13 @@ class SCRUB(GradientUnlearner):
         for epoch in range(1, self.epochs + 1):
             if epoch <= self.msteps:
                 for idx in batches(len(forget), self.forget_batch_size, g):
-                    x = forget.x[idx]
+                    x = forget.x.index_select(0, idx)
                     loop.step(-distill_kl(student(x), teacher_logits(x), self.temperature), x)
                     max_steps += 1
             for idx in batches(len(retain), self.batch_size, g):
-                x = retain.x[idx]
+                x = retain.x.index_select(0, idx)
                 logits = student(x)
-                loss = (self.gamma * F.cross_entropy(logits, retain.y[idx])
+                loss = (self.gamma * F.cross_entropy(logits, retain.y.index_select(0, idx))
                         + self.alpha * distill_kl(logits, teacher_logits(x), self.temperature))
                 loop.step(loss, x)
         out, total = loop.finish()
