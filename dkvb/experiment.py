@@ -120,6 +120,7 @@ def train_models(
                 model.compute_activation_counts(train.x, train.y, indices=codes)
             info["count_seconds"] = time.perf_counter() - start
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
+                     encoder_config=_encoder_setting(cfg),  # so the service refuses embeddings of another setting
                      extra={"fingerprint": _fingerprint(cfg), "train_info": info})
         if force and is_served(path):
             from .service import replace_model
@@ -141,6 +142,17 @@ def method_model(method: MethodConfig) -> str:
     if method.name not in UNLEARNERS:
         raise ValueError(f"unknown unlearning method {method.name!r}; choose from {sorted(UNLEARNERS)}")
     return UNLEARNERS[method.name].model_kind or "linear"
+
+
+def _encoder_setting(cfg: ExperimentConfig) -> dict[str, Any] | None:
+    """The encoder's full description (image size, preprocessing, weights) for a model's manifest,
+    or None for data that no encoder made (synthetic embeddings)."""
+    from .encoders import encoder_config
+
+    try:
+        return encoder_config(cfg.encoder.name, image_size=cfg.encoder.image_size, pretrained=cfg.encoder.pretrained)
+    except (ValueError, KeyError):
+        return None
 
 
 def needed_models(cfg: ExperimentConfig) -> set[str]:

@@ -178,3 +178,16 @@ def test_a_failing_method_is_recorded_and_the_run_goes_on(dirs, tmp_path):
     assert any(r["method"] == "dkvb-activations" and "error" not in r for r in records)
     table = (tmp_path / "failing" / "table.md").read_text()
     assert "failed" in table and "## Failed runs" in table
+
+
+def test_trained_models_record_the_full_encoder_setting_and_refuse_another(run_dir, dirs):
+    from dkvb.embeddings_io import check_encoder
+    from dkvb.store import read_manifest
+
+    assert main(["train", str(CONFIG), *dirs]) == 0
+    manifest = read_manifest(run_dir / "models" / "dkvb")
+    setting = manifest["encoder_config"]
+    assert setting["name"] == manifest["encoder"] and "image_size" in setting
+    check_encoder(dict(setting), manifest, "same")  # the setting that made the cache passes
+    with pytest.raises(ValueError, match="another encoder setting"):
+        check_encoder({**setting, "image_size": setting["image_size"] + 32}, manifest, "other")
