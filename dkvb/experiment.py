@@ -22,7 +22,7 @@ from .data import EmbeddingSet, resolve_classes
 from .flops import count_images, encoder_flops_per_image
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
 from .io import atomic_write_json, atomic_write_text
-from .keys import Candidates
+from .selection import Candidates
 from .models import KeptLogits, build_model, resolve_config
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .keys import Candidates
+from .selection import Candidates
 from .data import EmbeddingSet
 from .evaluate import accuracy, evaluate, predict_logits
 from .validate import require

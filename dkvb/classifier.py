@@ -1,0 +1,225 @@
+"""The DKVB classifier: frozen embedding -> discrete key-value bottleneck -> decoder -> logits,
+its configuration, its decoders, and what it keeps between requests (training codes, logits).
+:mod:`dkvb.models` builds it (and the other model kinds) from a config.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Literal, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .bottleneck import DiscreteKeyValueBottleneck
+from .data import fingerprint
+from .selection import Candidates
+from .validate import require_choice
+
+
+@dataclass
+class ModelConfig:
+    """What to build on top of the embeddings.
+
+    Attributes:
+        kind: ``"dkvb"`` (bottleneck + decoder) or ``"linear"`` (one linear layer, the paper's baseline).
+        num_codebooks: C.
+        codebook_size: K keys per codebook, or ``"auto"``: :func:`auto_codebook_size` of the
+            training set's size (resolved by :func:`resolve_config` before a model is built).
+        key_dim: dimension of each key.
+        topk: keys selected per codebook.
+        decoder: ``"mean"`` (non-parametric average of values; value_dim = number of classes)
+            or ``"mlp"`` (values of size ``value_dim`` averaged over codebooks, then a small MLP).
+        value_dim: value size for the MLP decoder (ignored by ``mean``).
+        hidden_dim: hidden width of the MLP decoder.
+        projection: ``"random"``, ``"pca"`` or ``"whitened"`` (see :class:`DiscreteKeyValueBottleneck`).
+        whiten_dim: dimensions kept by the ``"whitened"`` projection.
+        search: nearest-key search backend, ``"torch"`` or ``"faiss"``.
+        kmeans_iters: faiss k-means iterations for key initialisation.
+    """
+
+    kind: Literal["dkvb", "linear"] = "dkvb"
+    num_codebooks: int = 256
+    codebook_size: int | Literal["auto"] = 256
+    key_dim: int = 8
+    topk: int = 1
+    decoder: Literal["mean", "mlp"] = "mean"
+    value_dim: int = 64
+    hidden_dim: int = 256
+    projection: Literal["random", "pca", "whitened"] = "whitened"
+    whiten_dim: int = 128
+    search: Literal["torch", "faiss"] = "torch"
+    kmeans_iters: int = 20
+
+    def __post_init__(self) -> None:
+        require_choice("ModelConfig", "kind", self.kind, ("dkvb", "linear"))
+        require_choice("ModelConfig", "decoder", self.decoder, ("mean", "mlp"))
+
+
+class MeanDecoder(nn.Module):
+    """Non-parametric decoder: the logits are the pooled values (the mean over codebooks and top-k)."""
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return pooled
+
+
+class MLPDecoder(nn.Module):
+    """Linear-ReLU-Linear from the pooled values (mean over codebooks and top-k) to class logits."""
+
+    def __init__(self, value_dim: int, num_classes: int, *, hidden_dim: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(value_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, num_classes))
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.net(pooled)
+
+
+class CodeCache(NamedTuple):
+    """The training embeddings' selected keys, kept on a model between requests (not saved):
+    ``indices`` (N, C, topk) of the embeddings whose :func:`~dkvb.data.fingerprint` is
+    ``digest``, valid under key ``mask``."""
+
+    digest: str
+    indices: Tensor
+    mask: Tensor
+class KeptLogits(NamedTuple):
+    """A DKVB's logits on some embeddings, kept with what they were computed from (see
+    :meth:`DKVBClassifier.keep_logits`), so that a copy with more keys masked or some values
+    changed computes again only the rows the change reaches.
+
+    ``candidates``: the embeddings' nearest keys, searched under the mask the logits were computed
+    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values and the
+    decoder's state they were computed with.
+    """
+
+    candidates: Candidates
+    logits: Tensor
+    values: Tensor
+    decoder: dict[str, Tensor]
+
+
+class DKVBClassifier(nn.Module):
+    """Frozen embedding -> discrete key-value bottleneck -> decoder -> logits.
+
+    ``activation_counts`` (num_classes, C, K), once computed with :meth:`compute_activation_counts`,
+    lets unlearning via activations run without any forward pass.
+    """
+
+    def __init__(self, input_dim: int, num_classes: int, config: ModelConfig, *, seed: int = 0) -> None:
+        super().__init__()
+        self.input_dim, self.num_classes, self.seed = input_dim, num_classes, seed
+        self.model_config = config
+        value_dim = num_classes if config.decoder == "mean" else config.value_dim
+        self.bottleneck = DiscreteKeyValueBottleneck(
+            input_dim, config.num_codebooks, config.codebook_size, key_dim=config.key_dim,
+            value_dim=value_dim, topk=config.topk, projection=config.projection,
+            whiten_dim=config.whiten_dim, search=config.search, seed=seed,
+        )
+        self.decoder = (MeanDecoder() if config.decoder == "mean"
+                        else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
+        self.register_buffer("activation_counts", torch.zeros(0, dtype=torch.long))
+        self.code_cache: CodeCache | None = None
+
+    @property
+    def config(self) -> dict:
+        return {**asdict(self.model_config), "input_dim": self.input_dim, "num_classes": self.num_classes,
+                "seed": self.seed}
+
+    @property
+    def key_mask(self) -> Tensor:
+        return self.bottleneck.key_mask
+
+    def prepare(self, x: Tensor) -> None:
+        """Initialise keys by k-means on (unlabelled) training embeddings."""
+        self.bottleneck.init_keys(x, niter=self.model_config.kmeans_iters)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decode(self.bottleneck.lookup(x))
+
+    def decode(self, indices: Tensor) -> Tensor:
+        """Logits from selected key indices (N, C, topk): lets a caller reuse one lookup."""
+        return self.decoder(self.bottleneck.pool(self.bottleneck.flat_indices(indices)))
+
+    @torch.no_grad()
+    def keep_logits(self, x: Tensor, cands: Candidates | None = None) -> "KeptLogits":
+        """Logits of ``x`` kept with what they came from, for :meth:`predict_from` on copies of
+        this model; ``cands``: ``bottleneck.candidates(x)`` under the current mask (searched here
+        if not given)."""
+        self.eval()
+        cands = self.bottleneck.candidates(x) if cands is None else cands
+        if not torch.equal(cands.mask.to(self.key_mask.device), self.key_mask):
+            raise ValueError("keep_logits: the candidates were searched under another key mask than this model's")
+        logits = self.decoder(self.bottleneck.pool(self.bottleneck.select_flat(x, cands)))
+        return KeptLogits(cands, logits, self.bottleneck.values.detach().clone(),
+                          {k: v.detach().clone() for k, v in self.decoder.state_dict().items()})
+
+    @torch.no_grad()
+    def predict_from(self, x: Tensor, kept: "Candidates | KeptLogits") -> Tensor:
+        """Logits of ``x`` from candidates kept by ``bottleneck.candidates(x)`` (on this model or
+        one sharing its keys): no fresh search unless the mask leaves a row without candidates.
+
+        Given :class:`KeptLogits` (from :meth:`keep_logits` on a model sharing these keys), only
+        the rows whose kept selection holds a key that is now masked or whose value changed are
+        computed again; every other row keeps its logits, which are what a full evaluation gives
+        it (its keys and their values are the same). A changed decoder, or a key unmasked since,
+        means every row is computed again.
+        """
+        self.eval()
+        b = self.bottleneck
+        if isinstance(kept, Candidates):
+            return self.decoder(b.pool(b.select_flat(x, kept)))
+        if kept.logits.shape[0] != x.shape[0]:
+            raise ValueError(f"predict_from: logits kept for {kept.logits.shape[0]} rows, got {x.shape[0]} embeddings")
+        changed = self._changed_keys(kept)
+        if changed is None:
+            return self.decoder(b.pool(b.select_flat(x, kept.candidates)))
+        rows, flat = b.select_flat(x, kept.candidates, changed)
+        out = kept.logits.clone()
+        if rows.numel():
+            out[rows] = self.decoder(b.pool(flat))
+        return out
+
+    def _changed_keys(self, kept: "KeptLogits") -> np.ndarray | None:
+        """(C * K,) bool: keys masked since ``kept`` or with other values now; ``None`` when every
+        row must be computed again (a key unmasked, another decoder or other value shapes)."""
+        b = self.bottleneck
+        if bool((kept.candidates.mask & ~b.key_mask).any()) or kept.values.shape != b.values.shape:
+            return None
+        state = self.decoder.state_dict()
+        if state.keys() != kept.decoder.keys() or not all(torch.equal(v, kept.decoder[k]) for k, v in state.items()):
+            return None
+        changed = (b.key_mask & ~kept.candidates.mask).flatten()
+        changed |= (b.values.detach() != kept.values).any(-1).flatten()
+        return changed.cpu().numpy()
+
+    @torch.no_grad()
+    def compute_activation_counts(self, x: Tensor, y: Tensor, *, indices: Tensor | None = None) -> Tensor:
+        """Count and cache per-class key activations of the (training) embeddings ``x``.
+
+        Counts are taken with no keys masked, so they describe the trained model and stay
+        valid across later masking requests; ``indices`` reuses an unmasked lookup of ``x``.
+        """
+        mask = self.bottleneck.key_mask.clone()
+        self.bottleneck.key_mask.zero_()
+        try:
+            if indices is None:
+                indices = self.bottleneck.lookup(x)
+            counts = self.bottleneck.activation_counts(x, y, self.num_classes, indices=indices)
+        finally:
+            self.bottleneck.key_mask.copy_(mask)
+        self.activation_counts = counts
+        self.keep_codes(x, indices, torch.zeros_like(mask))
+        return counts
+
+    def keep_codes(self, x: Tensor, indices: Tensor, mask: Tensor, digest: str | None = None) -> None:
+        """Keep ``indices``, the lookup of embeddings ``x`` under key ``mask``, as :attr:`code_cache`
+        (int16 where the codebook allows), so re-fitting after a mask searches only what moved;
+        ``digest``: ``fingerprint(x)`` when the caller has it."""
+        small = torch.int16 if self.bottleneck.codebook_size < 2**15 else torch.int32
+        self.code_cache = CodeCache(digest or fingerprint(x), indices.to(small), mask.clone())
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+__all__ = ["ModelConfig", "MeanDecoder", "MLPDecoder", "CodeCache", "KeptLogits", "DKVBClassifier"]
