@@ -56,7 +56,7 @@ class ModelService(StoreWriter):
     once with :class:`~dkvb.store.StoreLockedError`.
 
     The service keeps, in memory only, the training embeddings' selected keys of the last
-    version it wrote (:class:`~dkvb.models.CodeCache`), so a run of re-fitting requests
+    version it wrote (:class:`~dkvb.classifier.CodeCache`), so a run of re-fitting requests
     searches only what each mask moved; a version name is never reused, so a cache can only
     match the model it was made for.
     """
