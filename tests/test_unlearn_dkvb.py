@@ -354,3 +354,16 @@ def test_evaluation_from_kept_logits_equals_a_full_evaluation(clusters, decoder,
     model.bottleneck.key_mask.zero_()
     with pytest.raises(ValueError, match="logits kept for"):
         model.predict_from(test.x[:5], kept)
+
+
+def test_the_default_share_is_1_25_times_a_uniform_class_mix(clusters, trained_dkvb):
+    from dkvb.unlearn.activations import SHARE_FACTOR
+
+    train, _ = clusters
+    request = ForgetRequest((1, 3), train)
+    default = create_unlearner("dkvb-activations").unlearn(trained_dkvb, request)
+    explicit = create_unlearner("dkvb-activations", min_share=SHARE_FACTOR * 2 / train.num_classes).unlearn(
+        trained_dkvb, request)
+    uniform = create_unlearner("dkvb-activations", min_share=2 / train.num_classes).unlearn(trained_dkvb, request)
+    assert SHARE_FACTOR == 1.25 and torch.equal(default.model.key_mask, explicit.model.key_mask)
+    assert int(uniform.model.key_mask.sum()) >= int(default.model.key_mask.sum())  # a higher bar masks no more
