@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cached_property
 from typing import Any, Callable, ClassVar, TypeVar, get_type_hints
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..data import EmbeddingSet
 from ..validate import check_type
@@ -53,8 +53,13 @@ class ForgetRequest:
         return self.train.subset(self.train.class_mask(self.forget_classes))
 
     @cached_property
+    def retain_mask(self) -> Tensor:
+        """Bool per training row: the classes still served (neither forgotten now nor before)."""
+        return ~self.train.class_mask(self.forget_classes + self.forgotten)
+
+    @cached_property
     def retain(self) -> EmbeddingSet:
-        return self.train.subset(~self.train.class_mask(self.forget_classes + self.forgotten))
+        return self.train.subset(self.retain_mask)
 
     @property
     def class_names(self) -> list[str]:

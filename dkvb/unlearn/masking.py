@@ -48,8 +48,7 @@ class MaskingUnlearner(Unlearner):
         out = masked_copy(model, new_mask, erase_values=self.erase_values)
         if not self.refit_epochs:
             return out, 0, {}
-        retain = ~request.train.class_mask(request.forget_classes + request.forgotten)
-        flops, details = refit_rerouted(model, out, request.train, retain, epochs=self.refit_epochs,
+        flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,
                                         lr=self.refit_lr, seed=request.seed)
         return out, flops, details
 
