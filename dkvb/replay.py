@@ -7,7 +7,8 @@ compared bit for bit with the logged digest, and the final mask with the served 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -96,7 +97,7 @@ def _replay_forget(
     """The mask after a logged forget request: recomputed when possible, else the logged delta."""
     logged = create_unlearner(rec["method"], **rec["params"])
     # the mask does not depend on re-fitted values: replay recomputes the mask only
-    unlearner = create_unlearner(rec["method"], **{k: v for k, v in rec["params"].items() if not k.startswith("refit")})
+    unlearner = replace(logged, refit_epochs=0) if getattr(logged, "refit_epochs", 0) else logged
     model.bottleneck.key_mask = mask.clone()
     ids = [names.index(c) for c in rec["new_classes"]]
     digest = rec.get("data_sha256")
