@@ -79,6 +79,7 @@ def train_models(
     kinds = kinds or needed_models(cfg)
     timer = timer or PhaseTimer()
     out: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+    setting = _encoder_setting(cfg)
     for kind in sorted(kinds):
         path = cfg.run_dir / "models" / kind
         try:
@@ -120,7 +121,7 @@ def train_models(
                 model.compute_activation_counts(train.x, train.y, indices=codes)
             info["count_seconds"] = time.perf_counter() - start
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
-                     encoder_config=_encoder_setting(cfg),  # so the service refuses embeddings of another setting
+                     encoder_config=setting,  # so the service refuses embeddings of another setting
                      extra={"fingerprint": _fingerprint(cfg), "train_info": info})
         if force and is_served(path):
             from .service import replace_model
@@ -146,7 +147,7 @@ def method_model(method: MethodConfig) -> str:
 
 def _encoder_setting(cfg: ExperimentConfig) -> dict[str, Any] | None:
     """The encoder's full description (image size, preprocessing, weights) for a model's manifest,
-    or None for data that no encoder made (synthetic embeddings)."""
+    or None for embeddings no registered encoder made (the tests' ``synthetic`` encoder name)."""
     from .encoders import encoder_config
 
     try:
