@@ -93,7 +93,7 @@ def run_shape(shape: str, args: argparse.Namespace) -> dict[str, Any]:
     def dkvb():
         m = build_model(ModelConfig(num_codebooks=c, codebook_size=k, key_dim=key_dim, topk=topk, kmeans_iters=4), dim,
                         args.classes, seed=args.seed)
-        m.prepare(train.x)
+        m.prepare(train.x, train.y)
         return m
 
     row: dict[str, Any] = {"shape": shape, "embeddings": len(train), "epochs": args.epochs,

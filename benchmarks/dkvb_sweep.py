@@ -120,7 +120,7 @@ def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
     train_cfg = TrainConfig(**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, seed=seed)
     model = build_model(model_cfg, fit_part.dim, fit_part.num_classes, seed=seed)
     start = time.perf_counter()
-    model.prepare(fit_part.x)
+    model.prepare(fit_part.x, fit_part.y)
     kmeans_s = time.perf_counter() - start
     start = time.perf_counter()
     fit(model, fit_part, train_cfg)

@@ -8,7 +8,7 @@ values. Masking a key removes it from selection, which is how a class is unlearn
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,8 +42,14 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
             ``"pca"``: top principal directions of the k-means data, split across codebooks;
             ``"whitened"``: the k-means data PCA-whitened to ``whiten_dim`` dimensions (every
             direction at unit variance, so weak but discriminative directions are not drowned
-            by a few dominant ones), then a fixed Gaussian matrix per codebook.
-        whiten_dim: dimensions kept by ``"whitened"`` (at most ``dim``).
+            by a few dominant ones), then a fixed Gaussian matrix per codebook;
+            ``"discriminant"``: like ``"whitened"``, but the first columns of the whitening are the
+            training data's class-discriminant (LDA) directions, scaled up by
+            ``discriminant_weight``: fitted with the labels (:meth:`init_keys` ``y``).
+        whiten_dim: dimensions kept by ``"whitened"``/``"discriminant"`` (at most ``dim``).
+        discriminant_weight: standard deviation of each LDA direction (whitened ones have 1).
+        discriminant_shrinkage: shrinkage (0..1) of the within-class covariance towards the identity;
+            ``"auto"``: from the number of examples per dimension (:func:`dkvb.keys.auto_shrinkage`).
         search: ``"torch"`` (matmul distances; on the CPU one codebook at a time with numpy's
             vectorised argmin) or ``"faiss"`` (``IndexFlatL2`` per codebook with masked ids
             excluded by an ``IDSelector``).
@@ -65,6 +71,8 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         search: SearchBackend = "torch",
         chunk_rows: int | None = None,
         seed: int = 0,
+        discriminant_weight: float = 4.0,
+        discriminant_shrinkage: float | Literal["auto"] = "auto",
     ) -> None:
         for name, v in dict(dim=dim, num_codebooks=num_codebooks, codebook_size=codebook_size,
                             key_dim=key_dim, value_dim=value_dim, topk=topk, whiten_dim=whiten_dim,
@@ -72,9 +80,13 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
             require(int(v) >= 1, "DiscreteKeyValueBottleneck", name, ">= 1", v)
         require(topk <= codebook_size, "DiscreteKeyValueBottleneck", "topk", f"<= codebook_size={codebook_size}", topk)
         require_choice("DiscreteKeyValueBottleneck", "projection", projection, PROJECTIONS)
+        require(discriminant_weight > 0, "DiscreteKeyValueBottleneck", "discriminant_weight", "> 0", discriminant_weight)
+        require(discriminant_shrinkage == "auto" or 0 <= discriminant_shrinkage <= 1, "DiscreteKeyValueBottleneck",
+                "discriminant_shrinkage", "'auto' or in [0, 1]", discriminant_shrinkage)
         require_choice("DiscreteKeyValueBottleneck", "search", search, ("torch", "faiss"))
         super().__init__(dim, num_codebooks, codebook_size, key_dim=key_dim, topk=topk, projection=projection,
-                         whiten_dim=whiten_dim, search=search, chunk_rows=chunk_rows, seed=seed)
+                         whiten_dim=whiten_dim, search=search, chunk_rows=chunk_rows, seed=seed,
+                         discriminant_weight=discriminant_weight, discriminant_shrinkage=discriminant_shrinkage)
         self.value_dim = value_dim
         self.values = nn.Parameter(torch.zeros(num_codebooks, codebook_size, value_dim))
 

@@ -32,8 +32,10 @@ class ModelConfig:
             or ``"mlp"`` (values of size ``value_dim`` averaged over codebooks, then a small MLP).
         value_dim: value size for the MLP decoder (ignored by ``mean``).
         hidden_dim: hidden width of the MLP decoder.
-        projection: ``"random"``, ``"pca"`` or ``"whitened"`` (see :class:`DiscreteKeyValueBottleneck`).
-        whiten_dim: dimensions kept by the ``"whitened"`` projection.
+        projection: ``"random"``, ``"pca"``, ``"whitened"`` or ``"discriminant"`` (see
+            :class:`DiscreteKeyValueBottleneck`; ``discriminant`` is fitted with the labels).
+        whiten_dim: dimensions kept by the ``"whitened"``/``"discriminant"`` projections.
+        discriminant_weight, discriminant_shrinkage: of the ``"discriminant"`` projection.
         search: nearest-key search backend, ``"torch"`` or ``"faiss"``.
         kmeans_iters: faiss k-means iterations for key initialisation.
     """
@@ -46,8 +48,10 @@ class ModelConfig:
     decoder: Literal["mean", "mlp"] = "mean"
     value_dim: int = 64
     hidden_dim: int = 256
-    projection: Literal["random", "pca", "whitened"] = "whitened"
+    projection: Literal["random", "pca", "whitened", "discriminant"] = "whitened"
     whiten_dim: int = 128
+    discriminant_weight: float = 4.0
+    discriminant_shrinkage: float | Literal["auto"] = "auto"
     search: Literal["torch", "faiss"] = "torch"
     kmeans_iters: int = 20
 
@@ -114,6 +118,7 @@ class DKVBClassifier(nn.Module):
             input_dim, config.num_codebooks, config.codebook_size, key_dim=config.key_dim,
             value_dim=value_dim, topk=config.topk, projection=config.projection,
             whiten_dim=config.whiten_dim, search=config.search, seed=seed,
+            discriminant_weight=config.discriminant_weight, discriminant_shrinkage=config.discriminant_shrinkage,
         )
         self.decoder = (MeanDecoder() if config.decoder == "mean"
                         else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
@@ -129,9 +134,10 @@ class DKVBClassifier(nn.Module):
     def key_mask(self) -> Tensor:
         return self.bottleneck.key_mask
 
-    def prepare(self, x: Tensor) -> None:
-        """Initialise keys by k-means on (unlabelled) training embeddings."""
-        self.bottleneck.init_keys(x, niter=self.model_config.kmeans_iters)
+    def prepare(self, x: Tensor, y: Tensor | None = None) -> None:
+        """Initialise keys by k-means on the training embeddings (their labels ``y`` are used by
+        the ``discriminant`` projection only)."""
+        self.bottleneck.init_keys(x, y, niter=self.model_config.kmeans_iters)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.decode(self.bottleneck.lookup(x))

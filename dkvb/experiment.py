@@ -102,7 +102,7 @@ def train_models(
             model = build_model(resolve_config(cfg.model, len(train)) if kind == "dkvb" else {"kind": "linear"},
                                 train.dim, train.num_classes, seed=cfg.seed)
             with timer.track("k-means", kind):
-                model.prepare(train.x)
+                model.prepare(train.x, train.y)
             start = time.perf_counter()
             codes = None
             if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates

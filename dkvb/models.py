@@ -37,7 +37,7 @@ class LinearHead(nn.Module):
     def config(self) -> dict:
         return {"kind": "linear", "input_dim": self.input_dim, "num_classes": self.num_classes, "seed": self.seed}
 
-    def prepare(self, x: Tensor) -> None:
+    def prepare(self, x: Tensor, y: Tensor | None = None) -> None:
         """Nothing to initialise from data."""
         check_embeddings(x, self.input_dim)
 

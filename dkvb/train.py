@@ -89,7 +89,7 @@ def fit(
         raise ValueError("cannot train on an empty embedding set")
     bottleneck = getattr(model, "bottleneck", None)
     if bottleneck is not None and not bool(bottleneck.initted):
-        model.prepare(data.x)
+        model.prepare(data.x, data.y)
     if bottleneck is not None and loss_fn is None:
         return fit_values(model, data, config, flops=flops, progress=progress, desc=desc, indices=indices)
     if indices is not None:

@@ -90,6 +90,42 @@ def test_whitened_projection_gives_every_kept_direction_unit_variance():
     assert abs(float(z.var(0).mean()) - 1.0) < 0.1
 
 
+def _separable_in_a_weak_direction(n: int = 3000):
+    """Three classes that differ only along a low-variance direction, under 15 loud noise ones."""
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(n) % 3
+    x = torch.randn(n, 16, generator=g) * torch.cat([torch.full((15,), 10.0), torch.tensor([0.3])])
+    x[:, 15] += y.float()
+    return x, y
+
+
+def test_discriminant_projection_puts_the_class_direction_first_and_scaled():
+    x, y = _separable_in_a_weak_direction()
+    b = DiscreteKeyValueBottleneck(16, 8, 6, key_dim=2, value_dim=3, projection="discriminant", whiten_dim=6,
+                                   discriminant_weight=3.0, discriminant_shrinkage=0.0)  # plain LDA
+    b.init_keys(x, y)
+    lda = b.whitening[:, :2]  # 3 classes: 2 discriminant directions, then 4 whitened ones
+    assert torch.allclose(((x - x.mean(0)) @ lda).std(0), torch.full((2,), 3.0), atol=1e-3)
+    first = lda[:, 0] / lda[:, 0].norm()
+    assert abs(float(first[15])) > 0.99  # the only direction that separates the classes
+    # the keys see it: one codebook's keys split the classes far better than a whitened bottleneck's
+    w = DiscreteKeyValueBottleneck(16, 8, 6, key_dim=2, value_dim=3, projection="whitened", whiten_dim=6)
+    w.init_keys(x)
+
+    def purity(bn):
+        counts = bn.activation_counts(x, y, 3).float()  # (3, C, K)
+        return float(counts.max(0).values.sum() / counts.sum())
+
+    assert purity(b) > purity(w) + 0.2
+
+
+def test_discriminant_projection_needs_the_labels():
+    x, _ = _separable_in_a_weak_direction(300)
+    b = DiscreteKeyValueBottleneck(16, 4, 6, key_dim=2, value_dim=3, projection="discriminant", whiten_dim=6)
+    with pytest.raises(ValueError, match="needs the training labels"):
+        b.init_keys(x)
+
+
 def test_activation_counts_sum_to_number_of_lookups():
     b = make(topk=2)
     x, y = torch.randn(90, 16), torch.arange(90) % 3
@@ -100,7 +136,8 @@ def test_activation_counts_sum_to_number_of_lookups():
 
 @pytest.mark.parametrize("bad, rule", [
     (dict(num_codebooks=0), ">= 1"), (dict(topk=30), "<= codebook_size=20"),
-    (dict(projection="learned"), "one of 'random', 'pca', 'whitened'"), (dict(search="x"), "one of 'torch', 'faiss'"),
+    (dict(projection="learned"), "one of 'random', 'pca', 'whitened', 'discriminant'"),
+    (dict(discriminant_shrinkage=1.5), "'auto' or in [0, 1]"), (dict(discriminant_weight=0.0), "> 0"), (dict(search="x"), "one of 'torch', 'faiss'"),
 ])
 def test_invalid_arguments_are_rejected(bad, rule):
     kw = dict(dim=16, num_codebooks=4, codebook_size=20, value_dim=3) | bad
