@@ -23,7 +23,7 @@ class ModelConfig:
 
     Attributes:
         kind: ``"dkvb"`` (bottleneck + decoder) or ``"linear"`` (one linear layer, the paper's baseline).
-        num_codebooks: C.
+        num_codebooks: C, or ``"auto"``: :func:`auto_num_codebooks` of the training set's size.
         codebook_size: K keys per codebook, or ``"auto"``: :func:`auto_codebook_size` of the
             training set's size (resolved by :func:`resolve_config` before a model is built).
         key_dim: dimension of each key.
@@ -41,14 +41,14 @@ class ModelConfig:
     """
 
     kind: Literal["dkvb", "linear"] = "dkvb"
-    num_codebooks: int = 256
+    num_codebooks: int | Literal["auto"] = 256
     codebook_size: int | Literal["auto"] = 256
     key_dim: int = 8
     topk: int = 1
     decoder: Literal["mean", "mlp"] = "mean"
     value_dim: int = 64
     hidden_dim: int = 256
-    projection: Literal["random", "pca", "whitened", "discriminant"] = "whitened"
+    projection: Literal["random", "pca", "whitened", "discriminant"] = "discriminant"
     whiten_dim: int = 128
     discriminant_weight: float = 4.0
     discriminant_shrinkage: float | Literal["auto"] = "auto"

@@ -19,7 +19,7 @@ def test_bottleneck_has_no_unsupported_ops(trained_dkvb):
 def test_faiss_lookup_is_counted(clusters):
     train, _ = clusters
     model = build_model(ModelConfig(num_codebooks=4, codebook_size=16, key_dim=4, projection="random", search="faiss"), 32, 5)
-    model.prepare(train.x)
+    model.prepare(train.x, train.y)
     analysis = flop_analysis(model, (torch.randn(8, 32),))
     analysis.total()
     assert analysis.unsupported_ops() == {}

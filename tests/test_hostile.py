@@ -108,7 +108,7 @@ def test_wrong_shapes_are_rejected_clearly(b, shape):
 def test_empty_batches_flow_through_the_model(clusters):
     train, _ = clusters
     model = build_model(ModelConfig(num_codebooks=4, codebook_size=8, key_dim=2, projection="random"), train.dim, train.num_classes)
-    model.prepare(train.x[:100])
+    model.prepare(train.x[:100], train.y[:100])
     assert model(torch.zeros(0, train.dim)).shape == (0, train.num_classes)
     assert model.bottleneck.activation_counts(torch.zeros(0, train.dim), torch.zeros(0, dtype=torch.long),
                                               5).sum() == 0

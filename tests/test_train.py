@@ -81,7 +81,7 @@ def test_lazy_adam_freezes_rows_outside_trainable():
 def test_training_from_looked_up_keys_equals_training_that_looks_them_up(data):
     train, _ = data
     model = build_model(CFG, train.dim, train.num_classes, seed=0)
-    model.prepare(train.x)
+    model.prepare(train.x, train.y)
     cands = model.bottleneck.candidates(train.x)
     given = fit(model, train, TrainConfig(epochs=2, lr=0.01, seed=0), indices=model.bottleneck.select(train.x, cands))
     fresh = build_model(CFG, train.dim, train.num_classes, seed=0)
@@ -89,3 +89,15 @@ def test_training_from_looked_up_keys_equals_training_that_looks_them_up(data):
     assert torch.equal(given.bottleneck.values, fresh.bottleneck.values)
     with pytest.raises(ValueError, match="indices must be"):
         fit(fresh, train, TrainConfig(epochs=1), indices=torch.zeros(3, 32, 2, dtype=torch.long))
+
+
+def test_auto_bottleneck_size_follows_the_training_set_size():
+    from dkvb.models import resolve_config
+
+    small = resolve_config(ModelConfig(num_codebooks="auto", codebook_size="auto"), 4_000)
+    large = resolve_config(ModelConfig(num_codebooks="auto", codebook_size="auto"), 45_000)
+    assert (small.num_codebooks, small.codebook_size) == (256, 128)
+    assert (large.num_codebooks, large.codebook_size) == (512, 256)
+    assert resolve_config(ModelConfig(num_codebooks=64), 45_000).num_codebooks == 64
+    with pytest.raises(ValueError, match="num_codebooks must be resolved"):
+        build_model(ModelConfig(num_codebooks="auto"), 16, 3)

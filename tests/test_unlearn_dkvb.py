@@ -356,14 +356,16 @@ def test_evaluation_from_kept_logits_equals_a_full_evaluation(clusters, decoder,
         model.predict_from(test.x[:5], kept)
 
 
-def test_the_default_share_is_1_25_times_a_uniform_class_mix(clusters, trained_dkvb):
+def test_the_default_share_is_a_factor_of_a_uniform_class_mix_set_by_the_projection(clusters, trained_dkvb):
     from dkvb.unlearn.activations import SHARE_FACTOR
 
     train, _ = clusters
     request = ForgetRequest((1, 3), train)
+    factor = SHARE_FACTOR[trained_dkvb.bottleneck.projection_kind]
     default = create_unlearner("dkvb-activations").unlearn(trained_dkvb, request)
-    explicit = create_unlearner("dkvb-activations", min_share=SHARE_FACTOR * 2 / train.num_classes).unlearn(
+    explicit = create_unlearner("dkvb-activations", min_share=factor * 2 / train.num_classes).unlearn(
         trained_dkvb, request)
     uniform = create_unlearner("dkvb-activations", min_share=2 / train.num_classes).unlearn(trained_dkvb, request)
-    assert SHARE_FACTOR == 1.25 and torch.equal(default.model.key_mask, explicit.model.key_mask)
+    assert SHARE_FACTOR["discriminant"] == 0.5 and SHARE_FACTOR["whitened"] == 1.25
+    assert factor > 1 and torch.equal(default.model.key_mask, explicit.model.key_mask)
     assert int(uniform.model.key_mask.sum()) >= int(default.model.key_mask.sum())  # a higher bar masks no more

@@ -28,7 +28,17 @@ from .base import ForgetRequest, register
 from .masking import MaskingUnlearner, mask_summary, masked_copy
 
 
-SHARE_FACTOR = 1.25  # the default rule's threshold, in units of a uniform class mix's share
+# The default rule's threshold, in units of a uniform class mix's share, per projection of the
+# bottleneck (chosen on validation splits, docs/quality.md). Discriminant keys follow the classes,
+# so the keys next to a forget class's own hold a small share of it, enough (summed over every
+# codebook) to keep predicting it: they must be masked too, hence a lower bar.
+SHARE_FACTOR = {"discriminant": 0.5, "whitened": 1.25, "pca": 1.25, "random": 1.25}
+
+
+def default_share(model: DKVBClassifier, num_forget: int) -> float:
+    """The default rule's ``min_share`` for ``model``: :data:`SHARE_FACTOR` of its projection times
+    the forget classes' share of a uniform class mix."""
+    return SHARE_FACTOR[model.bottleneck.projection_kind] * num_forget / model.num_classes
 
 
 @register("dkvb-activations")
@@ -47,13 +57,13 @@ class UnlearnViaActivations(MaskingUnlearner):
             activated (codebook, key) pairs over all codebooks together.
         min_share: ``rule="share"`` only: only keys whose activations come from the forget
             classes for at least this share (0..1) are eligible; 0 masks every key the forget classes touch, shared keys too.
-            ``None`` (default) uses :data:`SHARE_FACTOR` (1.25) times the forget classes' share
-            of a uniform class mix, ``len(forget_classes) / num_classes``: a key is masked when
-            the forget classes are clearly over-represented on it. Chosen on validation splits
-            of Fashion-MNIST (60k and 4k), CIFAR-10 (50k and 4k), CIFAR-100 and digits with the
-            whitened 256/512-codebook bottleneck (docs/quality.md): 1.0x costs CIFAR-10 1.65
-            retain points per request, 1.25x nothing, at <= 0.3% forget on average; 1.5x
-            stops forgetting (5-11% forget on CIFAR-10 and Fashion-MNIST).
+            ``None`` (default) uses :func:`default_share`: :data:`SHARE_FACTOR` times the forget
+            classes' share of a uniform class mix, ``len(forget_classes) / num_classes``. The
+            factor depends on the bottleneck's projection and was chosen on validation splits
+            of Fashion-MNIST (60k and 4k), CIFAR-10 (50k and 4k), CIFAR-100 and digits
+            (docs/quality.md): 0.5 for ``discriminant`` (1.0 leaves 19% forget-validation on
+            Fashion-MNIST), 1.25 for ``whitened`` (1.0 costs CIFAR-10 1.65 retain points, 1.5
+            stops forgetting).
         min_count: a key must be activated this many times by the forget classes to be eligible.
         use_cached_counts: use (and fill) the per-class count table cached on the model, so a
             request costs no lookup at all; ``False`` runs Algorithm 1 from scratch: look up the
@@ -102,8 +112,7 @@ class UnlearnViaActivations(MaskingUnlearner):
         # the sum, a comparison per key for eligibility and one for the top-N selection.
         flops += (len(request.forget_classes) + 2) * c * k
         if self.rule == "share":
-            share = (SHARE_FACTOR * len(request.forget_classes) / counts.shape[0] if self.min_share is None
-                     else self.min_share)
+            share = default_share(model, len(request.forget_classes)) if self.min_share is None else self.min_share
             eligible &= forget >= share * counts.sum(0)
             flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
