@@ -29,6 +29,7 @@ from .timing import PhaseTimer
 from .train import DivergenceError, fit
 from .verify import ProbeConfig, probe_relearning
 from .unlearn import UNLEARNERS, ForgetRequest, create_unlearner
+from .workers import default_jobs, fork_map
 
 log = logging.getLogger("dkvb")
 
@@ -190,9 +191,12 @@ def _json_safe(details: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool = False,
-                   force: bool = False) -> list[dict[str, Any]]:
+                   force: bool = False, jobs: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the whole comparison; returns all result records and writes the report
-    (``force``: see :func:`train_models`)."""
+    (``force``: see :func:`train_models`). The forget requests run in ``jobs`` forked workers
+    (default :func:`dkvb.workers.default_jobs`), the torch threads split between them; the
+    records are the same, in the same order, whatever ``jobs`` is. The phase table then sums
+    each phase over the workers (seconds of work), next to the run's wall time."""
     from .report import write_report
 
     run_dir = cfg.run_dir
@@ -251,56 +255,65 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         cands = kept[kind][1].candidates if kind in kept and shares_keys(model, kind) else None
         return {"relearn_steps": probe_relearning(model, train, test, classes, probe.target * original, probe, cands)}
 
-    def measure(model: nn.Module, kind: str, label: str, classes: tuple[int, ...],
+    def measure(model: nn.Module, kind: str, label: str, classes: tuple[int, ...], clock: PhaseTimer,
                 given: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, float]:
         """Accuracies, MIA and relearning probe of ``model``, each phase timed under ``label``."""
-        with timer.track("evaluate", label):
+        with clock.track("evaluate", label):
             tr, te = given if given is not None else predict(model, kind)
             metrics = accuracies_from_logits(tr, te, train, test, classes)
-        with timer.track("MIA", label):
+        with clock.track("MIA", label):
             metrics["mia"] = mia_from_logits(tr, te, train, test, classes, seed=cfg.seed)
-        with timer.track("relearning probe", label):
+        with clock.track("relearning probe", label):
             metrics.update(relearn(model, kind, classes))
         return metrics
 
     per_image = encoder_flops_per_image(cfg.encoder.name, cfg.encoder.image_size)
 
-    def add(method: str, kind: str, classes: tuple[int, ...], metrics: dict[str, float], flops: float,
-            seconds: float, params: dict[str, Any], details: dict[str, Any], images: float = 0, **extra: Any) -> None:
-        """Append a record; ``images`` = encoder passes the method needs without an embedding cache."""
+    def record(method: str, kind: str, classes: tuple[int, ...], metrics: dict[str, float], flops: float,
+               seconds: float, params: dict[str, Any], details: dict[str, Any], images: float = 0,
+               **extra: Any) -> dict[str, Any]:
+        """A result record; ``images`` = encoder passes the method needs without an embedding cache."""
         names = [train.class_names[c] for c in classes]
-        records.append({**base, "method": method, "model": kind, "forget_classes": names,
-                        "forget_class_ids": list(classes), "metrics": metrics, "flops": flops,
-                        "flops_from_images": flops + per_image * images, "encoder_images": images,
-                        "seconds": seconds, "params": params, "details": details, **extra})
+        return {**base, "method": method, "model": kind, "forget_classes": names,
+                "forget_class_ids": list(classes), "metrics": metrics, "flops": flops,
+                "flops_from_images": flops + per_image * images, "encoder_images": images,
+                "seconds": seconds, "params": params, "details": details, **extra}
 
-    bar = tqdm(total=len(requests) * (len(runs) + len(models)), desc="unlearn", disable=not progress)
-    for classes in requests:
+    def run_request(classes: tuple[int, ...]) -> tuple[list[dict[str, Any]], PhaseTimer]:
+        """Every model's original metrics and every method's result on one request, not yet done."""
+        out, clock = [], PhaseTimer()
         names = [train.class_names[c] for c in classes]
         for kind, (model, info) in models.items():
-            bar.update()
-            if ("original", kind, classes) in done:
-                continue
-            add("original", kind, classes, measure(model, kind, f"original {kind}", classes, logits[kind]), 0, 0.0,
-                {}, info)
+            if ("original", kind, classes) not in done:
+                out.append(record("original", kind, classes,
+                                  measure(model, kind, f"original {kind}", classes, clock, logits[kind]), 0, 0.0, {}, info))
         request = ForgetRequest(classes, train, seed=cfg.seed)
         for label, method, params in runs:
-            bar.update()
             kind = method_model(method)
             if (label, kind, classes) in done:
                 continue
-            bar.set_postfix_str(f"{label} on {names}")
             try:
-                with count_images() as tally, timer.track("unlearn", label):
+                with count_images() as tally, clock.track("unlearn", label):
                     report = create_unlearner(method.name, **params).unlearn(models[kind][0], request)
             except (ValueError, DivergenceError) as e:  # e.g. a mask that empties a codebook, a NaN loss
                 log.warning("%s on %s failed: %s", label, names, e)
-                add(label, kind, classes, {m: float("nan") for m in METRICS}, float("nan"), float("nan"),
-                    dict(params), {}, float("nan"), error=str(e))
+                out.append(record(label, kind, classes, {m: float("nan") for m in METRICS}, float("nan"), float("nan"),
+                                  dict(params), {}, float("nan"), error=str(e)))
                 continue
-            metrics = measure(report.model, kind, label, classes)
-            add(label, kind, classes, metrics, report.flops, report.seconds, report.params, _json_safe(report.details),
-                tally.images)
+            metrics = measure(report.model, kind, label, classes, clock)
+            out.append(record(label, kind, classes, metrics, report.flops, report.seconds, report.params,
+                              _json_safe(report.details), tally.images))
+        return out, clock
+
+    labels = [("original", kind) for kind in models] + [(label, method_model(m)) for label, m, _ in runs]
+    pending = [c for c in requests if any((label, kind, c) not in done for label, kind in labels)]
+    threads = torch.get_num_threads()
+    jobs = default_jobs(threads) if jobs is None else jobs
+    bar = tqdm(total=len(pending), desc=f"requests ({jobs} jobs)", disable=not progress)
+    for new, clock in fork_map(run_request, pending, jobs=jobs, threads_per_job=max(1, threads // jobs)):
+        records.extend(new)
+        timer.merge(clock)
+        bar.update()
         save()
     bar.close()
     save()

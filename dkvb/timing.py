@@ -26,6 +26,12 @@ class PhaseTimer:
             self.seconds[(phase, label)] += time.perf_counter() - t0
             self.calls[(phase, label)] += 1
 
+    def merge(self, other: "PhaseTimer") -> None:
+        """Add ``other``'s seconds and calls (a worker's) to this timer's."""
+        for key, seconds in other.seconds.items():
+            self.seconds[key] += seconds
+            self.calls[key] += other.calls[key]
+
     def rows(self) -> list[dict[str, object]]:
         """One row per (phase, label), in the order first seen, plus the run's total wall time."""
         out = [{"phase": p, "label": l, "seconds": s, "calls": self.calls[(p, l)]} for (p, l), s in self.seconds.items()]

@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dkvb"
 
 # Lowest first. A name is a module (``dkvb.<name>``) or a subpackage with every module in it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing"}),
+    ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing", "workers"}),
     ("models", {"keys", "selection", "bottleneck", "classifier", "models"}),
     ("training", {"train", "shards", "evaluate"}),
     ("unlearning", {"unlearn"}),

@@ -79,7 +79,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_of(args)
     _check_methods(cfg)
-    records = run_experiment(cfg, fresh=args.fresh, force=args.force)
+    if args.jobs is not None and args.jobs < 1:
+        raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
+    records = run_experiment(cfg, fresh=args.fresh, force=args.force, jobs=args.jobs)
     print(markdown_table(summarize(records)))
     print(f"\nWhere the time went:\n{(cfg.run_dir / 'phases.md').read_text()}")
     print(f"results: {cfg.run_dir / 'results.json'}  table: {cfg.run_dir / 'table.md'}  "
@@ -106,6 +108,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _run_args(p: argparse.ArgumentParser) -> None:
     _train_args(p)
     p.add_argument("--fresh", action="store_true", help="ignore results already in the run folder")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="forget requests run side by side in this many forked workers, the threads split between "
+                        "them (default: $DKVB_JOBS, else one per thread, at most 4); the results do not depend on it")
 
 
 command("embed", "encode the dataset's splits into the embedding cache")(cmd_embed)

@@ -1,0 +1,63 @@
+"""Independent pieces of a run in forked worker processes, results in order.
+
+A comparison's forget requests are independent given the trained models, so they can run side
+by side: the workers are forked, so they share the parent's embeddings, models and kept
+searches (copy-on-write) instead of loading or searching them again. Each worker runs with
+``threads_per_job`` threads (:func:`dkvb.threads.set_threads`), so ``jobs`` x threads stays
+within the cores. Results come back in the order of the items, whatever worker ran them.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any, Callable, Iterable, Iterator
+
+ENV = "DKVB_JOBS"
+
+_TASK: Callable[[Any], Any] | None = None  # set in the parent before forking; the workers inherit it
+
+
+def default_jobs(threads: int) -> int:
+    """``$DKVB_JOBS`` if set, else one job per thread this process may use, at most 4 (each job
+    holds its own masked copies and logits)."""
+    env = os.environ.get(ENV)
+    if env:
+        n = int(env) if env.strip().isdigit() else 0
+        if n < 1:
+            raise ValueError(f"{ENV}: must be a positive integer, got {env!r}")
+        return n
+    return max(1, min(threads, 4))
+
+
+def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int, threads_per_job: int = 1) -> Iterator[Any]:
+    """``fn(item)`` for every item, in order: in this process when ``jobs`` is 1 (or fork is not
+    available, or CUDA is initialised, which a fork cannot share), else in ``jobs`` forked workers."""
+    global _TASK
+    items = list(items)
+    if jobs <= 1 or len(items) <= 1 or not _can_fork():
+        yield from map(fn, items)
+        return
+    _TASK = fn
+    try:
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Pool(min(jobs, len(items)), initializer=_init, initargs=(threads_per_job,)) as pool:
+            yield from pool.imap(_call, items)
+    finally:
+        _TASK = None
+
+
+def _can_fork() -> bool:
+    import torch
+
+    return "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
+
+
+def _init(threads: int) -> None:
+    from .threads import set_threads
+
+    set_threads(threads)
+
+
+def _call(item: Any) -> Any:
+    assert _TASK is not None, "fork_map: worker started without a task"
+    return _TASK(item)
