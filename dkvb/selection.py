@@ -196,34 +196,6 @@ class KeptSelection:
         picked[which[sub], codebooks] = self._search_pairs(torch.cat(parts), sub, codebooks, 1)[0][:, 0]
 
 
-    @torch.no_grad()
-    def reroute(self, x: Tensor, indices: Tensor, old_mask: Tensor) -> Tensor:
-        """What :meth:`lookup` returns for ``x`` under the current mask, from ``indices``: its
-        lookup under ``old_mask`` (contained in the current mask).
-
-        Keys only ever got masked, so a selection none of whose keys is masked now is still the
-        nearest; with ``topk=1`` only the (row, codebook) pairs that lost their key are searched
-        again, in their codebook alone (:meth:`_search_exhausted`), otherwise the rows that lost
-        one. A mask that unmasks a key, or the faiss backend, gets a fresh search.
-        """
-        if self.search != "torch" or bool((old_mask & ~self.key_mask).any()):
-            return self.lookup(x)
-        flat = self.flat_indices(indices.long())
-        lost = self.key_mask.flatten()[flat].numpy()  # (N, C * topk)
-        rows = np.flatnonzero(lost.any(1))
-        if self.topk > 1:
-            out = indices.long().clone()
-            if len(rows):
-                out[torch.from_numpy(rows)] = self.lookup(x[torch.from_numpy(rows).to(x.device)]).cpu()
-            return out
-        picked = flat.numpy().copy()
-        sub = np.where(lost[rows], -1, picked[rows])
-        self._search_exhausted(x, rows, sub)
-        picked[rows] = sub
-        offsets = np.arange(self.num_codebooks) * self.codebook_size
-        return torch.from_numpy(picked - offsets).view(x.shape[0], self.num_codebooks, 1)
-
-
 def smallest(a: np.ndarray, k: int) -> np.ndarray:
     """(n, k) int64: the columns of each row's ``k`` smallest entries, smallest first, ties to the
     lower column (by repeated argmin: numpy's is vectorised; ``a`` gets inf where they were)."""

@@ -177,21 +177,6 @@ def test_candidates_of_other_embeddings_are_refused():
         b.select(torch.randn(9, 16), cands)
 
 
-@pytest.mark.parametrize("topk", [1, 3])
-def test_rerouting_a_kept_lookup_equals_a_fresh_search_as_masks_grow(topk):
-    b = make(topk=topk)
-    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(4))
-    g = torch.Generator().manual_seed(5)
-    codes, mask = b.lookup(x), b.key_mask.clone()
-    for share in (0.1, 0.3, 0.6, 0.8):  # each mask contains the last, as requests accumulate
-        b.key_mask |= torch.rand(6, 20, generator=g) < share
-        b.key_mask[:, :topk] = False
-        codes, mask = b.reroute(x, codes, mask), b.key_mask.clone()
-        assert torch.equal(codes, b.lookup(x))
-    b.key_mask.zero_()  # an unmask falls back to a fresh search
-    assert torch.equal(b.reroute(x, codes, mask), b.lookup(x))
-
-
 def pair_search_flops(b, kept, mask, length):
     """What refresh should count, derived here from the definitions: each (row, codebook) pair with
     fewer than topk of its kept keys unmasked is searched; a codebook's pairs take one product of
