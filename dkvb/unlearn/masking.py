@@ -28,9 +28,11 @@ class MaskingUnlearner(Unlearner):
             extra: the retain-set training embeddings whose keys the mask rerouted now select
             other keys, whose values were never fitted for them; those values (and only those)
             are re-fitted for this many epochs on the retain examples that select them
-            (:func:`refit_rerouted`). Keeps a long request sequence accurate, but costs a new
-            search of the training rows whose keys were masked plus the training steps: on
-            Fashion-MNIST and CIFAR-10 about as much as retraining the linear head (docs/quality.md).
+            (:func:`refit_rerouted`). Keeps a long request sequence accurate; costs a search of
+            the (row, codebook) pairs left without a kept key plus the training steps: on
+            Fashion-MNIST 2.3e9 FLOPs for one class, a ninth of retraining the linear head, up
+            to half of it late in a sequence (docs/benchmarks.md), once the model keeps its
+            training codes (``CodeCache``).
         refit_lr: Adam learning rate of that re-fitting.
     """
 
