@@ -113,7 +113,7 @@ class KeptSelection:
 
     def codes(self, cands: Candidates) -> Tensor:
         """(N, C, topk) key indices: the first ``topk`` candidates, the selection under ``cands.mask``."""
-        offsets = torch.arange(self.num_codebooks).view(1, -1, 1) * self.codebook_size
+        offsets = torch.arange(self.num_codebooks, device=cands.indices.device).view(1, -1, 1) * self.codebook_size
         return cands.indices[:, :, :self.topk].long() - offsets
 
     @torch.no_grad()
