@@ -105,11 +105,11 @@ def train_models(
             with timer.track("k-means", kind):
                 model.prepare(train.x, train.y)
             start = time.perf_counter()
-            codes = None
+            codes = found = None
             if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates
                 with timer.track("nearest-key search (train set)", kind):
                     found = model.bottleneck.candidates(train.x)
-                    codes = model.bottleneck.select(train.x, found)
+                    codes = model.bottleneck.codes(found)
                 if candidates is not None:
                     candidates[kind] = found
             with timer.track("train", kind):
@@ -119,7 +119,7 @@ def train_models(
         if kind == "dkvb":
             start = time.perf_counter()
             with timer.track("activation counts", kind):
-                model.compute_activation_counts(train.x, train.y, indices=codes)
+                model.compute_activation_counts(train.x, train.y, candidates=found)
             info["count_seconds"] = time.perf_counter() - start
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
                      encoder_config=setting,  # so the service refuses embeddings of another setting
@@ -223,6 +223,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         for kind, (m, _) in models.items():
             if hasattr(m, "bottleneck"):
                 kept[kind] = (m.keep_logits(train.x, searched.get(kind)), m.keep_logits(test.x))
+                if m.code_cache is None:  # a stored model: the training set's candidates serve re-fitting too
+                    m.keep_codes(train.x, kept[kind][0].candidates)
     searched.clear()
 
     def shares_keys(model: nn.Module, kind: str) -> bool:

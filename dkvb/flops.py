@@ -160,6 +160,18 @@ def lookup_flops(model: nn.Module, num_rows: int, *, batch_size: int = 8192) -> 
     return total
 
 
+def search_flops(bottleneck: nn.Module, num_rows: int, *, whitened: bool = False) -> int:
+    """FLOPs of a nearest-key search of ``num_rows`` embeddings in a DKVB ``bottleneck``, as
+    fvcore counts its ``lookup`` (:func:`lookup_flops`, tested equal) but without tracing one: the
+    whitening (left out when the rows are ``whitened`` already), the projection and distance
+    products, and one comparison per distance (the faiss handle counts the distances only)."""
+    b = bottleneck
+    in_dim, codebooks, size = b.projection.shape[0], b.num_codebooks, b.codebook_size
+    per_row = (0 if whitened else b.dim * in_dim * (b.whitening.numel() > 0)) + in_dim * codebooks * b.key_dim
+    per_row += codebooks * size * b.key_dim + (codebooks * size if b.search == "torch" else 0)
+    return num_rows * per_row
+
+
 @dataclass
 class ImageTally:
     """How many images' embeddings the passes inside a :func:`count_images` block consumed."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .data import check_embeddings
-from .selection import KeptSelection
+from .selection import KeptSelection, smallest
 
 SearchBackend = Literal["torch", "faiss"]
 Projection = Literal["random", "pca", "whitened", "discriminant"]
@@ -57,11 +57,23 @@ class FrozenKeys(KeptSelection, nn.Module):
         self.register_buffer("initted", torch.tensor(False))
 
     # ------------------------------------------------------------------ keys
-    def project(self, x: Tensor) -> Tensor:
-        """(N, dim) -> (N, C, key_dim)."""
-        if self.whitening.numel():
-            x = x @ self.whitening
-        return (x @ self.projection.flatten(1)).view(x.shape[0], self.num_codebooks, self.key_dim)
+    def whiten(self, x: Tensor) -> Tensor:
+        """(N, dim) -> (N, in_dim): what every codebook's projection reads (the whitened embeddings
+        for ``"whitened"``, ``x`` itself otherwise)."""
+        return x @ self.whitening if self.whitening.numel() else x
+
+    def project(self, x: Tensor, *, whitened: bool = False) -> Tensor:
+        """(N, dim) -> (N, C, key_dim); ``whitened``: ``x`` is already :meth:`whiten`'s output."""
+        w = x if whitened else self.whiten(x)
+        return (w @ self.projection.flatten(1)).view(x.shape[0], self.num_codebooks, self.key_dim)
+
+    @torch.no_grad()
+    def whiten_rows(self, x: Tensor) -> Tensor:
+        """:meth:`whiten` of ``x`` in the chunks a search of ``x`` takes, so each row gets the very
+        bits the search computes for it (what :meth:`~dkvb.selection.KeptSelection.refresh` reads)."""
+        if not self.whitening.numel() or not len(x):
+            return self.whiten(x)
+        return torch.cat([self.whiten(x[a:b]) for a, b in self.chunks(x.shape[0])])
 
     @torch.no_grad()
     def init_keys(self, x: Tensor, y: Tensor | None = None, *, niter: int = 20,
@@ -103,23 +115,23 @@ class FrozenKeys(KeptSelection, nn.Module):
         return self.nearest(x, self.topk)
 
     @torch.no_grad()
-    def nearest(self, x: Tensor, k: int, mask: Tensor | None = None) -> Tensor:
+    def nearest(self, x: Tensor, k: int, mask: Tensor | None = None, *, whitened: bool = False) -> Tensor:
         """Indices (N, C, k) of the ``k`` nearest keys not in ``mask`` (default: the key mask), nearest first.
 
-        Ties go to the lower key index.
+        Ties go to the lower key index. ``whitened``: ``x`` is :meth:`whiten_rows`'s output.
         """
         if not bool(self.initted):
             raise RuntimeError("keys are not initialised: call init_keys(embeddings) first")
-        check_embeddings(x, self.dim)
+        check_embeddings(x, self.projection.shape[0] if whitened else self.dim)
         mask = self.key_mask if mask is None else mask
         short = (~mask).sum(dim=1) < k
         if bool(short.any()):
             c = int(short.nonzero()[0])
             raise RuntimeError(f"codebook {c} has fewer than {k} unmasked keys: nothing left to select")
         if self.search == "faiss":
-            return _FaissLookup.apply(self.project(x), self.keys, mask, k)
-        rows = self.search_chunk()
-        out = [_nearest_torch(self.project(x[i:i + rows]), self.keys, k, mask) for i in range(0, x.shape[0], rows)]
+            return _FaissLookup.apply(self.project(x, whitened=whitened), self.keys, mask, k)
+        out = [_nearest_torch(self.project(x[a:b], whitened=whitened), self.keys, k, mask)
+               for a, b in self.chunks(x.shape[0])]
         if not out:
             return torch.empty(0, self.num_codebooks, k, dtype=torch.long, device=x.device)
         return torch.cat(out)
@@ -127,6 +139,13 @@ class FrozenKeys(KeptSelection, nn.Module):
     def search_chunk(self) -> int:
         """Rows per search chunk: ``chunk_rows``, or sized from the available memory."""
         return self.chunk_rows or _auto_chunk_rows(self.num_codebooks, self.codebook_size, self.key_dim)
+
+    def chunks(self, n: int) -> list[tuple[int, int]]:
+        """(start, stop) of the chunks a search of ``n`` rows takes: at most :meth:`search_chunk`
+        rows, of equal sizes, so no chunk is left with the few rows BLAS libraries compute with
+        other kernels (other rounding) than a large product's."""
+        parts = math.ceil(n / self.search_chunk())
+        return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
     def flat_indices(self, indices: Tensor) -> Tensor:
         """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
@@ -146,18 +165,11 @@ def _nearest_torch(z: Tensor, keys: Tensor, k: int, mask: Tensor) -> Tensor:
         return idx.permute(1, 0, 2)
     # CPU: one codebook at a time keeps the (rows, K) block in cache, and numpy's argmin is
     # vectorised (torch's CPU argmin/topk are ~10x slower at these sizes).
-    n = z.shape[0]
-    out = np.empty((n, num_codebooks, k), dtype=np.int64)
-    buf = torch.empty(n, codebook_size)
-    rows = np.arange(n)
+    out = np.empty((z.shape[0], num_codebooks, k), dtype=np.int64)
+    buf = torch.empty(z.shape[0], codebook_size)
     for c in range(num_codebooks):
         torch.addmm(knorm[c], z[:, c], keys[c].T, alpha=-2, out=buf)
-        a = buf.numpy()
-        for j in range(k):
-            best = a.argmin(axis=1)
-            out[:, c, j] = best
-            if j + 1 < k:
-                a[rows, best] = np.inf
+        out[:, c] = smallest(buf.numpy(), k)
     return torch.from_numpy(out)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .classifier import CodeCache, DKVBClassifier, KeptLogits, MeanDecoder, MLPDecoder, ModelConfig
+from .classifier import CODE_EXTRA, CodeCache, DKVBClassifier, KeptLogits, MeanDecoder, MLPDecoder, ModelConfig
 from .data import EmbeddingSet, check_embeddings
 from .validate import require, require_choice
 
@@ -239,5 +239,6 @@ def fresh_copy(model: nn.Module) -> nn.Module:
 
 
 Classifier = DKVBClassifier | LinearHead
-__all__ = ["ModelConfig", "DKVBClassifier", "KeptLogits", "CodeCache", "LinearHead", "MeanDecoder", "MLPDecoder", "ShardedEnsemble",
+__all__ = ["ModelConfig", "DKVBClassifier", "KeptLogits", "CODE_EXTRA", "CodeCache", "LinearHead", "MeanDecoder",
+           "MLPDecoder", "ShardedEnsemble",
            "build_model", "seeded_build", "fresh_copy", "Classifier"]

@@ -11,6 +11,8 @@ minus the load other processes already put on them (the 1-minute load average), 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Iterator
 
 ENV = "DKVB_THREADS"
 
@@ -61,6 +63,24 @@ def set_threads(n: int | None = None) -> int:
     except ImportError:
         pass
     return n
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside the block (the previous count comes back after).
+
+    Used around small matrix products whose bits must match the same rows' bits in a large
+    product: a BLAS library that splits a small product between threads gives each thread a few
+    rows, which it computes with other kernels (other rounding) than a large product's.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def worker_init(_worker_id: int) -> None:

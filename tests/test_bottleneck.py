@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from dkvb.bottleneck import DiscreteKeyValueBottleneck
+from dkvb.flops import search_flops
 
 
 def make(search="torch", topk=1, **kw):
@@ -213,19 +214,53 @@ def test_candidates_of_other_embeddings_are_refused():
         b.select(torch.randn(9, 16), cands)
 
 
+def pair_search_flops(b, kept, mask, length):
+    """What refresh should count, derived here from the definitions: each (row, codebook) pair with
+    fewer than topk of its kept keys unmasked is searched; a codebook's pairs take one product of
+    at least MIN_ROWS rows with a slab of at least MIN_COLS projection columns, one with the
+    codebook's keys, and one comparison per key and pair."""
+    from dkvb.selection import MIN_COLS, MIN_ROWS
+
+    flat = kept.long()
+    free = ((flat >= 0) & ~mask.flatten()[flat.clamp_min(0)]).sum(-1)  # (N, C)
+    per_codebook = (free < b.topk).sum(0).tolist()
+    in_dim, cols = b.projection.shape[0], b.num_codebooks * b.key_dim
+    width = min(cols, max(MIN_COLS, b.key_dim))
+    return sum(max(n, MIN_ROWS) * (in_dim * width + b.key_dim * b.codebook_size) + n * b.codebook_size
+               for n in per_codebook if n)
+
+
+@pytest.mark.parametrize("projection", ["random", "whitened"])
 @pytest.mark.parametrize("topk", [1, 3])
-def test_rerouting_a_kept_lookup_equals_a_fresh_search_as_masks_grow(topk):
-    b = make(topk=topk)
+def test_refreshed_candidates_select_what_a_fresh_search_does_as_masks_grow(topk, projection):
+    """refresh re-searches only the (row, codebook) pairs a mask leaves without kept keys, from the
+    whitened rows and that codebook's projection alone, and gets lookup's keys bit for bit; its
+    FLOPs are exactly those computations'."""
+    b = make(topk=topk, projection=projection, whiten_dim=12)
     x = torch.randn(400, 16, generator=torch.Generator().manual_seed(4))
+    base = b.whiten_rows(x)
+    assert base.shape == ((400, 12) if projection == "whitened" else (400, 16))
     g = torch.Generator().manual_seed(5)
-    codes, mask = b.lookup(x), b.key_mask.clone()
-    for share in (0.1, 0.3, 0.6, 0.8):  # each mask contains the last, as requests accumulate
+    cands = b.candidates(base, extra=0, whitened=True)  # what compute_activation_counts keeps: topk only
+    assert torch.equal(b.codes(cands), b.lookup(x))
+    for share in (0.05, 0.1, 0.3, 0.6, 0.8):  # each mask contains the last, as requests accumulate
         b.key_mask |= torch.rand(6, 20, generator=g) < share
         b.key_mask[:, :topk] = False
-        codes, mask = b.reroute(x, codes, mask), b.key_mask.clone()
-        assert torch.equal(codes, b.lookup(x))
-    b.key_mask.zero_()  # an unmask falls back to a fresh search
-    assert torch.equal(b.reroute(x, codes, mask), b.lookup(x))
+        expected = pair_search_flops(b, cands.indices, b.key_mask, topk + 2)
+        cands, flops = b.refresh(base, cands, topk + 2)
+        assert cands.indices.shape == (400, 6, topk + 2) and flops == expected > 0
+        assert torch.equal(b.codes(cands), b.lookup(x))
+        assert torch.equal(b.select(x, cands), b.lookup(x))
+    b.key_mask.zero_()  # an unmask falls back to a fresh search of every row
+    cands, flops = b.refresh(base, cands, topk + 2)
+    assert torch.equal(b.codes(cands), b.lookup(x)) and flops == search_flops(b, 400, whitened=True)
+
+
+def test_a_search_chunks_rows_evenly():
+    """No chunk is left with a few rows (BLAS kernels round a few rows differently)."""
+    b = DiscreteKeyValueBottleneck(16, 6, 20, key_dim=4, value_dim=3, chunk_rows=100)
+    assert b.chunks(0) == [] and b.chunks(100) == [(0, 100)]
+    assert b.chunks(201) == [(0, 67), (67, 134), (134, 201)]
 
 
 @pytest.mark.parametrize("topk", [1, 3])

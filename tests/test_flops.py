@@ -1,10 +1,11 @@
+import pytest
 import torch
 from torch import nn
 
 from dkvb import ForgetRequest, ModelConfig, build_model, create_unlearner
 from dkvb.evaluate import METRICS
-from dkvb.flops import (count_images, encoder_flops_per_image, flop_analysis, forward_flops, note_images,
-                        train_step_flops)
+from dkvb.flops import (count_images, encoder_flops_per_image, flop_analysis, forward_flops, lookup_flops,
+                        note_images, search_flops, train_step_flops)
 from dkvb.report import summarize, write_report
 
 
@@ -24,6 +25,32 @@ def test_faiss_lookup_is_counted(clusters):
     analysis.total()
     assert analysis.unsupported_ops() == {}
     assert analysis.total() >= 8 * 4 * 16 * 4
+
+
+@pytest.mark.parametrize("projection, search", [("whitened", "torch"), ("random", "torch"), ("random", "faiss")])
+def test_search_flops_are_fvcores_count_of_a_lookup(clusters, projection, search):
+    train, _ = clusters
+    config = ModelConfig(num_codebooks=4, codebook_size=16, key_dim=4, topk=2, projection=projection, whiten_dim=8,
+                         search=search)
+    model = build_model(config, 32, 5)
+    model.prepare(train.x)
+    for rows in (1, 37, 8200):
+        assert search_flops(model.bottleneck, rows) == lookup_flops(model, rows)
+
+
+def test_a_pair_searchs_count_follows_fvcores_conventions():
+    """The count refresh gives a codebook's re-searched rows (dkvb.selection._search_pairs) is
+    fvcore's count of those operations: a row slab of the projection, distances as a matrix
+    product, one comparison per distance."""
+    rows, in_dim, width, key_dim, size = 9, 12, 16, 4, 20
+    slab, keys = torch.randn(in_dim, width), torch.randn(size, key_dim)
+
+    class PairSearch(nn.Module):
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return torch.addmm(keys.pow(2).sum(-1), (w @ slab)[:, 4:8], keys.T, alpha=-2).argmin(1)
+
+    counted = flop_analysis(PairSearch(), (torch.randn(rows, in_dim),)).total()
+    assert counted == rows * (in_dim * width + key_dim * size) + rows * size
 
 
 def test_flops_scale_with_batch_and_backward_is_twice_forward(trained_linear):

@@ -311,8 +311,42 @@ def test_refit_from_the_kept_codes_equals_refit_from_a_fresh_search(clusters, tr
     b = unlearner.unlearn(without, ForgetRequest((1,), train, seed=3))
     assert torch.equal(a.model.bottleneck.values, b.model.bottleneck.values)
     assert a.flops < b.flops  # the kept codes save the search of every training embedding
-    # the next request starts from the codes the re-fit kept, valid under the new mask
-    assert torch.equal(a.model.code_cache.indices.long(), a.model.bottleneck.lookup(train.x))
+    # the next request starts from the codes the re-fit kept, valid under the new mask for the retained rows
+    bottleneck, kept = a.model.bottleneck, a.model.code_cache
+    assert torch.equal(kept.current, ForgetRequest((1,), train).retain_mask)
+    assert torch.equal(bottleneck.codes(kept.candidates)[kept.current], bottleneck.lookup(train.x)[kept.current])
+    again = unlearner.unlearn(with_cache, ForgetRequest((1,), train, seed=3))  # same seed, same result
+    assert torch.equal(again.model.bottleneck.values, a.model.bottleneck.values) and again.flops == a.flops
+    # a request that retains the forgotten class's rows again cannot use them: it searches afresh
+    back = unlearner.unlearn(a.model, ForgetRequest((2,), train, seed=3))
+    fresh = copy.deepcopy(a.model)
+    fresh.code_cache = None
+    searched = unlearner.unlearn(fresh, ForgetRequest((2,), train, seed=3))
+    assert torch.equal(back.model.bottleneck.values, searched.model.bottleneck.values) and back.flops == searched.flops
+
+
+@pytest.mark.parametrize("projection", ["random", "whitened"])
+def test_refit_flops_are_the_pair_searches_and_training_steps(clusters, projection):
+    """A re-fit counts what it computes: the re-searched (row, codebook) pairs' products
+    (KeptSelection.refresh, checked against its definition in test_bottleneck) and forward plus
+    backward of the pooling over every selected value of each training example (the mean
+    decoder has no weights): 3 * epochs * examples * C * topk * classes."""
+    from dkvb import ModelConfig, TrainConfig, build_model, fit
+    from dkvb.classifier import CODE_EXTRA
+
+    train, _ = clusters
+    config = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4, projection=projection, whiten_dim=8)
+    model = fit(build_model(config, train.dim, train.num_classes, seed=0), train, TrainConfig(epochs=2, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    cache = model.code_cache
+    request = ForgetRequest((1,), train)
+    masking = create_unlearner("dkvb-activations").unlearn(model, request).flops
+    report = create_unlearner("dkvb-activations", refit_epochs=2).unlearn(model, request)
+    b = report.model.bottleneck
+    _, searched = b.refresh(train.x if cache.whitened is None else cache.whitened, cache.candidates,
+                            b.topk + CODE_EXTRA, request.retain_mask.numpy())
+    training = 3 * 2 * report.details["refit_examples"] * b.num_codebooks * b.topk * b.value_dim
+    assert searched > 0 and report.flops == masking + searched + training
 
 
 @pytest.mark.parametrize("decoder", ["mean", "mlp"])

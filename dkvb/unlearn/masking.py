@@ -6,12 +6,13 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..data import EmbeddingSet, fingerprint
-from ..flops import FlopCounter, lookup_flops, note_images
-from ..models import DKVBClassifier
+from ..flops import FlopCounter, note_images, search_flops
+from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
 from ..train import TrainConfig, fit_values
 from ..validate import require, require_count
 from .base import ForgetRequest, Unlearner
@@ -27,9 +28,11 @@ class MaskingUnlearner(Unlearner):
             extra: the retain-set training embeddings whose keys the mask rerouted now select
             other keys, whose values were never fitted for them; those values (and only those)
             are re-fitted for this many epochs on the retain examples that select them
-            (:func:`refit_rerouted`). Keeps a long request sequence accurate, but costs a new
-            search of the training rows whose keys were masked plus the training steps: on
-            Fashion-MNIST and CIFAR-10 about as much as retraining the linear head (docs/quality.md).
+            (:func:`refit_rerouted`). Keeps a long request sequence accurate; costs a search of
+            the (row, codebook) pairs left without a kept key plus the training steps: on
+            Fashion-MNIST 2.3e9 FLOPs for one class, a ninth of retraining the linear head, up
+            to half of it late in a sequence (docs/benchmarks.md), once the model keeps its
+            training codes (``CodeCache``).
         refit_lr: Adam learning rate of that re-fitting.
     """
 
@@ -66,32 +69,41 @@ def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: Embeddi
 
     The training set's keys come from ``before.code_cache`` when it holds this very set (kept by
     :meth:`~dkvb.classifier.DKVBClassifier.compute_activation_counts` and by every re-fit), else
-    from one search; only the rows that lost a key are searched again, in the codebooks where
-    they lost it (:meth:`~dkvb.selection.KeptSelection.reroute`; counted as a full lookup of each such
-    row, an upper bound). ``after.code_cache`` gets the new keys. Returns (FLOPs, details).
+    from one search of it (its nearest ``topk + CODE_EXTRA`` keys, counted as a lookup of every
+    row). Only the retain rows' (row, codebook) pairs the mask leaves without a kept key are
+    searched again, each projected into its codebook alone from the kept whitened embeddings
+    (:meth:`~dkvb.selection.KeptSelection.refresh`: the same keys as a fresh search, bit for bit);
+    what that computes is counted exactly, as are the training steps. ``after.code_cache`` gets
+    the new keys (current for the retain rows: the forgotten classes' rows are never read again,
+    and a request that retains one of them again starts from a fresh search). Returns (FLOPs,
+    details).
     """
     b, counter = after.bottleneck, FlopCounter()
     digest, cache = fingerprint(train.x), getattr(before, "code_cache", None)
-    if cache is not None and cache.digest == digest:
-        old, old_mask = cache.indices.long(), cache.mask
-    else:
-        old, old_mask = before.bottleneck.lookup(train.x), before.key_mask
-        counter.add(lookup_flops(before, len(train)))
+    if cache is None or cache.digest != digest or not bool(cache.current[retain].all()):
+        cache = before.search_codes(train.x, CODE_EXTRA, digest=digest)
+        counter.add(search_flops(before.bottleneck, len(train)))
         note_images(len(train))
-    new = b.reroute(train.x, old, old_mask)
-    moved = (new != old).flatten(1).any(1)
-    counter.add(lookup_flops(before, int(moved.sum())))
-    after.keep_codes(train.x, new, b.key_mask, digest)
-    old_flat, new_flat = b.flat_indices(old)[retain], b.flat_indices(new)[retain]
-    rows = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
-    rows[new_flat[new_flat != old_flat]] = True
-    users = rows[new_flat].any(1)
-    if bool(users.any()):
-        picked = retain.nonzero().flatten()[users]
-        fit_values(after, train.subset(picked), TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
-                   indices=new[picked], rows=rows, flops=counter, count_lookup=False)
+    new, flops = b.refresh(train.x if cache.whitened is None else cache.whitened, cache.candidates,
+                           b.topk + CODE_EXTRA, retain.numpy())
+    counter.add(flops)
+    after.code_cache = CodeCache(digest, new, cache.whitened, retain.clone())
+    kept = retain.numpy()
+    old, now = (c.indices.numpy()[kept, :, :b.topk] for c in (cache.candidates, new))  # (R, C, topk) flat keys
+    moved = now != old
+    rows = np.zeros(b.num_codebooks * b.codebook_size, dtype=np.bool_)
+    rows[now[moved]] = True
+    users = rows[now].any(axis=(1, 2))
+    if users.any():
+        picked = np.flatnonzero(kept)[users]
+        # the training steps read labels and keys only: a zero-width set spares a copy of the embeddings
+        labels = EmbeddingSet(train.x.new_empty(len(picked), 0), train.y[picked], train.class_names)
+        offsets = (np.arange(b.num_codebooks) * b.codebook_size).astype(now.dtype).reshape(1, -1, 1)
+        fit_values(after, labels, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
+                   indices=torch.from_numpy(now[users] - offsets), rows=torch.from_numpy(rows), flops=counter,
+                   count_lookup=False)
     return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": int(users.sum()),
-                           "rerouted_examples": int((new_flat != old_flat).any(1).sum())}
+                           "rerouted_examples": int(moved.any(axis=(1, 2)).sum())}
 
 
 def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False) -> DKVBClassifier:
