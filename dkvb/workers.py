@@ -17,16 +17,21 @@ ENV = "DKVB_JOBS"
 _TASK: Callable[[Any], Any] | None = None  # set in the parent before forking; the workers inherit it
 
 
-def default_jobs(threads: int) -> int:
-    """``$DKVB_JOBS`` if set, else one job per thread this process may use, at most 4 (each job
-    holds its own masked copies and logits)."""
+def default_jobs() -> int:
+    """``$DKVB_JOBS`` if set, else one job per core this process may run on, at most 4 (each job
+    holds its own masked copies and logits). Unlike the thread count this ignores the load
+    average: single-threaded workers do not spin-wait on each other, so on a busy core two of
+    them cost what one does, while a load average that still remembers a finished job would
+    leave a free core idle."""
     env = os.environ.get(ENV)
     if env:
         n = int(env) if env.strip().isdigit() else 0
         if n < 1:
             raise ValueError(f"{ENV}: must be a positive integer, got {env!r}")
         return n
-    return max(1, min(threads, 4))
+    from .threads import available_cores
+
+    return max(1, min(available_cores(), 4))
 
 
 def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int, threads_per_job: int = 1) -> Iterator[Any]:

@@ -53,3 +53,16 @@ def test_set_threads_limits_the_blas_and_openmp_pools():
     with threadpool_limits():  # restored afterwards
         threads.set_threads(1)
         assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+
+
+def test_jobs_default_to_the_cores_and_follow_dkvb_jobs(monkeypatch):
+    from dkvb.threads import available_cores
+    from dkvb.workers import default_jobs
+
+    monkeypatch.delenv("DKVB_JOBS", raising=False)
+    assert default_jobs() == max(1, min(available_cores(), 4))
+    monkeypatch.setenv("DKVB_JOBS", "3")
+    assert default_jobs() == 3
+    monkeypatch.setenv("DKVB_JOBS", "0")
+    with pytest.raises(ValueError, match="DKVB_JOBS: must be a positive integer"):
+        default_jobs()
