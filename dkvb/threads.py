@@ -25,13 +25,21 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+def env_count(name: str) -> int | None:
+    """The positive integer in environment variable ``name``; ``None`` when it is unset or empty."""
+    env = os.environ.get(name)
+    if not env:
+        return None
+    n = int(env) if env.strip().isdigit() else 0
+    if n < 1:
+        raise ValueError(f"{name}: must be a positive integer, got {env!r}")
+    return n
+
+
 def default_threads() -> int:
     """``$DKVB_THREADS`` if set, else the available cores minus the current load, at least 1."""
-    env = os.environ.get(ENV)
-    if env:
-        n = int(env) if env.strip().isdigit() else 0
-        if n < 1:
-            raise ValueError(f"{ENV}: must be a positive integer, got {env!r}")
+    n = env_count(ENV)
+    if n is not None:
         return n
     cores = available_cores()
     try:

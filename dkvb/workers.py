@@ -9,7 +9,6 @@ within the cores. Results come back in the order of the items, whatever worker r
 from __future__ import annotations
 
 import multiprocessing
-import os
 from typing import Any, Callable, Iterable, Iterator
 
 ENV = "DKVB_JOBS"
@@ -23,15 +22,10 @@ def default_jobs() -> int:
     average: single-threaded workers do not spin-wait on each other, so on a busy core two of
     them cost what one does, while a load average that still remembers a finished job would
     leave a free core idle."""
-    env = os.environ.get(ENV)
-    if env:
-        n = int(env) if env.strip().isdigit() else 0
-        if n < 1:
-            raise ValueError(f"{ENV}: must be a positive integer, got {env!r}")
-        return n
-    from .threads import available_cores
+    from .threads import available_cores, env_count
 
-    return max(1, min(available_cores(), 4))
+    n = env_count(ENV)
+    return n if n is not None else max(1, min(available_cores(), 4))
 
 
 def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int, threads_per_job: int = 1) -> Iterator[Any]:
