@@ -35,8 +35,7 @@ class FrozenKeys(KeptSelection, nn.Module):
 
     def __init__(self, dim: int, num_codebooks: int, codebook_size: int, *, key_dim: int, topk: int,
                  projection: Projection, whiten_dim: int, search: SearchBackend, chunk_rows: int | None,
-                 seed: int, discriminant_weight: float = 4.0,
-                 discriminant_shrinkage: float | Literal["auto"] = "auto") -> None:
+                 seed: int, discriminant_weight: float, discriminant_shrinkage: float | Literal["auto"]) -> None:
         super().__init__()
         self.dim, self.num_codebooks, self.codebook_size = dim, num_codebooks, codebook_size
         self.key_dim, self.topk = key_dim, topk
@@ -252,6 +251,7 @@ def _discriminant(x: Tensor, y: Tensor, whiten_dim: int, *, weight: float,
     means = torch.stack([xd[y == c].mean(0) for c in classes])
     within = xd - means[torch.searchsorted(classes, y)]
     sw = within.T @ within / len(xd)
+    del within  # (N, dim) float64: free it before the projection below allocates another
     sw = (1 - shrinkage) * sw + shrinkage * float(sw.diagonal().mean()) * torch.eye(xd.shape[1], dtype=xd.dtype)
     evals, evecs = torch.linalg.eigh(sw)
     root = evecs @ torch.diag(evals.clamp_min(1e-12 * float(evals[-1])) ** -0.5) @ evecs.T  # sw^-1/2
