@@ -29,6 +29,7 @@ from .timing import PhaseTimer
 from .train import DivergenceError, fit
 from .verify import ProbeConfig, probe_relearning
 from .unlearn import UNLEARNERS, ForgetRequest, create_unlearner
+from .validate import require
 from .workers import default_jobs, fork_map
 
 log = logging.getLogger("dkvb")
@@ -195,11 +196,12 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     """Run (or resume) the whole comparison; returns all result records and writes the report
     (``force``: see :func:`train_models`). The forget requests run in ``jobs`` forked workers
     (default :func:`dkvb.workers.default_jobs`: one per core), each with its share of the torch
-    threads (at least one); the
-    records are the same, in the same order, whatever ``jobs`` is. The phase table then sums
+    threads (at least one); the records are the same, in the same order, whatever ``jobs`` is. The phase table then sums
     each phase over the workers (seconds of work), next to the run's wall time."""
     from .report import write_report
 
+    if jobs is not None:
+        require(jobs >= 1, "run_experiment", "jobs", ">= 1", jobs)
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

@@ -79,8 +79,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     cfg = config_of(args)
     _check_methods(cfg)
-    if args.jobs is not None and args.jobs < 1:
-        raise ValueError(f"--jobs: must be >= 1, got {args.jobs}")
     records = run_experiment(cfg, fresh=args.fresh, force=args.force, jobs=args.jobs)
     print(markdown_table(summarize(records)))
     print(f"\nWhere the time went:\n{(cfg.run_dir / 'phases.md').read_text()}")
