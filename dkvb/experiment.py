@@ -195,8 +195,8 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
                    force: bool = False, jobs: int | None = None) -> list[dict[str, Any]]:
     """Run (or resume) the whole comparison; returns all result records and writes the report
     (``force``: see :func:`train_models`). The forget requests run in ``jobs`` forked workers
-    (default :func:`dkvb.workers.default_jobs`: one per core), each with its share of the torch
-    threads (at least one); the records are the same, in the same order, whatever ``jobs`` is. The phase table then sums
+    (default :func:`dkvb.workers.default_jobs`: one per core, at most 4), each on one thread; the
+    records are the same, in the same order, whatever ``jobs`` is. The phase table then sums
     each phase over the workers (seconds of work), next to the run's wall time."""
     from .report import write_report
 
@@ -312,10 +312,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
 
     labels = [("original", kind) for kind in models] + [(label, method_model(m)) for label, m, _ in runs]
     pending = [c for c in requests if any((label, kind, c) not in done for label, kind in labels)]
-    threads = torch.get_num_threads()
     jobs = default_jobs() if jobs is None else jobs
     bar = tqdm(total=len(pending), desc=f"requests ({jobs} jobs)", disable=not progress)
-    for new, clock in fork_map(run_request, pending, jobs=jobs, threads_per_job=max(1, threads // jobs)):
+    for new, clock in fork_map(run_request, pending, jobs=jobs):
         records.extend(new)
         timer.merge(clock)
         bar.update()

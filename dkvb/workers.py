@@ -2,9 +2,11 @@
 
 A comparison's forget requests are independent given the trained models, so they can run side
 by side: the workers are forked, so they share the parent's embeddings, models and kept
-searches (copy-on-write) instead of loading or searching them again. Each worker runs with
-``threads_per_job`` threads (:func:`dkvb.threads.set_threads`), so ``jobs`` x threads stays
-within the cores. Results come back in the order of the items, whatever worker ran them.
+searches (copy-on-write) instead of loading or searching them again. Each worker runs on one
+thread: GNU OpenMP (torch's and faiss's thread pools) does not survive a fork, so a forked worker
+that starts a parallel region after its parent used one hangs (seen on a 16-core machine, where
+four workers of four threads each never returned). Results come back in the order of the items,
+whatever worker ran them.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ def default_jobs() -> int:
     return n if n is not None else max(1, min(available_cores(), 4))
 
 
-def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int, threads_per_job: int = 1) -> Iterator[Any]:
+def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int) -> Iterator[Any]:
     """``fn(item)`` for every item, in order: in this process when ``jobs`` is 1 (or fork is not
-    available, or CUDA is initialised, which a fork cannot share), else in ``jobs`` forked workers."""
+    available, or CUDA is initialised, which a fork cannot share), else in ``jobs`` forked
+    single-threaded workers."""
     global _TASK
     items = list(items)
     if jobs <= 1 or len(items) <= 1 or not _can_fork():
@@ -39,7 +42,7 @@ def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int, threa
     _TASK = fn
     try:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(jobs, len(items)), initializer=_init, initargs=(threads_per_job,)) as pool:
+        with ctx.Pool(min(jobs, len(items)), initializer=_init) as pool:
             yield from pool.imap(_call, items)
     finally:
         _TASK = None
@@ -51,10 +54,10 @@ def _can_fork() -> bool:
     return "fork" in multiprocessing.get_all_start_methods() and not torch.cuda.is_initialized()
 
 
-def _init(threads: int) -> None:
+def _init() -> None:
     from .threads import set_threads
 
-    set_threads(threads)
+    set_threads(1)  # not more: see the module docstring
 
 
 def _call(item: Any) -> Any:

@@ -3,6 +3,9 @@ errors exit with code 2 and a message that names the culprit."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -197,6 +200,18 @@ def test_trained_models_record_the_full_encoder_setting_and_refuse_another(run_d
     check_encoder(dict(setting), manifest, "same")  # the setting that made the cache passes
     with pytest.raises(ValueError, match="another encoder setting"):
         check_encoder({**setting, "image_size": setting["image_size"] + 32}, manifest, "other")
+
+
+def test_parallel_workers_of_a_multithreaded_parent_finish(tmp_path, run_dir):
+    """``dkvb run --jobs 2`` with 4 torch threads in the parent. Its workers used to get 2 threads
+    each and hung in their first parallel op (GNU OpenMP does not survive a fork; found on a
+    16-core machine); they now run on one thread each and the run finishes."""
+    dirs = ["--set", f"cache_dir={run_dir.parent.parent / 'cache'}", "--set", f"output_dir={tmp_path}"]
+    env = {**os.environ, "DKVB_THREADS": "4"}
+    done = subprocess.run([sys.executable, "-m", "dkvb", "run", str(CONFIG), *dirs, "--jobs", "2"], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(_records(tmp_path / "tiny_synthetic")) == len(_records(run_dir))
 
 
 def test_requests_in_parallel_workers_give_the_same_records(tmp_path, run_dir):
