@@ -12,6 +12,7 @@ whose candidates are all masked. The result equals a fresh search, bit for bit.
 """
 from __future__ import annotations
 
+import logging
 import math
 from typing import Literal
 
@@ -202,6 +203,27 @@ def _pca_projection(x: Tensor, num_codebooks: int, key_dim: int, seed: int) -> T
     return v[:, cols[: num_codebooks * key_dim]].reshape(-1, num_codebooks, key_dim).contiguous()
 
 
+def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh(m)`` (ascending), or scipy's MRRR driver (``evr``) where it fails.
+
+    The matrices here are symmetric and positive semi-definite but very degenerate: a covariance
+    of fewer rows than dimensions, a shrunk within-class scatter with hundreds of equal
+    eigenvalues, a between-class matrix of rank ``num_classes - 1``. On a 16-core AVX-512
+    machine (torch 2.11, MKL) ``eigh`` once refused such a matrix ("failed to converge ... too
+    many repeated eigenvalues") that it decomposed on its own elsewhere; a second algorithm
+    gives the same subspaces instead of an aborted run.
+    """
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError as e:
+        import scipy.linalg
+
+        logging.getLogger(__name__).warning("torch.linalg.eigh failed on a %s matrix (%s); using scipy's evr driver",
+                                            tuple(m.shape), e)
+        evals, evecs = scipy.linalg.eigh(m.cpu().numpy(), driver="evr")
+        return torch.from_numpy(evals).to(m), torch.from_numpy(evecs).to(m)
+
+
 def _whitening(x: Tensor, whiten_dim: int) -> Tensor:
     """(dim, whiten_dim): PCA-whitening of ``x`` (its top principal directions, each scaled to unit
     variance); columns beyond the rank of ``x`` stay zero.
@@ -212,7 +234,7 @@ def _whitening(x: Tensor, whiten_dim: int) -> Tensor:
     xc = x - x.mean(0)
     q = min(whiten_dim, *xc.shape)
     cov = (xc.T @ xc).double() / max(1, xc.shape[0] - 1)
-    evals, evecs = torch.linalg.eigh(cov)  # ascending
+    evals, evecs = _eigh(cov)  # ascending
     evals, evecs = evals[-q:].flip(0), evecs[:, -q:].flip(1)
     out = torch.zeros(x.shape[1], whiten_dim)
     out[:, :q] = (evecs / (evals.clamp_min(1e-12 * float(evals[0])) ** 0.5)).float()
@@ -253,10 +275,10 @@ def _discriminant(x: Tensor, y: Tensor, whiten_dim: int, *, weight: float,
     sw = within.T @ within / len(xd)
     del within  # (N, dim) float64: free it before the projection below allocates another
     sw = (1 - shrinkage) * sw + shrinkage * float(sw.diagonal().mean()) * torch.eye(xd.shape[1], dtype=xd.dtype)
-    evals, evecs = torch.linalg.eigh(sw)
+    evals, evecs = _eigh(sw)
     root = evecs @ torch.diag(evals.clamp_min(1e-12 * float(evals[-1])) ** -0.5) @ evecs.T  # sw^-1/2
     centred = means - mu
-    _, dirs = torch.linalg.eigh(root @ (centred.T @ centred) @ root)  # ascending
+    _, dirs = _eigh(root @ (centred.T @ centred) @ root)  # ascending
     lda = root @ dirs[:, -n:].flip(1)
     lda = lda * (weight / (xd - mu).matmul(lda).std(0).clamp_min(1e-12))
     return torch.cat([lda.float(), out[:, : whiten_dim - n]], 1)

@@ -127,6 +127,23 @@ def test_discriminant_projection_needs_the_labels():
         b.init_keys(x)
 
 
+def test_discriminant_projection_survives_an_eigh_failure(monkeypatch, caplog):
+    """Where ``torch.linalg.eigh`` refuses a degenerate matrix (seen once on a 16-core AVX-512
+    machine), scipy's MRRR driver gives the same projection, column signs aside."""
+    from dkvb.keys import _discriminant
+
+    x, y = _separable_in_a_weak_direction(300)
+    expected = _discriminant(x, y, 6, weight=4.0, shrinkage="auto")
+
+    def refuse(m):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    monkeypatch.setattr(torch.linalg, "eigh", refuse)
+    got = _discriminant(x, y, 6, weight=4.0, shrinkage="auto")
+    assert torch.allclose(got.abs(), expected.abs(), atol=1e-4)
+    assert "using scipy's evr driver" in caplog.text
+
+
 def test_activation_counts_sum_to_number_of_lookups():
     b = make(topk=2)
     x, y = torch.randn(90, 16), torch.arange(90) % 3
