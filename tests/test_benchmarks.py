@@ -33,6 +33,24 @@ def test_share_sweep_masks_fewer_keys_the_stricter_the_rule(tmp_path, tiny_confi
 
 
 @pytest.mark.slow
+def test_sequence_capacity_masks_more_keys_at_every_step(tmp_path, tiny_config):
+    out = tmp_path / "capacity.json"
+    proc = _run("sequence_capacity.py", str(tiny_config), "--setting",
+                '{"num_codebooks": 16, "whiten_dim": 32, "epochs": 2}', "--rules", '[{}, {"min_share": 0.9}]',
+                "--steps", "3", "--out", str(out), "--val-fraction", "0.25")
+    runs = json.loads(out.read_text())["runs"]
+    assert [r["rule"] for r in runs] == [{}, {"min_share": 0.9}] and "validation" in proc.stdout
+    for run in runs:
+        steps = [s for s in run["steps"] if "refused" not in s]
+        assert 1 <= len(run["steps"]) <= 3 and [s["step"] for s in run["steps"]] == list(range(1, len(run["steps"]) + 1))
+        masked = [s["keys_masked"] for s in steps]
+        assert masked == sorted(masked) and all(0 < m < 1 for m in masked)
+        assert all(s["min_free_keys"] >= 1 and 0 <= s["forget_val_worst"] <= 1 for s in steps)
+    # the stricter rule (a key must be 90% the forget class's) masks fewer keys
+    assert runs[1]["steps"][0]["keys_masked"] < runs[0]["steps"][0]["keys_masked"]
+
+
+@pytest.mark.slow
 def test_bench_lookup_agrees_across_backends(tmp_path):
     _run("bench_lookup.py", "--shapes", "64x256", "--embeddings", "256", "--repeats", "1", "--threads", "1",
          "--methods", "dkvb-torch", "dkvb-faiss", "torch-cdist", "matmul", "--out", str(tmp_path / "lookup.json"))

@@ -1,0 +1,89 @@
+"""How many single-class requests can masking alone serve before a codebook runs out of keys?
+
+Trains (or loads, ``--models``) one DKVB setting on the validation sweep's split of the training
+set (:mod:`dkvb_sweep`), then forgets classes one at a time in a seeded order with
+``dkvb-activations`` under each rule given, from the cached counts, until a mask is refused
+(every key of some codebook masked). Per step: the share of keys masked, the fewest free keys in
+any codebook, the worst forget-validation accuracy over the classes forgotten so far and the
+retain-validation accuracy. Validation split only; no test numbers.
+
+    python benchmarks/sequence_capacity.py experiments/cifar100_effnet_lite0.yaml \\
+        --setting '{"num_codebooks": 1024}' --rules '[{"min_share": 0.01}]' --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from dkvb_sweep import load_data, train_setting  # noqa: E402
+
+from dkvb.evaluate import accuracy  # noqa: E402
+from dkvb.io import atomic_write_json  # noqa: E402
+from dkvb.unlearn import ForgetRequest, create_unlearner  # noqa: E402
+
+BASE = {"epochs": 30, "lr": 0.01, "codebook_size": "auto", "topk": 1, "projection": "discriminant",
+        "discriminant_weight": 4, "whiten_dim": 256, "num_codebooks": 512}
+
+
+def sequence(model, fit_part, val, rule: dict[str, Any], order: list[int], seed: int) -> list[dict[str, Any]]:
+    """Forget ``order`` one class at a time under ``rule``; one row per step (the last may be a refusal)."""
+    b = model.bottleneck
+    cands = b.candidates(val.x)
+    unlearner, current, gone, rows = create_unlearner("dkvb-activations", **rule), model, [], []
+    for step, c in enumerate(order, 1):
+        try:
+            current = unlearner.unlearn(current, ForgetRequest((c,), fit_part, seed=seed)).model
+        except ValueError as e:  # the mask would empty a codebook
+            rows.append({"step": step, "class": val.class_names[c], "refused": str(e)})
+            break
+        gone.append(c)
+        logits = current.predict_from(val.x, cands)
+        forgotten = torch.isin(val.y, torch.tensor(gone))
+        free = (~current.key_mask.view(b.num_codebooks, b.codebook_size)).sum(1)
+        rows.append({"step": step, "class": val.class_names[c], "keys_masked": float(current.key_mask.float().mean()),
+                     "min_free_keys": int(free.min()),
+                     "forget_val_worst": max(accuracy(logits[val.y == g], val.y[val.y == g]) for g in gone),
+                     "retain_val": accuracy(logits[~forgotten], val.y[~forgotten])})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("config", help="experiment YAML whose embedding cache is used")
+    p.add_argument("--setting", default="{}", help=f"JSON over the base setting {json.dumps(BASE)}")
+    p.add_argument("--rules", default="[{}]", help="JSON list of dkvb-activations parameters")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--models", type=Path, help="folder of trained models shared with dkvb_sweep.py")
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/sequence_capacity.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    train, _ = load_data(args.config, None, args.seed)
+    fit_part, val = train.holdout(args.val_fraction, args.seed)
+    setting = {**BASE, **json.loads(args.setting)}
+    model, _, _ = train_setting(setting, fit_part, args.seed, args.models)
+    b = model.bottleneck
+    val_acc = accuracy(model.predict_from(val.x, b.candidates(val.x)), val.y)
+    print(f"{args.config}: {b.num_codebooks} x {b.codebook_size} keys, validation {100 * val_acc:.2f}%", flush=True)
+    order = torch.randperm(train.num_classes, generator=torch.Generator().manual_seed(args.seed)).tolist()[:args.steps]
+    results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+    for rule in json.loads(args.rules):
+        print(f"rule {json.dumps(rule)}", flush=True)
+        results["runs"].append({"config": args.config, "setting": setting, "val_acc": val_acc, "rule": rule,
+                                "steps": sequence(model, fit_part, val, rule, order, args.seed)})
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(args.out, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
