@@ -107,8 +107,8 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     _train_args(p)
     p.add_argument("--fresh", action="store_true", help="ignore results already in the run folder")
     p.add_argument("--jobs", type=int, default=None,
-                   help="forget requests run side by side in this many forked workers, the threads split between "
-                        "them (default: $DKVB_JOBS, else one per core, at most 4); the results do not depend on it")
+                   help="forget requests run side by side in this many forked workers, one thread each "
+                        "(default: $DKVB_JOBS, else one per core, at most 4); the results do not depend on it")
 
 
 command("embed", "encode the dataset's splits into the embedding cache")(cmd_embed)
