@@ -243,16 +243,18 @@ class DKVBClassifier(nn.Module):
     def search_codes(self, x: Tensor, extra: int = 0, *, digest: str | None = None) -> CodeCache:
         """A :class:`CodeCache` of embeddings ``x`` from one search under the current key mask
         (``extra`` candidates beyond ``topk``), not kept; ``digest``: ``fingerprint(x)`` if known."""
-        b = self.bottleneck
-        whitened = b.whiten_rows(x)
-        return CodeCache(digest or fingerprint(x), b.candidates(whitened, extra, whitened=True),
-                         whitened if b.whitening.numel() else None, torch.ones(len(x), dtype=torch.bool))
+        whitened = self.bottleneck.whiten_rows(x)
+        return self._code_cache(x, self.bottleneck.candidates(whitened, extra, whitened=True), whitened, digest)
 
     def keep_codes(self, x: Tensor, candidates: Candidates) -> None:
         """Keep ``candidates`` (``bottleneck.candidates(x)``) of embeddings ``x`` as :attr:`code_cache`."""
-        b = self.bottleneck
-        self.code_cache = CodeCache(fingerprint(x), candidates, b.whiten_rows(x) if b.whitening.numel() else None,
-                                    torch.ones(len(x), dtype=torch.bool))
+        self.code_cache = self._code_cache(x, candidates, self.bottleneck.whiten_rows(x))
+
+    def _code_cache(self, x: Tensor, candidates: Candidates, whitened: Tensor, digest: str | None = None) -> CodeCache:
+        """The :class:`CodeCache` of every row of ``x``; ``whitened`` (``whiten_rows(x)``) is kept
+        only where the bottleneck whitens (else it is ``x`` itself, read from the caller's set)."""
+        return CodeCache(digest or fingerprint(x), candidates, whitened if self.bottleneck.whitening.numel() else None,
+                         torch.ones(len(x), dtype=torch.bool))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
