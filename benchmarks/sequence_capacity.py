@@ -31,10 +31,10 @@ BASE = {"epochs": 30, "lr": 0.01, "codebook_size": "auto", "topk": 1, "projectio
         "discriminant_weight": 4, "whiten_dim": 256, "num_codebooks": 512}
 
 
-def sequence(model, fit_part, val, rule: dict[str, Any], order: list[int], seed: int) -> list[dict[str, Any]]:
-    """Forget ``order`` one class at a time under ``rule``; one row per step (the last may be a refusal)."""
+def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int], seed: int) -> list[dict[str, Any]]:
+    """Forget ``order`` one class at a time under ``rule``; one row per step (the last may be a
+    refusal). ``cands``: ``model.bottleneck.candidates(val.x)``, shared by every rule."""
     b = model.bottleneck
-    cands = b.candidates(val.x)
     unlearner, current, gone, rows = create_unlearner("dkvb-activations", **rule), model, [], []
     for step, c in enumerate(order, 1):
         try:
@@ -72,14 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     setting = {**BASE, **json.loads(args.setting)}
     model, _, _ = train_setting(setting, fit_part, args.seed, args.models)
     b = model.bottleneck
-    val_acc = accuracy(model.predict_from(val.x, b.candidates(val.x)), val.y)
+    cands = b.candidates(val.x)
+    val_acc = accuracy(model.predict_from(val.x, cands), val.y)
     print(f"{args.config}: {b.num_codebooks} x {b.codebook_size} keys, validation {100 * val_acc:.2f}%", flush=True)
     order = torch.randperm(train.num_classes, generator=torch.Generator().manual_seed(args.seed)).tolist()[:args.steps]
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     for rule in json.loads(args.rules):
         print(f"rule {json.dumps(rule)}", flush=True)
         results["runs"].append({"config": args.config, "setting": setting, "val_acc": val_acc, "rule": rule,
-                                "steps": sequence(model, fit_part, val, rule, order, args.seed)})
+                                "steps": sequence(model, fit_part, val, cands, rule, order, args.seed)})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, results)
     return 0
