@@ -96,6 +96,12 @@ class FrozenKeys(KeptSelection, nn.Module):
         elif self.projection_kind == "discriminant":
             self.whitening.copy_(_discriminant(x, y.cpu(), self.whiten_dim, weight=self.discriminant_weight,
                                                shrinkage=self.discriminant_shrinkage))
+        # faiss trains each codebook on at most K * max_points_per_centroid points (a sample of its
+        # own); sampling the rows first (seeded) spares projecting all of a large set onto every
+        # codebook at once (ImageNet: 1.28M x 512 x 8 floats, 21 GB)
+        cap = self.codebook_size * max_points_per_centroid
+        if x.shape[0] > cap:
+            x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(self.seed))[:cap]]
         z = self.project(x)
         keys = torch.empty_like(self.keys, device="cpu")
         for c in range(self.num_codebooks):
@@ -224,16 +230,40 @@ def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
         return torch.from_numpy(evals).to(m), torch.from_numpy(evecs).to(m)
 
 
-def _whitening(x: Tensor, whiten_dim: int) -> Tensor:
-    """(dim, whiten_dim): PCA-whitening of ``x`` (its top principal directions, each scaled to unit
-    variance); columns beyond the rank of ``x`` stay zero.
+MOMENT_ROWS = 16384  # rows per float64 chunk when the projections sum scatter matrices (168 MB at 1,280 dims)
 
-    Centering is left out: a constant shift of every projection moves the keys with it and
-    changes no nearest-key choice.
+
+def _mean(x: Tensor) -> Tensor:
+    """Float64 mean of the rows of ``x``, summed a chunk at a time."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64)
+    for a in range(0, x.shape[0], MOMENT_ROWS):
+        total += x[a:a + MOMENT_ROWS].double().sum(0)
+    return total / max(1, x.shape[0])
+
+
+def _scatter(x: Tensor, centre: Tensor, groups: Tensor | None = None) -> Tensor:
+    """Float64 ``sum_i (x_i - c_i)^T (x_i - c_i)``: ``c_i`` is ``centre`` (dim,), or with ``groups``
+    (N,) the row ``centre[groups[i]]`` of a (G, dim) table (the within-class scatter). A chunk at a
+    time, so ImageNet-size sets (1.28M x 1,280) need no full float64 copy."""
+    out = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+    for a in range(0, x.shape[0], MOMENT_ROWS):
+        part = x[a:a + MOMENT_ROWS].double()
+        part -= centre if groups is None else centre[groups[a:a + MOMENT_ROWS]]
+        out += part.T @ part
+    return out
+
+
+def _whitening(x: Tensor, whiten_dim: int, cov: Tensor | None = None) -> Tensor:
+    """(dim, whiten_dim): PCA-whitening of ``x`` (its top principal directions, each scaled to unit
+    variance); columns beyond the rank of ``x`` stay zero. ``cov``: the covariance of ``x``
+    (float64, :func:`_scatter` over ``N - 1``) when the caller has it.
+
+    Centering is left out of the result: a constant shift of every projection moves the keys with
+    it and changes no nearest-key choice.
     """
-    xc = x - x.mean(0)
-    q = min(whiten_dim, *xc.shape)
-    cov = (xc.T @ xc).double() / max(1, xc.shape[0] - 1)
+    q = min(whiten_dim, *x.shape)
+    if cov is None:
+        cov = _scatter(x, _mean(x)) / max(1, x.shape[0] - 1)
     evals, evecs = _eigh(cov)  # ascending
     evals, evecs = evals[-q:].flip(0), evecs[:, -q:].flip(1)
     out = torch.zeros(x.shape[1], whiten_dim)
@@ -262,25 +292,27 @@ def _discriminant(x: Tensor, y: Tensor, whiten_dim: int, *, weight: float,
     ``weight`` times more than a whitened one. PCA whitening alone drops the low-variance
     directions where much of the class information of CIFAR embeddings lies (docs/quality.md).
     """
-    xd = x.double()
     shrinkage = auto_shrinkage(*x.shape) if shrinkage == "auto" else shrinkage
-    classes = torch.unique(y)
+    classes, inverse = torch.unique(y, return_inverse=True)
     n = min(len(classes) - 1, whiten_dim // 2)
-    out = _whitening(x, whiten_dim)
+    mu = _mean(x)
+    cov = _scatter(x, mu) / max(1, x.shape[0] - 1)
+    out = _whitening(x, whiten_dim, cov)
     if n < 1:
         return out
-    mu = xd.mean(0)
-    means = torch.stack([xd[y == c].mean(0) for c in classes])
-    within = xd - means[torch.searchsorted(classes, y)]
-    sw = within.T @ within / len(xd)
-    del within  # (N, dim) float64: free it before the projection below allocates another
-    sw = (1 - shrinkage) * sw + shrinkage * float(sw.diagonal().mean()) * torch.eye(xd.shape[1], dtype=xd.dtype)
+    sums = torch.zeros(len(classes), x.shape[1], dtype=torch.float64)
+    for a in range(0, x.shape[0], MOMENT_ROWS):
+        sums.index_add_(0, inverse[a:a + MOMENT_ROWS], x[a:a + MOMENT_ROWS].double())
+    means = sums / torch.bincount(inverse, minlength=len(classes)).unsqueeze(1).double()
+    sw = _scatter(x, means, inverse) / len(x)
+    sw = (1 - shrinkage) * sw + shrinkage * float(sw.diagonal().mean()) * torch.eye(x.shape[1], dtype=torch.float64)
     evals, evecs = _eigh(sw)
     root = evecs @ torch.diag(evals.clamp_min(1e-12 * float(evals[-1])) ** -0.5) @ evecs.T  # sw^-1/2
     centred = means - mu
     _, dirs = _eigh(root @ (centred.T @ centred) @ root)  # ascending
     lda = root @ dirs[:, -n:].flip(1)
-    lda = lda * (weight / (xd - mu).matmul(lda).std(0).clamp_min(1e-12))
+    std = (lda * (cov @ lda)).sum(0).clamp_min(0).sqrt()  # of each direction's projection over x
+    lda = lda * (weight / std.clamp_min(1e-12))
     return torch.cat([lda.float(), out[:, : whiten_dim - n]], 1)
 
 

@@ -315,3 +315,28 @@ def test_pooling_equals_embedding_bags_mean_bit_for_bit(bag):
     flat = torch.randint(0, bag * 40, (300, bag), generator=g)
     b = DiscreteKeyValueBottleneck(16, bag, 40, value_dim=7)
     assert torch.equal(b.pool(flat, weight), F.embedding_bag(flat, weight, mode="mean"))
+
+
+def test_projection_moments_do_not_depend_on_the_chunk_size(monkeypatch):
+    """The whitening and discriminant projections sum their scatter matrices a chunk of rows at a
+    time (no full float64 copy of an ImageNet-size set); the chunking must not change them."""
+    import dkvb.keys as keys
+
+    x, y = _separable_in_a_weak_direction(300)
+    whole = keys._discriminant(x, y, 6, weight=4.0, shrinkage="auto")
+    monkeypatch.setattr(keys, "MOMENT_ROWS", 7)
+    assert torch.allclose(keys._discriminant(x, y, 6, weight=4.0, shrinkage="auto"), whole, atol=1e-5)
+    assert ((x - x.mean(0)) @ whole[:, :2]).std(0).allclose(torch.full((2,), 4.0), atol=1e-3)
+
+
+def test_kmeans_on_a_set_larger_than_faiss_samples_is_seeded():
+    """Past ``codebook_size * max_points_per_centroid`` rows the keys are fitted on a seeded sample
+    (projecting every row onto every codebook would not fit in memory at ImageNet size)."""
+    x = torch.randn(1500, 16)
+
+    def keys(seed):
+        b = DiscreteKeyValueBottleneck(16, 3, 4, key_dim=2, value_dim=3, projection="random", seed=seed)
+        b.init_keys(x, max_points_per_centroid=64)  # 4 keys x 64 points: a 256-row sample
+        return b.keys.clone()
+
+    assert torch.equal(keys(0), keys(0)) and not torch.equal(keys(0), keys(1))
