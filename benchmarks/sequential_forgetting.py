@@ -87,11 +87,11 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
         store = out / f"{cfg.name}-store-{i}"
         shutil.rmtree(store, ignore_errors=True)
         save_model(dkvb_model, store, class_names=list(train.class_names), encoder=cfg.encoder.name)
-        # "service" and "data" (examples draws forget embeddings, re-fitting reads the retain set;
-        # activations alone runs on the cached counts)
-        # are dropped before the result is written
+        # "store" is a folder of ``out``, where the results file is written too; "service" and
+        # "data" (examples draws forget embeddings, re-fitting reads the retain set; activations
+        # alone runs on the cached counts) are dropped before the result is written
         series.append({"method": method, "params": params, "label": method_label(method, params),
-                       "store": str(store), "rows": [dict(start_row)], "refused": None,
+                       "store": store.name, "rows": [dict(start_row)], "refused": None,
                        "service": ModelService(store),
                        "data": train if needs_data(create_unlearner(method, **params), dkvb_model) else None})
     base_rows = [row(models["linear"][0], [], 0.0, 0)]
