@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
 from dkvb.config import load_config
@@ -55,23 +56,34 @@ def load_data(config: str, train_limit: int | None, seed: int) -> tuple[Embeddin
     return train, test
 
 
-def probe(fit_part: EmbeddingSet, val: EmbeddingSet, train: EmbeddingSet, test: EmbeddingSet,
-          grid: Sequence[float]) -> dict[str, Any]:
-    """Logistic regression on standardised embeddings: C chosen on ``val``, refit on ``train``."""
+def probe_accuracy(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor], c: float) -> float:
+    """Accuracy on ``b`` (features, labels) of logistic regression (``C=c``) fitted on standardised ``a``."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    def run(a: EmbeddingSet, b: EmbeddingSet, c: float) -> float:
-        scaler = StandardScaler().fit(a.x.numpy())
-        clf = LogisticRegression(C=c, max_iter=300, tol=1e-3)
-        clf.fit(scaler.transform(a.x.numpy()), a.y.numpy())
-        return float((clf.predict(scaler.transform(b.x.numpy())) == b.y.numpy()).mean())
+    scaler = StandardScaler().fit(a[0].numpy())
+    clf = LogisticRegression(C=c, max_iter=300, tol=1e-3).fit(scaler.transform(a[0].numpy()), a[1].numpy())
+    return float((clf.predict(scaler.transform(b[0].numpy())) == b[1].numpy()).mean())
 
+
+def probe(fit_part: EmbeddingSet, val: EmbeddingSet, train: EmbeddingSet, test: EmbeddingSet,
+          grid: Sequence[float]) -> dict[str, Any]:
+    """Logistic regression on standardised embeddings: C chosen on ``val``, refit on ``train``."""
     start = time.perf_counter()
-    val_acc = {c: run(fit_part, val, c) for c in grid}
+    val_acc = {c: probe_accuracy((fit_part.x, fit_part.y), (val.x, val.y), c) for c in grid}
     best = max(val_acc, key=val_acc.get)
     return {"C": best, "val_acc": val_acc[best], "val_acc_by_C": {str(k): v for k, v in val_acc.items()},
-            "test_acc": run(train, test, best), "seconds": time.perf_counter() - start}
+            "test_acc": probe_accuracy((train.x, train.y), (test.x, test.y), best), "seconds": time.perf_counter() - start}
+
+
+def input_probe(model, fit_part: EmbeddingSet, val: EmbeddingSet, grid: Sequence[float]) -> float:
+    """Best validation accuracy over ``grid`` of the probe on what the codebooks read (the
+    bottleneck's whitened or discriminant input, ``bottleneck.whiten``): the linear ceiling of the
+    bottleneck's input, which separates what the projection loses from what quantising it loses."""
+    b = model.bottleneck
+    with torch.no_grad():
+        a, v = b.whiten(fit_part.x), b.whiten(val.x)
+    return max(probe_accuracy((a, fit_part.y), (v, val.y), c) for c in grid)
 
 
 def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, before, seed: int,
@@ -133,9 +145,11 @@ def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
 
 
 def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
-                     rules: list[dict[str, Any]], models: Path | None = None) -> dict[str, Any]:
+                     rules: list[dict[str, Any]], models: Path | None = None,
+                     input_grid: Sequence[float] = ()) -> dict[str, Any]:
     """Train (or load, see :func:`train_setting`) one DKVB setting on ``fit_part``; validation
-    accuracy and, per forget rule, one forget request per class."""
+    accuracy, per forget rule one forget request per class, and with ``input_grid`` (probe C
+    values) the :func:`input_probe` accuracy."""
     model, kmeans_s, train_s = train_setting(setting, fit_part, seed, models)
     b = model.bottleneck
     cands = b.candidates(val.x)
@@ -145,6 +159,8 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
         "train_seconds": train_s,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
     }
+    if input_grid:
+        out["input_probe_val_acc"] = input_probe(model, fit_part, val, input_grid)
     out["rules"] = [forget_each_class(model, fit_part, val, cands, before, seed, rule) for rule in rules]
     out.update({k: v for k, v in out["rules"][0].items() if k != "rule"})  # the first rule's numbers, flat
     return out
@@ -158,8 +174,8 @@ def summary(results: dict[str, Any]) -> str:
         lines += [f"### {name} ({entry['train']} train / {entry['val']} of them for validation, {entry['classes']} classes)",
                   "", f"Probe: C = {p.get('C')}, validation {100 * p.get('val_acc', float('nan')):.2f}%, "
                   f"test {100 * p.get('test_acc', float('nan')):.2f}% (refit on the whole training set).", "",
-                  "| setting | K | val acc | gap to probe | forget-val mean / max | retain drop mean / max | keys masked |"
-                  " train s | k-means s | state MiB |", "|" + "---|" * 10]
+                  "| setting | K | val acc | gap to probe | probe on its input | forget-val mean / max |"
+                  " retain drop mean / max | keys masked | train s | k-means s | state MiB |", "|" + "---|" * 11]
         for r in entry["runs"]:
             for q in r.get("rules", [r]):
                 rule = f" rule `{json.dumps(q['rule'])}`" if q.get("rule") else ""
@@ -167,6 +183,7 @@ def summary(results: dict[str, Any]) -> str:
                 lines.append(
                     f"| `{json.dumps(r['setting'])}`{rule}{refused} | {r.get('codebook_size', '')} | "
                     f"{100 * r['val_acc']:.2f} | {100 * (p.get('val_acc', float('nan')) - r['val_acc']):.2f} | "
+                    f"{format(100 * r['input_probe_val_acc'], '.2f') if 'input_probe_val_acc' in r else ''} | "
                     f"{100 * q['forget_val_mean']:.2f} / {100 * q['forget_val_max']:.2f} | "
                     f"{100 * q['retain_drop_mean']:.2f} / {100 * q['retain_drop_max']:.2f} | "
                     f"{100 * q['keys_masked_share_mean']:.1f}% | {r['train_seconds']:.1f} | {r['kmeans_seconds']:.1f} | "
@@ -186,6 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rules", default="[{}]", help="JSON list: dkvb-activations parameters of the forget requests")
     p.add_argument("--probe-grid", default="0.001,0.01,0.1,1", help="logistic-regression C values")
     p.add_argument("--no-probe", action="store_true")
+    p.add_argument("--input-probe", action="store_true",
+                   help="also fit the probe on each setting's bottleneck input (its linear ceiling)")
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -222,12 +241,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, rules = json.loads(args.base), json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
-        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models)
+        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models,
+                             [float(c) for c in args.probe_grid.split(",")] if args.input_probe else ())
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)
         gap = 100 * (entry.get("probe", {}).get("val_acc", float("nan")) - r["val_acc"])
-        print(f"{name} {json.dumps(setting)}: val {100 * r['val_acc']:.2f} (probe gap {gap:.2f}) "
+        ceiling = f" input probe {100 * r['input_probe_val_acc']:.2f}" if "input_probe_val_acc" in r else ""
+        print(f"{name} {json.dumps(setting)}: val {100 * r['val_acc']:.2f} (probe gap {gap:.2f}){ceiling} "
               f"train {r['train_seconds']:.1f}s kmeans {r['kmeans_seconds']:.1f}s", flush=True)
         for q in r["rules"]:
             print(f"    rule {json.dumps(q['rule'])}: forget {100 * q['forget_val_mean']:.2f}/"

@@ -100,12 +100,16 @@ def test_dkvb_sweep_chooses_on_a_validation_split_and_summarises(tmp_path, tiny_
     out = tmp_path / "sweep.json"
     _run("dkvb_sweep.py", str(tiny_config), "--out", str(out), "--probe-grid", "0.1,1",
          "--base", '{"num_codebooks": 8, "codebook_size": "auto", "key_dim": 4, "epochs": 2, "lr": 0.01}',
-         "--grid", '[{}, {"projection": "random"}]', "--rules", '[{}, {"rule": "paper", "num_keys": 2}]')
+         "--grid", '[{}, {"projection": "random"}]', "--rules", '[{}, {"rule": "paper", "num_keys": 2}]',
+         "--input-probe")
     entry = json.loads(out.read_text())["datasets"]["tiny"]
     assert 0 < entry["val"] < entry["train"] / 5  # about 10% of each class
     assert entry["probe"]["C"] in (0.1, 1.0) and 0 <= entry["probe"]["test_acc"] <= 1
     assert len(entry["runs"]) == 2 and all(len(r["rules"]) == 2 for r in entry["runs"])
     assert entry["runs"][0]["codebook_size"] == 16  # auto: 232 examples -> the floor of 16 keys
+    # a random projection's codebooks read the embeddings themselves: its input probe is the probe
+    assert entry["runs"][1]["input_probe_val_acc"] == entry["probe"]["val_acc"]
+    assert 0 < entry["runs"][0]["input_probe_val_acc"] <= 1
     summary = _run("dkvb_sweep.py", "--summary", str(out)).stdout
     assert "### tiny" in summary and summary.count("| `{") == 4
 
