@@ -124,3 +124,12 @@ def test_dkvb_sweep_reuses_saved_models_for_new_rules(tmp_path, tiny_config):
     assert len(list(models.iterdir())) == 1  # trained once, loaded the second time
     assert first["val_acc"] == second["val_acc"] and first["train_seconds"] == second["train_seconds"]
     assert second["rules"][0]["rule"] == {"min_share": 0.5}
+
+
+def test_bench_request_times_one_cached_count_request_per_class(tmp_path, tiny_config):
+    out = tmp_path / "latency.json"
+    proc = _run("bench_request.py", str(tiny_config), "--rounds", "2", "--out", str(out))
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["requests"] == 2 * row["classes"] and 0 < row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
+    assert row["flops"] and all(f > 0 for f in row["flops"])
+    assert "| tiny |" in proc.stdout

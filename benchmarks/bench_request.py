@@ -1,0 +1,75 @@
+"""Latency of one cached-count forget request (``dkvb-activations``, the default rule, masking only).
+
+Issue 11's target 5: such a request stays under 10 ms and reports its FLOPs. Loads the DKVB an
+experiment trained (``dkvb run``/``dkvb train``: its run folder; trained here if missing), then
+times one request per class (each from the trained model, as a single request), a few rounds
+over the classes, on ``--threads`` threads. Prints a table and writes JSON.
+
+    python benchmarks/bench_request.py experiments/cifar100_effnet_lite0.yaml
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from dkvb.config import load_config
+from dkvb.experiment import load_embeddings, train_models
+from dkvb.io import atomic_write_json
+from dkvb.request import make_request
+from dkvb.unlearn import create_unlearner
+
+
+def time_requests(model, rounds: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Seconds and FLOPs of one request per class, ``rounds`` times over the classes."""
+    unlearner = create_unlearner("dkvb-activations", **params)
+    seconds, flops = [], set()
+    for _ in range(rounds):
+        for c in range(model.num_classes):
+            request, _ = make_request(unlearner, model, [c], None, 0)
+            start = time.perf_counter()
+            report = unlearner.unlearn(model, request)
+            seconds.append(time.perf_counter() - start)
+            flops.add(report.flops)
+    ms = sorted(1000 * s for s in seconds)
+    return {"params": params, "requests": len(ms), "median_ms": statistics.median(ms),
+            "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1], "flops": sorted(flops)}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("configs", nargs="+", help="experiment YAMLs (their trained DKVB is loaded)")
+    p.add_argument("--rounds", type=int, default=3, help="passes over the classes")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=Path("results/benchmarks/request_latency.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = []
+    for path in args.configs:
+        cfg = load_config(path, [])
+        train, _ = load_embeddings(cfg, progress=False)
+        model, _ = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]
+        b = model.bottleneck
+        row = {"config": cfg.name, "codebooks": b.num_codebooks, "keys": b.codebook_size,
+               "classes": model.num_classes, "threads": args.threads, "load_avg_1min": os.getloadavg()[0],
+               **time_requests(model, args.rounds, {})}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print("\n| config | C x K, classes | median ms | p90 ms | max ms | FLOPs per request |\n|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['config']} | {r['codebooks']} x {r['keys']}, {r['classes']} | {r['median_ms']:.2f} | "
+              f"{r['p90_ms']:.2f} | {r['max_ms']:.2f} | {', '.join(f'{f:.3g}' for f in r['flops'])} |")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.out, {"runs": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
