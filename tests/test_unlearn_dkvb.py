@@ -423,3 +423,23 @@ def test_a_masking_only_request_shares_the_values_and_the_options_that_write_the
     assert torch.equal(trained_dkvb.bottleneck.values, before)  # the original never changed
     with pytest.raises(ValueError, match="cannot be shared"):
         masked_copy(trained_dkvb, masked.key_mask, erase_values=True, share_values=True)
+
+
+def test_the_share_rule_sums_the_count_table_once_per_table(clusters, trained_dkvb):
+    """The per-key total over all classes is summed with the counts and kept: cached-count requests
+    then cost (and count) only the forget classes' rows and the share test, and mask the same keys."""
+    import copy
+
+    train, _ = clusters
+    model = copy.deepcopy(trained_dkvb)
+    model.compute_activation_counts(train.x, train.y)
+    unlearner = create_unlearner("dkvb-activations")
+    kept = unlearner.unlearn(model, ForgetRequest((1,), train))
+    c, k = model.key_mask.shape
+    assert kept.flops == 4 * c * k  # forget-class sum, eligibility, top-N, share test
+    fresh = copy.deepcopy(model)
+    fresh.activation_counts = model.activation_counts.clone()  # another table: summed again, and counted
+    again = unlearner.unlearn(fresh, ForgetRequest((1,), train))
+    assert again.flops == kept.flops + model.activation_counts.numel()
+    assert torch.equal(again.model.key_mask, kept.model.key_mask)
+    assert torch.equal(model.activation_totals()[0], model.activation_counts.sum(0))

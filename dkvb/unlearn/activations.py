@@ -113,8 +113,13 @@ class UnlearnViaActivations(MaskingUnlearner):
         flops += (len(request.forget_classes) + 2) * c * k
         if self.rule == "share":
             share = default_share(model, len(request.forget_classes)) if self.min_share is None else self.min_share
-            eligible &= forget >= share * counts.sum(0)
-            flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
+            if cached:  # the per-key total over all classes is summed once per count table and kept
+                total, summed = model.activation_totals()
+                eligible &= forget >= share * total
+                flops += summed + c * k  # that sum when this request made it, and the share test
+            else:
+                eligible &= forget >= share * counts.sum(0)
+                flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
         out, refit_flops, refit = self._finish(model, new_mask, request)
         return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
