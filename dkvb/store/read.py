@@ -161,6 +161,8 @@ def load_model(
         model.load_state_dict(state)
     except RuntimeError as e:
         raise StoreError(f"{vdir / TENSORS}: tensors do not match config.json ({e})") from e
+    if getattr(model, "activation_counts", None) is not None and model.activation_counts.numel():
+        model.activation_totals()  # summed with the counts on loading, so a request does not pay for it
     if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
         raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
                          "it was edited (class names, extra, ...)")
