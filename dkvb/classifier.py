@@ -140,6 +140,7 @@ class DKVBClassifier(nn.Module):
                         else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
         self.register_buffer("activation_counts", torch.zeros(0, dtype=torch.long))
         self.code_cache: CodeCache | None = None
+        self._totals: tuple[Tensor, Tensor] | None = None  # (count table, its sum over classes): activation_totals
 
     @property
     def config(self) -> dict:
@@ -241,17 +242,17 @@ class DKVBClassifier(nn.Module):
         return self.activation_counts
 
     def activation_totals(self) -> tuple[Tensor, int]:
-        """(C, K): each key's activations over all classes, ``activation_counts.sum(0)``, summed once
-        per count table and kept, and the additions this call made (0 once kept). The share rule
+        """(totals, additions): each key's activations over all classes, ``activation_counts.sum(0)``
+        (C, K), summed once per count table and kept, and the additions this call made (0 once
+        kept). The share rule
         compares every request with it: summing CIFAR-100's (100, 512, 256) table took 11 ms of a
         request. The sum is kept with the count table it was made from (copies of the model, which
         share or copy that table, keep it too) and made again for any other table."""
         counts = self.activation_counts
-        kept = self.__dict__.get("_totals")
-        if kept is not None and kept[0] is counts:
-            return kept[1], 0
-        self.__dict__["_totals"] = (counts, counts.sum(0))
-        return self.__dict__["_totals"][1], counts.numel()
+        if self._totals is not None and self._totals[0] is counts:
+            return self._totals[1], 0
+        self._totals = (counts, counts.sum(0))
+        return self._totals[1], counts.numel()
 
     @torch.no_grad()
     def search_codes(self, x: Tensor, extra: int = 0, *, digest: str | None = None) -> CodeCache:

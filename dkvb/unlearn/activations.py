@@ -113,13 +113,16 @@ class UnlearnViaActivations(MaskingUnlearner):
         flops += (len(request.forget_classes) + 2) * c * k
         if self.rule == "share":
             share = default_share(model, len(request.forget_classes)) if self.min_share is None else self.min_share
-            if cached:  # the per-key total over all classes is summed once per count table and kept
+            # The per-key total over all classes, kept with the model's count table (summed where the
+            # table is made or loaded). Counted where this request summed it: always for a table it
+            # made itself, for a cached table only if nothing had summed it yet.
+            if counts is model.activation_counts:
                 total, summed = model.activation_totals()
-                eligible &= forget >= share * total
-                flops += summed + c * k  # that sum when this request made it, and the share test
+                summed = summed if cached else counts.numel()
             else:
-                eligible &= forget >= share * counts.sum(0)
-                flops += (counts.shape[0] + 1) * c * k  # the total over all classes, and the share test
+                total, summed = counts.sum(0), counts.numel()
+            eligible &= forget >= share * total
+            flops += summed + c * k  # that sum, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
         out, refit_flops, refit = self._finish(model, new_mask, request)
         return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
@@ -137,6 +140,6 @@ def _top(score: torch.Tensor, eligible: torch.Tensor, n: int, scope: str) -> tor
 
 def _unmasked_counts(model: DKVBClassifier, data: EmbeddingSet) -> torch.Tensor:
     """Per-class counts over ``data`` with no key masked, without touching the model's cache."""
-    probe = masked_copy(model, torch.zeros_like(model.key_mask))
+    probe = masked_copy(model, torch.zeros_like(model.key_mask), share_values=True)  # only counted, never trained
     probe.bottleneck.key_mask.zero_()
     return probe.bottleneck.activation_counts(data.x, data.y, model.num_classes)

@@ -125,7 +125,7 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
     check_selectable(mask, b.topk)
-    totals = model.__dict__.get("_totals")  # activation_totals' sum of the shared counts
+    totals = model._totals  # activation_totals' sum of the shared counts
     shared = (b.keys, b.projection, b.whitening, model.activation_counts, getattr(model, "code_cache", None),
               None if totals is None else totals[1])
     memo = {id(t): t for t in shared + ((b.values,) if share_values else ())}
