@@ -38,7 +38,9 @@ def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int]
     unlearner, current, gone, rows = create_unlearner("dkvb-activations", **rule), model, [], []
     for step, c in enumerate(order, 1):
         try:
-            current = unlearner.unlearn(current, ForgetRequest((c,), fit_part, seed=seed)).model
+            # the classes forgotten before are no retain data: a re-fitting rule must not train them back
+            request = ForgetRequest((c,), fit_part, seed=seed, forgotten=tuple(gone))
+            current = unlearner.unlearn(current, request).model
         except ValueError as e:  # the mask would empty a codebook
             rows.append({"step": step, "class": val.class_names[c], "refused": str(e)})
             break
