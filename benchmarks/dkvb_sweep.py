@@ -234,15 +234,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     results = json.loads(out_path.read_text()) if out_path.is_file() else {"datasets": {}}
     entry = results["datasets"].setdefault(name, {"train": len(train), "val": len(val), "test": len(test),
                                                   "dim": train.dim, "classes": train.num_classes, "runs": []})
+    grid = [float(c) for c in args.probe_grid.split(",")]
     if not args.no_probe and "probe" not in entry:
-        entry["probe"] = probe(fit_part, val, train, test, [float(c) for c in args.probe_grid.split(",")])
+        entry["probe"] = probe(fit_part, val, train, test, grid)
         print(f"{name}: probe {json.dumps(entry['probe'])}", flush=True)
         atomic_write_json(out_path, results)
     base, rules = json.loads(args.base), json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
-        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models,
-                             [float(c) for c in args.probe_grid.split(",")] if args.input_probe else ())
+        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models, grid if args.input_probe else ())
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)
