@@ -5,15 +5,21 @@ set (:mod:`dkvb_sweep`), then forgets classes one at a time in a seeded order wi
 ``dkvb-activations`` under each rule given, from the cached counts, until a mask is refused
 (every key of some codebook masked). Per step: the share of keys masked, the fewest free keys in
 any codebook, the worst forget-validation accuracy over the classes forgotten so far and the
-retain-validation accuracy. Validation split only; no test numbers.
+retain-validation accuracy. Validation split only; no test numbers. ``--retrain`` also retrains
+the linear head on what remains at every step (the config's ``linear_train`` recipe), the
+reference a series must stay within 3 points of; a rule with ``release_keys`` masks nothing, so
+its series never runs out of keys.
 
     python benchmarks/sequence_capacity.py experiments/cifar100_effnet_lite0.yaml \\
         --setting '{"num_codebooks": 1024}' --rules '[{"min_share": 0.01}]' --steps 50
+    python benchmarks/sequence_capacity.py experiments/cifar100_effnet_lite0.yaml \\
+        --rules '[{"refit_epochs": 2, "release_keys": true}]' --retrain
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dkvb_sweep import load_data, train_setting  # noqa: E402
 
+from dkvb import ModelConfig, TrainConfig, build_model, fit  # noqa: E402
+from dkvb.config import load_config  # noqa: E402
 from dkvb.evaluate import accuracy  # noqa: E402
 from dkvb.io import atomic_write_json  # noqa: E402
 from dkvb.unlearn import ForgetRequest, create_unlearner  # noqa: E402
@@ -31,9 +39,11 @@ BASE = {"epochs": 30, "lr": 0.01, "codebook_size": "auto", "topk": 1, "projectio
         "discriminant_weight": 4, "whiten_dim": 256, "num_codebooks": 512}
 
 
-def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int], seed: int) -> list[dict[str, Any]]:
+def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int], seed: int,
+             linear: TrainConfig | None = None) -> list[dict[str, Any]]:
     """Forget ``order`` one class at a time under ``rule``; one row per step (the last may be a
-    refusal). ``cands``: ``model.bottleneck.candidates(val.x)``, shared by every rule."""
+    refusal). ``cands``: ``model.bottleneck.candidates(val.x)``, shared by every rule; ``linear``:
+    also retrain a linear head on the retained classes at every step with this recipe."""
     b = model.bottleneck
     unlearner, current, gone, rows = create_unlearner("dkvb-activations", **rule), model, [], []
     for step, c in enumerate(order, 1):
@@ -52,6 +62,11 @@ def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int]
                      "min_free_keys": int(free.min()),
                      "forget_val_worst": max(accuracy(logits[val.y == g], val.y[val.y == g]) for g in gone),
                      "retain_val": accuracy(logits[~forgotten], val.y[~forgotten])})
+        if linear is not None:
+            head = fit(build_model(ModelConfig(kind="linear"), fit_part.dim, fit_part.num_classes, seed=seed),
+                       fit_part.subset(request.retain_mask), replace(linear, seed=seed + step))
+            with torch.no_grad():
+                rows[-1]["retain_val_retrain"] = accuracy(head(val.x[~forgotten]), val.y[~forgotten])
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -65,6 +80,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--val-fraction", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--retrain", action="store_true", help="retrain the linear head at every step (reference)")
     p.add_argument("--models", type=Path, help="folder of trained models shared with dkvb_sweep.py")
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/sequence_capacity.json"))
     args = p.parse_args(argv)
@@ -78,11 +94,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     val_acc = accuracy(model.predict_from(val.x, cands), val.y)
     print(f"{args.config}: {b.num_codebooks} x {b.codebook_size} keys, validation {100 * val_acc:.2f}%", flush=True)
     order = torch.randperm(train.num_classes, generator=torch.Generator().manual_seed(args.seed)).tolist()[:args.steps]
+    linear = load_config(args.config, []).linear_train if args.retrain else None
     results = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
     for rule in json.loads(args.rules):
         print(f"rule {json.dumps(rule)}", flush=True)
         results["runs"].append({"config": args.config, "setting": setting, "val_acc": val_acc, "rule": rule,
-                                "steps": sequence(model, fit_part, val, cands, rule, order, args.seed)})
+                                "steps": sequence(model, fit_part, val, cands, rule, order, args.seed, linear)})
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(args.out, results)
     return 0

@@ -38,7 +38,8 @@ class ReplayResult:
             ``loaded, N re-applied`` for a retrained model with the forget requests in effect
             re-applied, ``(logged deltas)`` added where those read embeddings not given,
             ``recomputed``, ``logged delta`` when the embeddings a request read were not given,
-            ``unchanged`` for no-ops and prunes, ``restored``).
+            ``unchanged`` for no-ops and prunes, ``keys released (mask unchanged)`` for a request
+            with ``release_keys`` (it re-fitted values and masked nothing), ``restored``).
     """
 
     mask: Tensor
@@ -96,6 +97,8 @@ def _replay_forget(
 ) -> tuple[Tensor, str]:
     """The mask after a logged forget request: recomputed when possible, else the logged delta."""
     logged = create_unlearner(rec["method"], **rec["params"])
+    if getattr(logged, "release_keys", False):  # nothing masked: the request re-fitted values only
+        return mask, "keys released (mask unchanged)"
     # the mask does not depend on re-fitted values: replay recomputes the mask only
     unlearner = replace(logged, refit_epochs=0) if getattr(logged, "refit_epochs", 0) else logged
     model.bottleneck.key_mask = mask.clone()

@@ -51,6 +51,18 @@ def test_sequence_capacity_masks_more_keys_at_every_step(tmp_path, tiny_config):
 
 
 @pytest.mark.slow
+def test_sequence_capacity_release_keys_masks_nothing_and_retrain_gives_the_reference(tmp_path, tiny_config):
+    out = tmp_path / "capacity.json"
+    _run("sequence_capacity.py", str(tiny_config), "--setting", '{"num_codebooks": 16, "whiten_dim": 32, "epochs": 2}',
+         "--rules", '[{"refit_epochs": 1, "release_keys": true}]', "--steps", "3", "--out", str(out),
+         "--val-fraction", "0.25", "--retrain")
+    steps = json.loads(out.read_text())["runs"][0]["steps"]
+    assert [s["step"] for s in steps] == [1, 2, 3]  # never refused: nothing stays masked
+    assert all(s["keys_masked"] == 0 and 0 <= s["forget_val_worst"] <= 1 for s in steps)
+    assert all(0 < s["retain_val_retrain"] <= 1 for s in steps)
+
+
+@pytest.mark.slow
 def test_bench_lookup_agrees_across_backends(tmp_path):
     _run("bench_lookup.py", "--shapes", "64x256", "--embeddings", "256", "--repeats", "1", "--threads", "1",
          "--methods", "dkvb-torch", "dkvb-faiss", "torch-cdist", "matmul", "--out", str(tmp_path / "lookup.json"))

@@ -470,3 +470,20 @@ def test_refit_requests_through_the_service_store_values_keep_codes_and_replay(s
     assert full.matches_head and full.recomputed == 2
     fresh = ModelService(store).forget("class3", params={"refit_epochs": 1}, data=train, metrics=False)
     assert fresh["flops"] > second["flops"]  # a new process has no kept codes
+
+
+def test_released_keys_requests_log_no_mask_change_store_values_and_replay(store, clusters):
+    train, test = clusters
+    svc = ModelService(store)
+    before, _ = load_model(store)
+    params = {"refit_epochs": 1, "release_keys": True}
+    for c in ("class1", "class2"):
+        rec = svc.forget(c, params=params, data=train, metrics=False)
+        assert rec["keys_masked"] == 0 and rec["mask_delta"] == [] and rec["flops"] > 0
+    model, _ = load_model(store)
+    assert not model.key_mask.any()
+    assert not torch.equal(model.bottleneck.values, before.bottleneck.values)  # the re-fitted values are stored
+    m = evaluate(model, train, test, [1, 2])
+    assert m["forget_test_acc"] <= 0.01 and m["retain_test_acc"] >= 0.95
+    full = svc.replay(train)
+    assert full.matches_head and [s["how"] for s in full.steps][-2:] == ["keys released (mask unchanged)"] * 2

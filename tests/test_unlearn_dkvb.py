@@ -286,6 +286,78 @@ def test_refit_parameters_are_checked():
         create_unlearner("dkvb-activations", refit_epochs=-1)
     with pytest.raises(ValueError, match="refit_lr"):
         create_unlearner("dkvb-examples", refit_lr=0)
+    with pytest.raises(ValueError, match="refit_epochs must be >= 1 with release_keys"):
+        create_unlearner("dkvb-activations", release_keys=True)
+    with pytest.raises(ValueError, match="erase_values must be False with release_keys"):
+        create_unlearner("dkvb-examples", release_keys=True, refit_epochs=1, erase_values=True)
+
+
+@pytest.mark.parametrize("method, params", [("dkvb-activations", {}), ("dkvb-examples", {"num_examples": None})])
+def test_released_keys_are_refitted_from_zero_without_the_forget_class_and_stay_unmasked(clusters, trained_dkvb,
+                                                                                         method, params):
+    train, test = clusters
+    request = ForgetRequest((1,), train)
+    trained_dkvb.compute_activation_counts(train.x, train.y)
+    picked = create_unlearner(method, **params).unlearn(trained_dkvb, request).model.key_mask
+    report = create_unlearner(method, refit_epochs=2, release_keys=True, **params).unlearn(trained_dkvb, request)
+    out = report.model
+    assert torch.equal(out.key_mask, trained_dkvb.key_mask)  # nothing stays masked
+    assert report.details["keys_released"] == int(picked.sum()) > 0
+    before, after = trained_dkvb.bottleneck.values, out.bottleneck.values
+    changed = (after != before).any(-1)
+    assert bool(changed[picked].all()) and not changed[~picked].any()  # only the released keys' values
+    assert after.data_ptr() != before.data_ptr()  # the input model is untouched
+    # fitted from zero on the retain rows only: a released key no retain row selects stays at zero
+    codes = trained_dkvb.bottleneck.lookup(train.x[train.y != 1])
+    used = torch.zeros_like(picked).view(-1)
+    used[trained_dkvb.bottleneck.flat_indices(codes).flatten()] = True
+    idle = picked & ~used.view_as(picked)
+    assert after[idle].abs().sum() == 0
+    m = evaluate(out, train, test, [1])
+    assert m["forget_test_acc"] <= 0.01 and m["retain_test_acc"] >= 0.95
+    assert report.flops > 0 and report.details["refit_examples"] > 0
+
+
+def test_released_keys_after_a_masking_request_fit_the_keys_a_fresh_search_gives(clusters, trained_dkvb):
+    train, _ = clusters
+    trained_dkvb.compute_activation_counts(train.x, train.y)  # keeps the training codes
+    masked = create_unlearner("dkvb-activations").unlearn(trained_dkvb, ForgetRequest((1,), train)).model
+    assert masked.code_cache is not None and not torch.equal(masked.code_cache.candidates.mask, masked.key_mask)
+    release = create_unlearner("dkvb-activations", refit_epochs=1, release_keys=True)
+    request = ForgetRequest((2,), train, forgotten=(1,))
+    kept = release.unlearn(masked, request)
+    masked.code_cache = None
+    fresh = release.unlearn(masked, request)
+    assert torch.equal(kept.model.bottleneck.values, fresh.model.bottleneck.values)
+    assert 0 < kept.flops < fresh.flops  # the kept codes spare most of the search
+
+
+def test_released_keys_serve_a_sequence_masking_cannot():
+    from conftest import SMALL_DKVB, make_clusters
+
+    from dkvb import TrainConfig, build_model, fit
+
+    train = make_clusters(3000, num_classes=8, spread=0.8, seed=0)
+    test = make_clusters(1000, num_classes=8, spread=0.8, seed=1)
+    model = fit(build_model(SMALL_DKVB, train.dim, train.num_classes, seed=0), train, TrainConfig(epochs=10, lr=1e-2))
+    model.compute_activation_counts(train.x, train.y)
+    # the uniform share: masking alone runs out of keys at the 5th request (refused)
+    masking = create_unlearner("dkvb-activations", min_share=1 / 8)
+    release = create_unlearner("dkvb-activations", min_share=1 / 8, refit_epochs=3, release_keys=True)
+    plain, released, refused = model, model, None
+    for k in range(1, 7):
+        request = ForgetRequest((k,), train, forgotten=tuple(range(1, k)))
+        if refused is None:
+            try:
+                plain = masking.unlearn(plain, request).model
+            except ValueError:
+                refused = k
+        released = release.unlearn(released, request).model
+        m = evaluate(released, train, test, list(range(1, k + 1)))
+        # 0.93 before any request; masking alone fell to 0.58 by the 4th (when written)
+        assert m["forget_test_acc"] <= 0.01 and m["retain_test_acc"] >= 0.85, (k, m)
+    assert refused is not None and refused <= 6
+    assert not released.key_mask.any()
 
 
 def test_the_retain_set_leaves_out_classes_earlier_requests_forgot(clusters):

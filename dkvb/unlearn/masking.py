@@ -1,5 +1,6 @@
 """Shared by both DKVB unlearners: copy a model with more keys masked, describe a mask, and the
-options every masking method has (erasing the masked values, re-fitting rerouted values)."""
+options every masking method has (erasing the masked values, re-fitting rerouted values, or
+releasing the keys: re-fitting their values from zero and serving them again)."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,7 @@ from torch import Tensor
 from ..data import EmbeddingSet, fingerprint
 from ..flops import FlopCounter, note_images, search_flops
 from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
+from ..selection import Candidates
 from ..train import TrainConfig, fit_values
 from ..validate import require, require_count
 from .base import ForgetRequest, Unlearner
@@ -34,20 +36,40 @@ class MaskingUnlearner(Unlearner):
             to half of it late in a sequence (docs/benchmarks.md), once the model keeps its
             training codes (``CodeCache``).
         refit_lr: Adam learning rate of that re-fitting.
+        release_keys: with ``refit_epochs``, a second named, counted extra instead of the one
+            above: the keys the rule picks are not kept masked; their values are erased, fitted
+            again from zero for ``refit_epochs`` epochs on the retain examples that select them
+            (:func:`refit_released`), and the keys serve again. The forget classes' embeddings
+            then select values fitted without them, on which cross-entropy pushed their scores
+            down; the mask does not grow, so a request sequence never runs out of keys (masking
+            alone empties a CIFAR-100 codebook at the 7th request). The log and replay record no
+            mask change for such a request (its values change; the store keeps them).
     """
 
     erase_values: bool = False
     refit_epochs: int = 0
     refit_lr: float = 0.01
+    release_keys: bool = False
 
     model_kind = "dkvb"
 
     def __post_init__(self) -> None:
         require_count(self.name, "refit_epochs", self.refit_epochs, low=0)
         require(self.refit_lr > 0, self.name, "refit_lr", "> 0", self.refit_lr)
+        if self.release_keys:
+            require(self.refit_epochs >= 1, self.name, "refit_epochs",
+                    ">= 1 with release_keys (released keys are re-fitted)", self.refit_epochs)
+            require(not self.erase_values, self.name, "erase_values",
+                    "False with release_keys (released keys are erased anyway)", self.erase_values)
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         """The masked copy of ``model`` with the options applied: (copy, FLOPs, details)."""
+        if self.release_keys:
+            out = masked_copy(model, torch.zeros_like(model.key_mask))  # own values, the same mask
+            flops, details = refit_released(model, out, new_mask & ~model.key_mask, request.train,
+                                            request.retain_mask, epochs=self.refit_epochs, lr=self.refit_lr,
+                                            seed=request.seed)
+            return out, flops, details
         out = masked_copy(model, new_mask, erase_values=self.erase_values,
                           share_values=not (self.erase_values or self.refit_epochs))
         if not self.refit_epochs:
@@ -80,31 +102,79 @@ def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: Embeddi
     details).
     """
     b, counter = after.bottleneck, FlopCounter()
-    digest, cache = fingerprint(train.x), getattr(before, "code_cache", None)
-    if cache is None or cache.digest != digest or not bool(cache.current[retain].all()):
-        cache = before.search_codes(train.x, CODE_EXTRA, digest=digest)
-        counter.add(search_flops(before.bottleneck, len(train)))
-        note_images(len(train))
-    new, flops = b.refresh(train.x if cache.whitened is None else cache.whitened, cache.candidates,
-                           b.topk + CODE_EXTRA, retain.numpy())
-    counter.add(flops)
-    after.code_cache = CodeCache(digest, new, cache.whitened, retain.clone())
+    cache, new = _current_codes(before, after, train, retain, counter)
     kept = retain.numpy()
     old, now = (c.indices.numpy()[kept, :, :b.topk] for c in (cache.candidates, new))  # (R, C, topk) flat keys
     moved = now != old
     rows = np.zeros(b.num_codebooks * b.codebook_size, dtype=np.bool_)
     rows[now[moved]] = True
-    users = rows[now].any(axis=(1, 2))
+    users = _fit_rows(after, train, kept, now, rows, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                                                              seed=seed), counter)
+    return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": users,
+                           "rerouted_examples": int(moved.any(axis=(1, 2)).sum())}
+
+
+def refit_released(before: DKVBClassifier, after: DKVBClassifier, keys: Tensor, train: EmbeddingSet, retain: Tensor,
+                   *, epochs: int, lr: float, seed: int = 0, batch_size: int = 256) -> tuple[int, dict[str, Any]]:
+    """Erase, in ``after``, the values of ``keys`` ((C, K) bool) and fit them again from zero on the
+    retain embeddings (``retain``: bool per row of ``train``) that select them; the keys stay
+    unmasked.
+
+    ``after`` is a copy of ``before`` with the same mask and its own values. Nothing is masked,
+    so every embedding keeps its keys: the training set's keys come from ``before.code_cache``
+    (or one counted search, as in :func:`refit_rerouted`), and only pairs whose kept keys an
+    earlier masking-only request masked are searched again. The fitted
+    values never see the forget classes' embeddings, and cross-entropy over all classes lowers
+    those classes' scores on them. No other value and no decoder weight changes. Returns (FLOPs,
+    details).
+    """
+    b, counter = after.bottleneck, FlopCounter()
+    _, codes = _current_codes(before, after, train, retain, counter)
+    rows = keys.flatten().cpu().numpy()
+    with torch.no_grad():
+        b.values.view(-1, b.value_dim)[torch.from_numpy(rows)] = 0.0
+    kept = retain.numpy()
+    now = codes.indices.numpy()[kept, :, :b.topk]
+    users = _fit_rows(after, train, kept, now, rows, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
+                                                              seed=seed), counter)
+    return counter.total, {"keys_released": int(rows.sum()), "refit_examples": users}
+
+
+def _current_codes(before: DKVBClassifier, after: DKVBClassifier, train: EmbeddingSet, retain: Tensor,
+                   counter: FlopCounter) -> tuple[CodeCache, Candidates]:
+    """The training set's kept keys as ``before`` kept them, and brought up to ``after``'s mask for
+    the retain rows (kept in ``after.code_cache``).
+
+    They come from ``before.code_cache`` when it holds ``train`` with every retain row current,
+    else from one search of it (counted); only the (row, codebook) pairs left without an
+    unmasked kept key are searched again (counted)."""
+    digest, cache = fingerprint(train.x), getattr(before, "code_cache", None)
+    if cache is None or cache.digest != digest or not bool(cache.current[retain].all()):
+        cache = before.search_codes(train.x, CODE_EXTRA, digest=digest)
+        counter.add(search_flops(before.bottleneck, len(train)))
+        note_images(len(train))
+    b = after.bottleneck
+    new, flops = b.refresh(train.x if cache.whitened is None else cache.whitened, cache.candidates,
+                           b.topk + CODE_EXTRA, retain.numpy())
+    counter.add(flops)
+    after.code_cache = CodeCache(digest, new, cache.whitened, retain.clone())
+    return cache, new
+
+
+def _fit_rows(model: DKVBClassifier, train: EmbeddingSet, kept: np.ndarray, keys: np.ndarray, rows: np.ndarray,
+              config: TrainConfig, counter: FlopCounter) -> int:
+    """Train the value ``rows`` (bool over the C * K flat keys) of ``model`` on the ``kept`` rows of
+    ``train`` that select one of them (``keys``: their (R, C, topk) flat keys); returns how many did."""
+    b = model.bottleneck
+    users = rows[keys].any(axis=(1, 2))
     if users.any():
         picked = np.flatnonzero(kept)[users]
         # the training steps read labels and keys only: a zero-width set spares a copy of the embeddings
         labels = EmbeddingSet(train.x.new_empty(len(picked), 0), train.y[picked], train.class_names)
-        offsets = (np.arange(b.num_codebooks) * b.codebook_size).astype(now.dtype).reshape(1, -1, 1)
-        fit_values(after, labels, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size, seed=seed),
-                   indices=torch.from_numpy(now[users] - offsets), rows=torch.from_numpy(rows), flops=counter,
-                   count_lookup=False)
-    return counter.total, {"refit_rows": int(rows.sum()), "refit_examples": int(users.sum()),
-                           "rerouted_examples": int(moved.any(axis=(1, 2)).sum())}
+        offsets = (np.arange(b.num_codebooks) * b.codebook_size).astype(keys.dtype).reshape(1, -1, 1)
+        fit_values(model, labels, config, indices=torch.from_numpy(keys[users] - offsets),
+                   rows=torch.from_numpy(rows), flops=counter, count_lookup=False)
+    return int(users.sum())
 
 
 def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False,
