@@ -303,6 +303,7 @@ def test_released_keys_are_refitted_from_zero_without_the_forget_class_and_stay_
     out = report.model
     assert torch.equal(out.key_mask, trained_dkvb.key_mask)  # nothing stays masked
     assert report.details["keys_released"] == int(picked.sum()) > 0
+    assert report.details["keys_masked"] == 0  # the summary describes what the model masks
     before, after = trained_dkvb.bottleneck.values, out.bottleneck.values
     changed = (after != before).any(-1)
     assert bool(changed[picked].all()) and not changed[~picked].any()  # only the released keys' values

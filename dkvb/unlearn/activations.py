@@ -125,7 +125,7 @@ class UnlearnViaActivations(MaskingUnlearner):
             flops += summed + c * k  # that sum, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
         out, refit_flops, refit = self._finish(model, new_mask, request)
-        return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(new_mask & ~model.key_mask),
+        return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(out.key_mask & ~model.key_mask),
                                           "mask": new_mask, **refit}
 
 

@@ -56,4 +56,5 @@ class UnlearnViaExamples(MaskingUnlearner):
             check_selectable(mask, b.topk)
         new_mask = mask & ~model.key_mask
         out, refit_flops, refit = self._finish(model, new_mask, request)
-        return out, flops + refit_flops, {"num_examples": n, **mask_summary(new_mask), "mask": new_mask, **refit}
+        masked = mask_summary(out.key_mask & ~model.key_mask)  # none with release_keys
+        return out, flops + refit_flops, {"num_examples": n, **masked, "mask": new_mask, **refit}
