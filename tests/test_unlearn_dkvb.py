@@ -149,6 +149,25 @@ def test_masking_a_whole_codebook_is_refused(clusters, trained_dkvb):
                                                                                ForgetRequest((0, 1, 2, 3), train))
 
 
+def test_release_serves_examples_that_select_every_key_of_a_codebook(clusters, trained_dkvb):
+    train, _ = clusters
+    request = ForgetRequest((0, 1, 2, 3), train)
+
+    def refused(rounds: int) -> bool:
+        try:
+            create_unlearner("dkvb-examples", num_examples=None, rounds=rounds).unlearn(trained_dkvb, request)
+        except ValueError:
+            return True
+        return False
+
+    rounds = next(r for r in range(1, 50) if refused(r))  # its last round fills a codebook
+    report = create_unlearner("dkvb-examples", num_examples=None, rounds=rounds, refit_epochs=1,
+                              release_keys=True).unlearn(trained_dkvb, request)
+    full = report.details["mask"].all(dim=1)
+    assert bool(full.any())  # a codebook's every key picked, and released rather than masked
+    assert not report.model.key_mask.any() and report.details["keys_released"] == int(report.details["mask"].sum())
+
+
 def test_same_seed_same_mask(clusters, trained_dkvb):
     train, _ = clusters
     masks = [create_unlearner("dkvb-examples", num_examples=5).unlearn(trained_dkvb, ForgetRequest((1,), train, seed=s))

@@ -46,14 +46,15 @@ class UnlearnViaExamples(MaskingUnlearner):
         x = forget.x[torch.randperm(len(forget), generator=g)[:n]]
         b = model.bottleneck
         mask, flops = model.key_mask.clone(), 0
-        for _ in range(self.rounds):  # each round looks up under the mask grown so far
+        for r in range(self.rounds):  # each round looks up under the mask grown so far
             idx = b.nearest(x, b.topk, mask)  # (n, C, topk)
             flops += lookup_flops(model, n)
             note_images(n)
             hit = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
             hit[b.flat_indices(idx.cpu()).flatten()] = True
             mask = mask | hit.view_as(mask).to(mask.device)
-            check_selectable(mask, b.topk)
+            if r + 1 < self.rounds or not self.release_keys:  # released keys serve again: no check at the end
+                check_selectable(mask, b.topk)
         new_mask = mask & ~model.key_mask
         out, refit_flops, refit = self._finish(model, new_mask, request)
         masked = mask_summary(out.key_mask & ~model.key_mask)  # none with release_keys
