@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from .data import EmbeddingSet
 from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
 from .validate import require, require_choice
+from .value_init import init_values
 
 
 @dataclass
@@ -27,9 +28,13 @@ class TrainConfig:
         batch_size: embeddings per step.
         weight_decay: Adam weight decay (decoupled, on the rows a step touches, for DKVB values).
         label_smoothing: cross-entropy label smoothing (0 = none).
-        value_init: how DKVB values start (mean decoder only): ``"zeros"``, or ``"counts"``: each
-            key's value is the log of its smoothed class frequencies on the training data (a
-            naive-Bayes start that training then refines; helps most on small data).
+        value_init: how DKVB values start (mean decoder only; :mod:`dkvb.value_init`): ``"zeros"``;
+            ``"counts"``, each key's value the log of its smoothed class frequencies on the
+            training data (a naive-Bayes start); or ``"probe"``, a tuned logistic-regression
+            probe on the embeddings spread over the keys (values linear in their keys), which
+            training then refines key by key.
+        probe_c: the probe's inverse regularisation ``C`` (``value_init="probe"``); ``None``
+            chooses it on a seeded 10% holdout of the training rows.
         seed: seeds the shuffling (and nothing else: keys are seeded by the model).
     """
 
@@ -39,6 +44,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     value_init: str = "zeros"
+    probe_c: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -46,7 +52,8 @@ class TrainConfig:
         require(self.lr > 0, "TrainConfig", "lr", "> 0", self.lr)
         require(self.batch_size >= 1, "TrainConfig", "batch_size", ">= 1", self.batch_size)
         require(0 <= self.label_smoothing < 1, "TrainConfig", "label_smoothing", "in [0, 1)", self.label_smoothing)
-        require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts"))
+        require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts", "probe"))
+        require(self.probe_c is None or self.probe_c > 0, "TrainConfig", "probe_c", "> 0 or null", self.probe_c)
 
 
 class DivergenceError(RuntimeError):
@@ -140,16 +147,10 @@ def fit_values(
     if indices is not None and tuple(indices.shape) != (len(data), b.num_codebooks, b.topk):
         raise ValueError(f"fit_values: indices must be (N, C, topk) = {(len(data), b.num_codebooks, b.topk)}, "
                          f"got {tuple(indices.shape)}")
-    flat = b.flat_indices(b.lookup(data.x) if indices is None else indices.long())
-    if config.value_init == "counts":
-        if model.decoder.__class__.__name__ != "MeanDecoder":
-            raise ValueError("value_init='counts' needs the mean decoder (values are class scores)")
-        counts = torch.zeros(b.num_codebooks * b.codebook_size, b.value_dim)
-        counts.index_put_((flat.flatten(), data.y.repeat_interleave(flat.shape[1])), torch.ones(flat.numel()),
-                          accumulate=True)
-        smoothed = (counts + 1.0) / (counts.sum(1, keepdim=True) + b.value_dim)
-        with torch.no_grad():
-            b.values.copy_(smoothed.log().view_as(b.values))
+    codes = b.lookup(data.x) if indices is None else indices.long()
+    flat = b.flat_indices(codes)
+    if rows is None:
+        init_values(model, data, codes, config.value_init, probe_c=config.probe_c, seed=config.seed, flops=flops)
     if flops is not None and count_lookup:
         flops.add(lookup_flops(model, len(data)))
     values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay,

@@ -1,0 +1,62 @@
+import pytest
+import torch
+from conftest import SMALL_DKVB, make_clusters
+
+from dkvb import ModelConfig, TrainConfig, build_model, fit
+from dkvb.evaluate import accuracy
+from dkvb.flops import FlopCounter
+from dkvb.value_init import linear_values, probe_logits
+
+
+def test_linear_values_reproduce_logits_that_are_linear_in_the_code():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(6, 10, 3, generator=g)
+    codes = torch.randint(0, 10, (400, 6, 2), generator=g)
+    code = keys[torch.arange(6).view(1, -1, 1), codes].mean(2).reshape(400, -1)
+    weight, bias = torch.randn(18, 4, generator=g), torch.randn(4, generator=g)
+    values = linear_values(keys, codes, code @ weight + bias, ridge=1e-9)
+    pooled = values[torch.arange(6).view(1, -1, 1), codes].mean((1, 2))  # what the mean decoder reads
+    assert torch.allclose(pooled, code @ weight + bias, atol=1e-3)
+
+
+def test_probe_logits_choose_c_on_a_holdout_and_are_counted():
+    train = make_clusters(600, num_classes=4, spread=1.0, seed=0)
+    counter = FlopCounter()
+    logits = probe_logits(train, flops=counter)
+    assert logits.shape == (600, 4) and accuracy(logits, train.y) > 0.9
+    assert counter.total > 0
+    fixed = probe_logits(train, probe_c=0.01)
+    assert not torch.allclose(fixed, logits)  # a different C, a different fit
+    two = make_clusters(200, num_classes=2, seed=0)
+    assert probe_logits(two, probe_c=1.0).shape == (200, 2)  # one margin spread over two classes
+
+
+def test_probe_start_is_the_probe_through_the_keys_and_training_refines_it():
+    train = make_clusters(1500, num_classes=5, spread=1.5, seed=0)
+    test = make_clusters(500, num_classes=5, spread=1.5, seed=1)
+    start = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train,
+                TrainConfig(epochs=0, value_init="probe", probe_c=0.1))
+    probe = probe_logits(train, probe_c=0.1)
+    with torch.no_grad():
+        agree = (start(train.x).argmax(1) == probe.argmax(1)).float().mean()
+    assert agree > 0.9  # before any step the DKVB predicts what the probe does
+    counter = FlopCounter()
+    trained = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train,
+                  TrainConfig(epochs=5, lr=1e-2, value_init="probe", probe_c=0.1), flops=counter)
+    zeros = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train, TrainConfig(epochs=5, lr=1e-2), flops=FlopCounter())
+    with torch.no_grad():
+        assert accuracy(trained(test.x), test.y) >= accuracy(zeros(test.x), test.y) - 0.02
+    again = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train,
+                TrainConfig(epochs=5, lr=1e-2, value_init="probe", probe_c=0.1))
+    assert torch.equal(trained.bottleneck.values, again.bottleneck.values)  # same seed, same values
+
+
+def test_value_starts_need_the_mean_decoder_and_a_valid_c():
+    train = make_clusters(300, num_classes=3, seed=0)
+    mlp = ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random", decoder="mlp", value_dim=8)
+    with pytest.raises(ValueError, match="value_init='probe' needs the mean decoder"):
+        fit(build_model(mlp, train.dim, 3, seed=0), train, TrainConfig(epochs=1, value_init="probe"))
+    with pytest.raises(ValueError, match="probe_c"):
+        TrainConfig(value_init="probe", probe_c=0)
+    with pytest.raises(ValueError, match="value_init"):
+        TrainConfig(value_init="linear")
