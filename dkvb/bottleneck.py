@@ -89,6 +89,10 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
                          discriminant_weight=discriminant_weight, discriminant_shrinkage=discriminant_shrinkage)
         self.value_dim = value_dim
         self.values = nn.Parameter(torch.zeros(num_codebooks, codebook_size, value_dim))
+        # the linear start the values were initialised from (value_init="probe"), or empty:
+        # value_c(k) started as C * key_ck @ value_start[c] + value_start_bias
+        self.register_buffer("value_start", torch.zeros(0))
+        self.register_buffer("value_start_bias", torch.zeros(0))
 
     # ---------------------------------------------------------------- values
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
@@ -109,6 +113,39 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         sparse = weight is not None
         weight = self.values.view(-1, self.value_dim) if weight is None else weight
         return F.embedding_bag(flat, weight, mode="sum", sparse=sparse) / flat.shape[1]
+
+    @property
+    def has_start(self) -> bool:
+        return self.value_start.numel() > 0
+
+    def set_start(self, weight: Tensor, bias: Tensor) -> None:
+        """Record the linear start: ``weight`` (C, key_dim, value_dim), ``bias`` (value_dim)."""
+        expected = (self.num_codebooks, self.key_dim, self.value_dim)
+        if tuple(weight.shape) != expected or tuple(bias.shape) != (self.value_dim,):
+            raise ValueError(f"set_start: weight must be {expected} and bias ({self.value_dim},), "
+                             f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+        self.value_start, self.value_start_bias = weight.float().clone(), bias.float().clone()
+
+    def start_values(self, columns: Tensor | None = None) -> Tensor:
+        """(C, K, len(columns)): what the linear start gives each key for value ``columns`` (all if
+        ``None``); zeros without a start."""
+        cols = torch.arange(self.value_dim) if columns is None else torch.as_tensor(columns).long()
+        if not self.has_start:
+            return torch.zeros(self.num_codebooks, self.codebook_size, len(cols))
+        weight = self.value_start[:, :, cols]
+        return self.num_codebooks * torch.einsum("ckd,cdv->ckv", self.keys, weight) + self.value_start_bias[cols]
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # noqa: D102 - the start buffers take the stored shape (or stay empty)
+        for name in ("value_start", "value_start_bias"):
+            key = prefix + name
+            if key in state_dict:
+                setattr(self, name, torch.zeros_like(state_dict[key]))
+            else:  # saved before the start existed
+                state_dict[key] = torch.zeros(0)
+                setattr(self, name, torch.zeros(0))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
 
     def forward(self, x: Tensor) -> BottleneckOutput:
         indices = self.lookup(x)

@@ -42,7 +42,10 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
         values = count_values(b.flat_indices(codes), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
     else:
         logits = probe_logits(data, probe_c=probe_c, seed=seed, flops=flops)
-        values = linear_values(b.keys, codes, logits, flops=flops)
+        b.set_start(*linear_start(b.keys, codes, logits, flops=flops))
+        values = b.start_values()
+        if flops is not None:
+            flops.add(2 * values.numel() * b.key_dim)
     with torch.no_grad():
         b.values.copy_(values.view_as(b.values))
 
@@ -92,24 +95,21 @@ def probe_logits(data: EmbeddingSet, *, probe_c: float | None = None, grid: Sequ
     return torch.from_numpy(logits).float()
 
 
-def linear_values(keys: Tensor, codes: Tensor, logits: Tensor, *, ridge: float = RIDGE,
-                  chunk: int = 4096, flops: FlopCounter | None = None) -> Tensor:
-    """(C, K, classes) values linear in their keys whose mean over each row's selected keys
-    best fits ``logits`` (ridge): ``keys`` (C, K, D), ``codes`` (N, C, topk) per-codebook key
-    indices of the rows. A row's pooled output is ``sum_c B_c @ mean_j key_c,codes[c, j] + b``,
+def linear_start(keys: Tensor, codes: Tensor, logits: Tensor, *, ridge: float = RIDGE,
+                 chunk: int = 4096, flops: FlopCounter | None = None) -> tuple[Tensor, Tensor]:
+    """(weight (C, D, classes), bias (classes)) of values linear in their keys,
+    ``value_c(k) = C * key_ck @ weight[c] + bias``, whose mean over each row's selected keys best
+    fits ``logits`` (ridge): ``keys`` (C, K, D), ``codes`` (N, C, topk) per-codebook key indices
+    of the rows. A row's pooled output is then ``sum_c weight[c].T @ mean_j key_c,codes[c, j] + bias``,
     so the fit is a ridge regression on that (N, C * D) code, accumulated in chunks."""
     c_, _, d = keys.shape
-    n, width = len(codes), c_ * d
+    n, width, classes = len(codes), c_ * d, logits.shape[1]
     ar = torch.arange(c_).view(1, -1, 1)
-
-    def code(rows: slice) -> Tensor:
-        return keys[ar, codes[rows]].mean(2).reshape(-1, width).double()
-
-    gram, cross, total = torch.zeros(width, width, dtype=torch.float64), torch.zeros(width, logits.shape[1],
-                                                                                      dtype=torch.float64), 0
+    gram = torch.zeros(width, width, dtype=torch.float64)
+    cross = torch.zeros(width, classes, dtype=torch.float64)
     mean_code = torch.zeros(width, dtype=torch.float64)
     for start in range(0, n, chunk):
-        q = code(slice(start, start + chunk))
+        q = keys[ar, codes[start:start + chunk]].mean(2).reshape(-1, width).double()
         gram += q.T @ q
         cross += q.T @ logits[start:start + chunk].double()
         mean_code += q.sum(0)
@@ -118,8 +118,7 @@ def linear_values(keys: Tensor, codes: Tensor, logits: Tensor, *, ridge: float =
     gram -= n * torch.outer(mean_code, mean_code)  # centred
     cross -= n * torch.outer(mean_code, mean_logit)
     gram += ridge * gram.diagonal().mean() * torch.eye(width, dtype=torch.float64)
-    weight = torch.linalg.solve(gram, cross)  # (C * D, classes)
-    bias = mean_logit - mean_code @ weight
-    if flops is not None:  # code products, solve, expansion over the keys
-        flops.add(2 * n * width * (width + logits.shape[1]) + width ** 3 + 2 * keys.shape[1] * width * logits.shape[1])
-    return (c_ * torch.einsum("ckd,cdv->ckv", keys.double(), weight.view(c_, d, -1)) + bias).float()
+    weight = torch.linalg.solve(gram, cross)
+    if flops is not None:  # code products and the solve
+        flops.add(2 * n * width * (width + classes) + width ** 3)
+    return weight.view(c_, d, classes).float(), (mean_logit - mean_code @ weight).float()

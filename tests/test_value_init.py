@@ -5,7 +5,7 @@ from conftest import SMALL_DKVB, make_clusters
 from dkvb import ModelConfig, TrainConfig, build_model, fit
 from dkvb.evaluate import accuracy
 from dkvb.flops import FlopCounter
-from dkvb.value_init import linear_values, probe_logits
+from dkvb.value_init import linear_start, probe_logits
 
 
 def test_linear_values_reproduce_logits_that_are_linear_in_the_code():
@@ -14,7 +14,8 @@ def test_linear_values_reproduce_logits_that_are_linear_in_the_code():
     codes = torch.randint(0, 10, (400, 6, 2), generator=g)
     code = keys[torch.arange(6).view(1, -1, 1), codes].mean(2).reshape(400, -1)
     weight, bias = torch.randn(18, 4, generator=g), torch.randn(4, generator=g)
-    values = linear_values(keys, codes, code @ weight + bias, ridge=1e-9)
+    w, b = linear_start(keys, codes, code @ weight + bias, ridge=1e-9)
+    values = 6 * torch.einsum("ckd,cdv->ckv", keys, w) + b
     pooled = values[torch.arange(6).view(1, -1, 1), codes].mean((1, 2))  # what the mean decoder reads
     assert torch.allclose(pooled, code @ weight + bias, atol=1e-3)
 
@@ -60,3 +61,54 @@ def test_value_starts_need_the_mean_decoder_and_a_valid_c():
         TrainConfig(value_init="probe", probe_c=0)
     with pytest.raises(ValueError, match="value_init"):
         TrainConfig(value_init="linear")
+
+
+@pytest.fixture(scope="module")
+def probe_started():
+    train = make_clusters(1500, num_classes=5, spread=1.5, seed=0)
+    test = make_clusters(500, num_classes=5, spread=1.5, seed=1)
+    model = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train,
+                TrainConfig(epochs=5, lr=1e-2, value_init="probe", probe_c=0.1))
+    model.compute_activation_counts(train.x, train.y)
+    return model, train, test
+
+
+@pytest.mark.parametrize("params", [{}, {"refit_epochs": 1}, {"refit_epochs": 1, "release_keys": True}])
+def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(probe_started, params):
+    from dkvb.evaluate import evaluate
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, test = probe_started
+    b = model.bottleneck
+    assert b.has_start
+    values, start = b.values.detach().clone(), b.value_start.clone()
+    report = create_unlearner("dkvb-activations", **params).unlearn(model, ForgetRequest((2,), train))
+    out = report.model.bottleneck
+    assert torch.equal(b.values, values) and torch.equal(b.value_start, start)  # the input model is untouched
+    assert out.value_start[..., 2].abs().sum() == 0 and out.value_start_bias[2] == 0
+    assert torch.equal(out.value_start[..., [0, 1, 3, 4]], start[..., [0, 1, 3, 4]])
+    if not params.get("refit_epochs"):  # masking only: the class's start is swapped for each key's lowest
+        start = b.start_values()
+        floor = start[..., [0, 1, 3, 4]].amin(-1)
+        assert torch.allclose(out.values[..., 2], values[..., 2] - start[..., 2] + floor, atol=1e-5)
+        assert torch.equal(out.values[..., [0, 1, 3, 4]], values[..., [0, 1, 3, 4]])
+    assert evaluate(report.model, train, test, [2])["forget_test_acc"] <= 0.01
+    assert report.flops > 0
+    again = create_unlearner("dkvb-activations").unlearn(report.model, ForgetRequest((3,), train, forgotten=(2,)))
+    assert torch.equal(again.model.bottleneck.values[..., 2], out.values[..., 2])  # not taken out twice
+
+
+def test_the_start_survives_the_store_and_older_models_load_without_it(probe_started, tmp_path):
+    from dkvb.store import load_model, save_model
+
+    model, train, _ = probe_started
+    save_model(model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m")
+    assert torch.equal(loaded.bottleneck.value_start, model.bottleneck.value_start)
+    assert torch.equal(loaded.bottleneck.value_start_bias, model.bottleneck.value_start_bias)
+    state = {k: v for k, v in model.state_dict().items() if "value_start" not in k}  # saved before the start
+    older = build_model(SMALL_DKVB, train.dim, 5, seed=0)
+    older.activation_counts = torch.zeros_like(model.activation_counts)  # as the store does
+    older.load_state_dict(state)
+    assert not older.bottleneck.has_start
+    assert torch.equal(older(train.x[:50]), model(train.x[:50]))  # the start only matters to unlearning
