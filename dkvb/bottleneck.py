@@ -93,6 +93,7 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         # value_c(k) started as C * key_ck @ value_start[c] + value_start_bias
         self.register_buffer("value_start", torch.zeros(0))
         self.register_buffer("value_start_bias", torch.zeros(0))
+        self.register_buffer("value_floor", torch.zeros(0))  # (C, K): each key's lowest start score
 
     # ---------------------------------------------------------------- values
     def get_output_from_indices(self, indices: Tensor) -> Tensor:
@@ -119,12 +120,14 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         return self.value_start.numel() > 0
 
     def set_start(self, weight: Tensor, bias: Tensor) -> None:
-        """Record the linear start: ``weight`` (C, key_dim, value_dim), ``bias`` (value_dim)."""
+        """Record the linear start: ``weight`` (C, key_dim, value_dim), ``bias`` (value_dim), and
+        each key's lowest start score over the classes (``value_floor``)."""
         expected = (self.num_codebooks, self.key_dim, self.value_dim)
         if tuple(weight.shape) != expected or tuple(bias.shape) != (self.value_dim,):
             raise ValueError(f"set_start: weight must be {expected} and bias ({self.value_dim},), "
                              f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
         self.value_start, self.value_start_bias = weight.float().clone(), bias.float().clone()
+        self.value_floor = self.start_values().amin(-1)
 
     def start_values(self, columns: Tensor | None = None) -> Tensor:
         """(C, K, len(columns)): what the linear start gives each key for value ``columns`` (all if
@@ -137,7 +140,7 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # noqa: D102 - the start buffers take the stored shape (or stay empty)
-        for name in ("value_start", "value_start_bias"):
+        for name in ("value_start", "value_start_bias", "value_floor"):
             key = prefix + name
             if key in state_dict:
                 setattr(self, name, torch.zeros_like(state_dict[key]))

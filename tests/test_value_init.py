@@ -96,6 +96,11 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
     assert report.flops > 0
     again = create_unlearner("dkvb-activations").unlearn(report.model, ForgetRequest((3,), train, forgotten=(2,)))
     assert torch.equal(again.model.bottleneck.values[..., 2], out.values[..., 2])  # not taken out twice
+    if not params.get("refit_epochs"):  # the second request's floor leaves out both removed classes
+        start = b.start_values()
+        assert torch.allclose(again.model.bottleneck.values[..., 3],
+                              values[..., 3] - start[..., 3] + start[..., [0, 1, 4]].amin(-1), atol=1e-5)
+        assert torch.allclose(again.model.bottleneck.value_floor, start[..., [0, 1, 4]].amin(-1), atol=1e-5)
 
 
 def test_the_start_survives_the_store_and_older_models_load_without_it(probe_started, tmp_path):

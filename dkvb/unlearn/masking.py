@@ -101,14 +101,24 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
         return 0
     cols = torch.tensor(classes, dtype=torch.long)
     with torch.no_grad():
-        start = b.start_values()  # (C, K, classes)
+        removed = b.start_values(cols)  # (C, K, len(cols))
         live = (b.value_start.abs().sum((0, 1)) + b.value_start_bias.abs()) > 0
         live[cols] = False
-        floor = start[..., live].amin(-1, keepdim=True) if bool(live.any()) else torch.zeros_like(start[..., :1])
-        b.values[..., cols] += floor - start[..., cols]
+        # the floor over the classes still in the start moves only where a removed class held it
+        floor = b.value_floor.clone() if b.value_floor.numel() else b.start_values().amin(-1)
+        held = (removed <= (floor + 1e-4 * (1 + floor.abs())).unsqueeze(-1)).any(-1)
+        ci, ki = held.nonzero(as_tuple=True)
+        if len(ci):
+            if bool(live.any()):
+                scores = torch.einsum("hd,hdv->hv", b.keys[ci, ki], b.value_start[ci][:, :, live])
+                floor[ci, ki] = (b.num_codebooks * scores + b.value_start_bias[live]).amin(-1)
+            else:
+                floor[ci, ki] = 0.0
+        b.values[..., cols] += floor.unsqueeze(-1) - removed
         b.value_start[..., cols] = 0.0
         b.value_start_bias[cols] = 0.0
-    return (2 * b.key_dim + 2) * start.numel() + 2 * b.num_codebooks * b.codebook_size * len(cols)
+        b.value_floor = floor
+    return (2 * b.key_dim + 2) * removed.numel() + 2 * len(ci) * b.key_dim * int(live.sum())
 
 
 def refit_rerouted(before: DKVBClassifier, after: DKVBClassifier, train: EmbeddingSet, retain: Tensor, *,
