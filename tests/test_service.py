@@ -487,3 +487,21 @@ def test_released_keys_requests_log_no_mask_change_store_values_and_replay(store
     assert m["forget_test_acc"] <= 0.01 and m["retain_test_acc"] >= 0.95
     full = svc.replay(train)
     assert full.matches_head and [s["how"] for s in full.steps][-2:] == ["keys released (mask unchanged)"] * 2
+
+
+def test_a_probe_started_model_is_served_its_start_changes_are_stored_and_replay(clusters, tmp_path):
+    train, test = clusters
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="random"), train.dim,
+                        train.num_classes)
+    fit(model, train, TrainConfig(epochs=2, lr=1e-2, value_init="probe", probe_c=0.1))
+    model.compute_activation_counts(train.x, train.y)
+    path = tmp_path / "model"
+    save_model(model, path, class_names=list(train.class_names), encoder="synthetic")
+    rec = forget(path, "class1")
+    stored = set(load_file(str(path / f"versions/{rec['version_after']}/tensors.safetensors")))
+    assert {"bottleneck.key_mask", "bottleneck.values", "bottleneck.value_start"} <= stored
+    served, _ = load_model(path)
+    assert served.bottleneck.value_start[..., 1].abs().sum() == 0 and model.bottleneck.value_start[..., 1].abs().sum() > 0
+    assert evaluate(served, train, test, [1])["forget_test_acc"] <= 0.01
+    forget(path, "class2")
+    assert torch.equal(replay(path), load_model(path)[0].key_mask)
