@@ -5,8 +5,8 @@ never on the test split:
 
 * the probe: scikit-learn logistic regression on standardised embeddings, its ``C`` chosen on
   the validation split, then refit on the whole training set (its test accuracy is the bar);
-* each DKVB setting (bottleneck size, projection, top-k, decoder, epochs, lr, label smoothing,
-  weight decay) is trained on the rest of the training set and scored on the validation split:
+* each DKVB setting (bottleneck size, projection, top-k, decoder, value start, epochs, lr, label
+  smoothing, weight decay) is trained on the rest of the training set and scored on the validation split:
   accuracy, then one forget request per class with the default ``dkvb-activations`` rule
   per rule given (forget-validation accuracy, retain-validation drop), training seconds and training-state
   memory (values, Adam moments, gradient buffer and codes).
