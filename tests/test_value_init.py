@@ -117,3 +117,22 @@ def test_the_start_survives_the_store_and_older_models_load_without_it(probe_sta
     older.load_state_dict(state)
     assert not older.bottleneck.has_start
     assert torch.equal(older(train.x[:50]), model(train.x[:50]))  # the start only matters to unlearning
+
+
+def test_a_start_stored_without_its_floor_gets_it_on_loading(probe_started, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dkvb.store import load_model, save_model
+
+    model, train, _ = probe_started
+    save_model(model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m")
+    assert torch.equal(loaded.bottleneck.value_floor, model.bottleneck.value_floor)
+    floor = model.bottleneck.value_floor
+    model.bottleneck.value_floor = torch.zeros(0)  # as a model trained before the floor was kept
+    try:
+        save_model(model, tmp_path / "old", class_names=list(train.class_names), encoder="test")
+    finally:
+        model.bottleneck.value_floor = floor
+    older, _ = load_model(tmp_path / "old")
+    assert torch.allclose(older.bottleneck.value_floor, floor)

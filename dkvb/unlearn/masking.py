@@ -105,7 +105,7 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
         live = (b.value_start.abs().sum((0, 1)) + b.value_start_bias.abs()) > 0
         live[cols] = False
         # the floor over the classes still in the start moves only where a removed class held it
-        floor = b.value_floor.clone() if b.value_floor.numel() else b.start_values().amin(-1)
+        floor = b.value_floor.clone() if b.value_floor.numel() else b.start_values().amin(-1)  # older state
         held = (removed <= (floor + 1e-4 * (1 + floor.abs())).unsqueeze(-1)).any(-1)
         ci, ki = held.nonzero(as_tuple=True)
         if len(ci):
