@@ -138,6 +138,17 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         weight = self.value_start[:, :, cols]
         return self.num_codebooks * torch.einsum("ckd,cdv->ckv", self.keys, weight) + self.value_start_bias[cols]
 
+    def restart_values(self, rows: Tensor) -> Tensor:
+        """(len(rows), value_dim): where training started the flat key ``rows`` (indices into
+        ``values.view(C * K, -1)``), as the start stands now: zeros without a start, and the
+        classes taken out of it at each key's floor."""
+        if not self.has_start:
+            return torch.zeros(len(rows), self.value_dim)
+        start = self.start_values().view(-1, self.value_dim)[rows]
+        gone = (self.value_start.abs().sum((0, 1)) + self.value_start_bias.abs()) == 0
+        start[:, gone] = self.value_floor.reshape(-1)[rows].unsqueeze(-1)
+        return start
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):  # noqa: D102 - the start buffers take the stored shape (or stay empty)
         for name in ("value_start", "value_start_bias", "value_floor"):

@@ -94,6 +94,14 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
         assert torch.equal(out.values[..., [0, 1, 3, 4]], values[..., [0, 1, 3, 4]])
     assert evaluate(report.model, train, test, [2])["forget_test_acc"] <= 0.01
     assert report.flops > 0
+    if params.get("release_keys"):  # a released key no retain row selects is back at its (class-free) start
+        codes = b.lookup(train.x[train.y != 2])
+        used = torch.zeros(b.num_codebooks * b.codebook_size, dtype=torch.bool)
+        used[b.flat_indices(codes).flatten()] = True
+        idle = (report.details["mask"].flatten() & ~used).nonzero().flatten()
+        assert len(idle) > 0
+        assert torch.allclose(out.values.view(-1, 5)[idle], out.restart_values(idle), atol=1e-5)
+        assert torch.allclose(out.values.view(-1, 5)[idle][:, 2], out.value_floor.view(-1)[idle], atol=1e-5)
     again = create_unlearner("dkvb-activations").unlearn(report.model, ForgetRequest((3,), train, forgotten=(2,)))
     assert torch.equal(again.model.bottleneck.values[..., 2], out.values[..., 2])  # not taken out twice
     if not params.get("refit_epochs"):  # the second request's floor leaves out both removed classes
