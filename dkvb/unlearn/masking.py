@@ -1,7 +1,8 @@
 """Shared by both DKVB unlearners: copy a model with more keys masked, describe a mask, and the
 options every masking method has (erasing the masked values, re-fitting rerouted values, or
-releasing the keys: re-fitting their values from zero and serving them again). A model whose
-values started from a linear probe also loses the forget classes' share of that start."""
+releasing the keys: re-fitting their values from where training started them and serving them
+again). A model whose values started from a linear probe also loses the forget classes' share of
+that start."""
 from __future__ import annotations
 
 import copy
@@ -39,7 +40,8 @@ class MaskingUnlearner(Unlearner):
         refit_lr: Adam learning rate of that re-fitting.
         release_keys: with ``refit_epochs``, a second named, counted extra instead of the one
             above: the keys the rule picks are not kept masked; their values are erased, fitted
-            again from zero for ``refit_epochs`` epochs on the retain examples that select them
+            again from their start (zero, or the probe start without the forget classes) for
+            ``refit_epochs`` epochs on the retain examples that select them
             (:func:`refit_released`), and the keys serve again. The forget classes' embeddings
             then select values fitted without them, on which cross-entropy pushed their scores
             down; the mask does not grow, so a request sequence never runs out of keys (masking
