@@ -127,7 +127,20 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
             raise ValueError(f"set_start: weight must be {expected} and bias ({self.value_dim},), "
                              f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
         self.value_start, self.value_start_bias = weight.float().clone(), bias.float().clone()
-        self.value_floor = self.start_values().amin(-1)
+        self.value_floor = torch.zeros(0)
+        self.start_floor()
+
+    @property
+    def start_classes(self) -> Tensor:
+        """(value_dim,) bool: the classes still in the start (a forget request zeroes its classes there)."""
+        return (self.value_start.abs().sum((0, 1)) + self.value_start_bias.abs()) > 0
+
+    def start_floor(self) -> Tensor:
+        """(C, K) ``value_floor``: each key's lowest start score over the classes still in the
+        start; filled here when a start was saved without it."""
+        if self.has_start and not self.value_floor.numel():
+            self.value_floor = self.start_values().amin(-1)
+        return self.value_floor
 
     def start_values(self, columns: Tensor | None = None) -> Tensor:
         """(C, K, len(columns)): what the linear start gives each key for value ``columns`` (all if
@@ -145,8 +158,7 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         if not self.has_start:
             return torch.zeros(len(rows), self.value_dim)
         start = self.start_values().view(-1, self.value_dim)[rows]
-        gone = (self.value_start.abs().sum((0, 1)) + self.value_start_bias.abs()) == 0
-        start[:, gone] = self.value_floor.reshape(-1)[rows].unsqueeze(-1)
+        start[:, ~self.start_classes] = self.start_floor().reshape(-1)[rows].unsqueeze(-1)
         return start
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

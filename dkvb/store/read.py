@@ -163,9 +163,8 @@ def load_model(
         raise StoreError(f"{vdir / TENSORS}: tensors do not match config.json ({e})") from e
     if getattr(model, "activation_counts", None) is not None and model.activation_counts.numel():
         model.activation_totals()  # summed with the counts on loading, so a request does not pay for it
-    b = getattr(model, "bottleneck", None)
-    if b is not None and b.has_start and not b.value_floor.numel():  # a start saved before its floor was
-        b.value_floor = b.start_values().amin(-1)
+    if hasattr(model, "bottleneck"):
+        model.bottleneck.start_floor()  # a start saved before its floor was: filled once, on loading
     if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
         raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
                          "it was edited (class names, extra, ...)")

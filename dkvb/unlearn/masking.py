@@ -104,10 +104,10 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
     cols = torch.tensor(classes, dtype=torch.long)
     with torch.no_grad():
         removed = b.start_values(cols)  # (C, K, len(cols))
-        live = (b.value_start.abs().sum((0, 1)) + b.value_start_bias.abs()) > 0
+        live = b.start_classes
         live[cols] = False
         # the floor over the classes still in the start moves only where a removed class held it
-        floor = b.value_floor.clone() if b.value_floor.numel() else b.start_values().amin(-1)  # older state
+        floor = b.start_floor().clone()
         held = (removed <= (floor + 1e-4 * (1 + floor.abs())).unsqueeze(-1)).any(-1)
         ci, ki = held.nonzero(as_tuple=True)
         if len(ci):
