@@ -108,7 +108,7 @@ class KeptLogits(NamedTuple):
     changed computes again only the rows the change reaches.
 
     ``candidates``: the embeddings' nearest keys, searched under the mask the logits were computed
-    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values and the
+    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values as served (``value_table``) and the
     decoder's state they were computed with.
     """
 
@@ -173,7 +173,7 @@ class DKVBClassifier(nn.Module):
         if not torch.equal(cands.mask.to(self.key_mask.device), self.key_mask):
             raise ValueError("keep_logits: the candidates were searched under another key mask than this model's")
         logits = self.decoder(self.bottleneck.pool(self.bottleneck.select_flat(x, cands)))
-        return KeptLogits(cands, logits, self.bottleneck.values.detach().clone(),
+        return KeptLogits(cands, logits, self.bottleneck.value_table().detach().clone(),
                           {k: v.detach().clone() for k, v in self.decoder.state_dict().items()})
 
     @torch.no_grad()
@@ -212,7 +212,7 @@ class DKVBClassifier(nn.Module):
         if state.keys() != kept.decoder.keys() or not all(torch.equal(v, kept.decoder[k]) for k, v in state.items()):
             return None
         changed = (b.key_mask & ~kept.candidates.mask).flatten()
-        changed |= (b.values.detach() != kept.values).any(-1).flatten()
+        changed |= (b.value_table().detach() != kept.values).any(-1).flatten()
         return changed.cpu().numpy()
 
     @torch.no_grad()

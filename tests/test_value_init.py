@@ -90,8 +90,9 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
     if not params.get("refit_epochs"):  # masking only: the class's start is swapped for each key's lowest
         start = b.start_values()
         floor = start[..., [0, 1, 3, 4]].amin(-1)
-        assert torch.allclose(out.values[..., 2], values[..., 2] - start[..., 2] + floor, atol=1e-5)
-        assert torch.equal(out.values[..., [0, 1, 3, 4]], values[..., [0, 1, 3, 4]])
+        assert torch.allclose(out.value_table()[..., 2], values[..., 2] - start[..., 2] + floor, atol=1e-5)
+        assert torch.equal(out.value_table()[..., [0, 1, 3, 4]], values[..., [0, 1, 3, 4]])
+        assert out.values is b.values and out.delta_classes.tolist() == [2]  # kept apart: the values are shared
     assert evaluate(report.model, train, test, [2])["forget_test_acc"] <= 0.01
     assert report.flops > 0
     if params.get("release_keys"):  # a released key no retain row selects is back at its (class-free) start
@@ -100,13 +101,13 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
         used[b.flat_indices(codes).flatten()] = True
         idle = (report.details["mask"].flatten() & ~used).nonzero().flatten()
         assert len(idle) > 0
-        assert torch.allclose(out.values.view(-1, 5)[idle], out.restart_values(idle), atol=1e-5)
-        assert torch.allclose(out.values.view(-1, 5)[idle][:, 2], out.value_floor.view(-1)[idle], atol=1e-5)
+        assert torch.allclose(out.value_table().view(-1, 5)[idle], out.restart_values(idle), atol=1e-5)
+        assert torch.allclose(out.value_table().view(-1, 5)[idle][:, 2], out.value_floor.view(-1)[idle], atol=1e-5)
     again = create_unlearner("dkvb-activations").unlearn(report.model, ForgetRequest((3,), train, forgotten=(2,)))
-    assert torch.equal(again.model.bottleneck.values[..., 2], out.values[..., 2])  # not taken out twice
+    assert torch.equal(again.model.bottleneck.value_table()[..., 2], out.value_table()[..., 2])  # not taken out twice
     if not params.get("refit_epochs"):  # the second request's floor leaves out both removed classes
         start = b.start_values()
-        assert torch.allclose(again.model.bottleneck.values[..., 3],
+        assert torch.allclose(again.model.bottleneck.value_table()[..., 3],
                               values[..., 3] - start[..., 3] + start[..., [0, 1, 4]].amin(-1), atol=1e-5)
         assert torch.allclose(again.model.bottleneck.value_floor, start[..., [0, 1, 4]].amin(-1), atol=1e-5)
 
@@ -119,12 +120,26 @@ def test_the_start_survives_the_store_and_older_models_load_without_it(probe_sta
     loaded, _ = load_model(tmp_path / "m")
     assert torch.equal(loaded.bottleneck.value_start, model.bottleneck.value_start)
     assert torch.equal(loaded.bottleneck.value_start_bias, model.bottleneck.value_start_bias)
-    state = {k: v for k, v in model.state_dict().items() if "value_start" not in k}  # saved before the start
+    state = {k: v for k, v in model.state_dict().items()  # saved before the start and its delta
+             if not any(n in k for n in ("value_start", "value_delta", "delta_classes"))}
     older = build_model(SMALL_DKVB, train.dim, 5, seed=0)
     older.activation_counts = torch.zeros_like(model.activation_counts)  # as the store does
     older.load_state_dict(state)
     assert not older.bottleneck.has_start
     assert torch.equal(older(train.x[:50]), model(train.x[:50]))  # the start only matters to unlearning
+
+
+def test_a_forgotten_class_delta_survives_the_store(probe_started, tmp_path):
+    from dkvb.store import load_model, save_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, _ = probe_started
+    out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
+    version = save_model(out, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m", version)
+    assert loaded.bottleneck.delta_classes.tolist() == [1]
+    assert torch.equal(loaded.bottleneck.value_delta, out.bottleneck.value_delta)
+    assert torch.equal(loaded(train.x[:100]), out(train.x[:100]))
 
 
 def test_a_start_stored_without_its_floor_gets_it_on_loading(probe_started, tmp_path):
@@ -144,3 +159,20 @@ def test_a_start_stored_without_its_floor_gets_it_on_loading(probe_started, tmp_
         model.bottleneck.value_floor = floor
     older, _ = load_model(tmp_path / "old")
     assert torch.allclose(older.bottleneck.value_floor, floor)
+
+
+def test_the_kept_correction_serves_what_folding_it_into_the_values_gives(probe_started):
+    import copy
+
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, test = probe_started
+    kept = model.keep_logits(test.x)
+    out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((0, 3), train)).model
+    folded = copy.deepcopy(out)
+    folded.bottleneck.fold_delta()
+    assert not folded.bottleneck.delta_classes.numel() and out.bottleneck.delta_classes.tolist() == [0, 3]
+    assert torch.allclose(out(test.x), folded(test.x), atol=1e-5)
+    assert torch.allclose(out.bottleneck.value_table(), folded.bottleneck.values, atol=1e-6)
+    assert torch.allclose(out.predict_from(test.x, kept), out(test.x), atol=1e-5)  # kept logits see the change
+    assert torch.equal(model.bottleneck.values, out.bottleneck.values)  # shared, never written
