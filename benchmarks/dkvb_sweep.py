@@ -158,6 +158,7 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
         "setting": setting, "codebook_size": b.codebook_size, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
         "train_seconds": train_s,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
+        **getattr(model, "value_init_report", {}),  # a probe start's C and holdout accuracies (trained here)
     }
     if input_grid:
         out["input_probe_val_acc"] = input_probe(model, fit_part, val, input_grid)

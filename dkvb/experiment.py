@@ -116,7 +116,8 @@ def train_models(
             with timer.track("train", kind):
                 fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
                     progress=progress, desc=f"train {kind}", indices=codes)
-        info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total}
+        info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total,
+                **getattr(model, "value_init_report", {})}  # the probe start's C, when it has one
         if kind == "dkvb":
             start = time.perf_counter()
             with timer.track("activation counts", kind):

@@ -5,7 +5,7 @@ from conftest import SMALL_DKVB, make_clusters
 from dkvb import ModelConfig, TrainConfig, build_model, fit
 from dkvb.evaluate import accuracy
 from dkvb.flops import FlopCounter
-from dkvb.value_init import linear_start, probe_logits
+from dkvb.value_init import PROBE_GRID, linear_start, probe_logits
 
 
 def test_linear_values_reproduce_logits_that_are_linear_in_the_code():
@@ -22,10 +22,12 @@ def test_linear_values_reproduce_logits_that_are_linear_in_the_code():
 
 def test_probe_logits_choose_c_on_a_holdout_and_are_counted():
     train = make_clusters(600, num_classes=4, spread=1.0, seed=0)
-    counter = FlopCounter()
-    logits = probe_logits(train, flops=counter)
+    counter, chosen = FlopCounter(), {}
+    logits = probe_logits(train, flops=counter, chosen=chosen)
     assert logits.shape == (600, 4) and accuracy(logits, train.y) > 0.9
     assert counter.total > 0
+    tried = {float(c): acc for c, acc in chosen["probe_holdout_acc"].items()}
+    assert list(tried) == list(PROBE_GRID) and chosen["probe_c"] == max(tried, key=tried.get)
     fixed = probe_logits(train, probe_c=0.01)
     assert not torch.allclose(fixed, logits)  # a different C, a different fit
     two = make_clusters(200, num_classes=2, seed=0)
@@ -176,3 +178,16 @@ def test_the_kept_correction_serves_what_folding_it_into_the_values_gives(probe_
     assert torch.allclose(out.bottleneck.value_table(), folded.bottleneck.values, atol=1e-6)
     assert torch.allclose(out.predict_from(test.x, kept), out(test.x), atol=1e-5)  # kept logits see the change
     assert torch.equal(model.bottleneck.values, out.bottleneck.values)  # shared, never written
+
+
+def test_a_run_records_the_probe_start_c_with_its_training_info(tmp_path):
+    from dkvb.config import load_config
+    from dkvb.experiment import train_models
+
+    train = make_clusters(600, num_classes=4, spread=1.0, seed=0)
+    cfg = load_config(None, [f"output_dir={tmp_path}", "name=run", "encoder.name=synthetic", "train.epochs=1",
+                             "train.value_init=probe", "model={num_codebooks: 8, codebook_size: 16, key_dim: 4}"])
+    _, info = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]
+    assert info["probe_c"] in PROBE_GRID and str(info["probe_c"]) in info["probe_holdout_acc"]
+    _, again = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]  # loaded from the store
+    assert again["probe_c"] == info["probe_c"]
