@@ -108,8 +108,8 @@ class KeptLogits(NamedTuple):
     changed computes again only the rows the change reaches.
 
     ``candidates``: the embeddings' nearest keys, searched under the mask the logits were computed
-    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values as served (``value_table``) and the
-    decoder's state they were computed with.
+    with; ``logits``: (N, num_classes); ``values`` and ``decoder``: copies of the values as served
+    (``value_table``) and of the decoder's state they were computed with.
     """
 
     candidates: Candidates

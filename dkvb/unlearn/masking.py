@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..bottleneck import batched_matmul
 from ..data import EmbeddingSet, fingerprint
 from ..flops import FlopCounter, note_images, search_flops
-from ..bottleneck import batched_matmul
 from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
 from ..selection import Candidates
 from ..train import TrainConfig, fit_values
