@@ -129,6 +129,23 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         self.delta_classes = torch.cat([self.delta_classes, classes.to(self.delta_classes)])
         self.value_delta = delta.clone() if not self.value_delta.numel() else torch.cat([self.value_delta, delta], -1)
 
+    def check_start(self) -> None:
+        """ValueError naming the buffer when the start or the forgotten classes' correction does
+        not fit this bottleneck (a checkpoint edited or written by other code)."""
+        c, k, d, v = self.num_codebooks, self.codebook_size, self.key_dim, self.value_dim
+        if self.has_start and (tuple(self.value_start.shape) != (c, d, v) or tuple(self.value_start_bias.shape) != (v,)):
+            raise ValueError(f"value_start {tuple(self.value_start.shape)} / value_start_bias "
+                             f"{tuple(self.value_start_bias.shape)}: expected {(c, d, v)} / ({v},)")
+        if self.value_floor.numel() and tuple(self.value_floor.shape) != (c, k):
+            raise ValueError(f"value_floor {tuple(self.value_floor.shape)}: expected {(c, k)}")
+        r = len(self.delta_classes)
+        if (r or self.value_delta.numel()) and tuple(self.value_delta.shape) != (c, k, r):
+            raise ValueError(f"value_delta {tuple(self.value_delta.shape)}: expected {(c, k, r)} for "
+                             f"{r} delta_classes")
+        if r and (len(set(self.delta_classes.tolist())) != r or not bool(((self.delta_classes >= 0)
+                                                                          & (self.delta_classes < v)).all())):
+            raise ValueError(f"delta_classes {self.delta_classes.tolist()}: must be distinct classes below {v}")
+
     def fold_delta(self) -> None:
         """Write ``value_delta`` into ``values`` (this model's own) and empty it: before training
         or setting values directly."""

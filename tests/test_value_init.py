@@ -191,3 +191,19 @@ def test_a_run_records_the_probe_start_c_with_its_training_info(tmp_path):
     assert info["probe_c"] in PROBE_GRID and str(info["probe_c"]) in info["probe_holdout_acc"]
     _, again = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]  # loaded from the store
     assert again["probe_c"] == info["probe_c"]
+
+
+def test_a_stored_correction_that_does_not_fit_is_refused_by_name(probe_started, tmp_path):
+    from dkvb.store import StoreError, load_model, save_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, _ = probe_started
+    out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
+    out.bottleneck.delta_classes = torch.tensor([1, 1])  # two columns named, one stored
+    save_model(out, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    with pytest.raises(StoreError, match="value_delta"):
+        load_model(tmp_path / "m")
+    out.bottleneck.value_delta = torch.cat([out.bottleneck.value_delta] * 2, -1)  # now two, but the same class
+    save_model(out, tmp_path / "n", class_names=list(train.class_names), encoder="test")
+    with pytest.raises(StoreError, match="delta_classes"):
+        load_model(tmp_path / "n")
