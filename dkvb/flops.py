@@ -117,10 +117,11 @@ _CACHE: dict[tuple, int] = {}
 def forward_flops(module: nn.Module, x: Tensor) -> int:
     """fvcore FLOPs of one forward pass of ``module`` on a batch shaped like ``x``.
 
-    Memoised on the module's class, its config and the batch shape, since unlearning loops
-    call it once per step.
+    Memoised on the module's class, its config, the batch shape and (a DKVB) how many forgotten
+    classes' start corrections its pooling adds, since unlearning loops call it once per step.
     """
-    key = (type(module).__name__, repr(getattr(module, "config", id(module))), tuple(x.shape))
+    delta = getattr(getattr(module, "bottleneck", None), "delta_classes", ())  # forgotten classes' correction
+    key = (type(module).__name__, repr(getattr(module, "config", id(module))), tuple(x.shape), len(delta))
     if key not in _CACHE:
         was_training = module.training
         module.eval()

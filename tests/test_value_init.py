@@ -207,3 +207,13 @@ def test_a_stored_correction_that_does_not_fit_is_refused_by_name(probe_started,
     save_model(out, tmp_path / "n", class_names=list(train.class_names), encoder="test")
     with pytest.raises(StoreError, match="delta_classes"):
         load_model(tmp_path / "n")
+
+
+def test_fvcore_counts_the_pooled_correction_of_a_forgotten_class(probe_started):
+    from dkvb.flops import forward_flops
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, _ = probe_started
+    out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
+    b, x = model.bottleneck, train.x[:64]
+    assert forward_flops(out, x) - forward_flops(model, x) == 64 * b.num_codebooks * b.topk  # one add per key
