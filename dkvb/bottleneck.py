@@ -132,10 +132,9 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
     def check_start(self) -> None:
         """ValueError naming the buffer when the start or the forgotten classes' correction does
         not fit this bottleneck (a checkpoint edited or written by other code)."""
-        c, k, d, v = self.num_codebooks, self.codebook_size, self.key_dim, self.value_dim
-        if self.has_start and (tuple(self.value_start.shape) != (c, d, v) or tuple(self.value_start_bias.shape) != (v,)):
-            raise ValueError(f"value_start {tuple(self.value_start.shape)} / value_start_bias "
-                             f"{tuple(self.value_start_bias.shape)}: expected {(c, d, v)} / ({v},)")
+        c, k, v = self.num_codebooks, self.codebook_size, self.value_dim
+        if self.has_start:
+            self._check_start_shapes(self.value_start, self.value_start_bias, "value_start / value_start_bias")
         if self.value_floor.numel() and tuple(self.value_floor.shape) != (c, k):
             raise ValueError(f"value_floor {tuple(self.value_floor.shape)}: expected {(c, k)}")
         r = len(self.delta_classes)
@@ -145,6 +144,12 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         if r and (len(set(self.delta_classes.tolist())) != r or not bool(((self.delta_classes >= 0)
                                                                           & (self.delta_classes < v)).all())):
             raise ValueError(f"delta_classes {self.delta_classes.tolist()}: must be distinct classes below {v}")
+
+    def _check_start_shapes(self, weight: Tensor, bias: Tensor, what: str) -> None:
+        expected = (self.num_codebooks, self.key_dim, self.value_dim)
+        if tuple(weight.shape) != expected or tuple(bias.shape) != (self.value_dim,):
+            raise ValueError(f"{what}: weight must be {expected} and bias ({self.value_dim},), "
+                             f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
 
     def fold_delta(self) -> None:
         """Write ``value_delta`` into ``values`` (this model's own) and empty it: before training
@@ -179,10 +184,7 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
     def set_start(self, weight: Tensor, bias: Tensor) -> None:
         """Record the linear start: ``weight`` (C, key_dim, value_dim), ``bias`` (value_dim), and
         each key's lowest start score over the classes (``value_floor``)."""
-        expected = (self.num_codebooks, self.key_dim, self.value_dim)
-        if tuple(weight.shape) != expected or tuple(bias.shape) != (self.value_dim,):
-            raise ValueError(f"set_start: weight must be {expected} and bias ({self.value_dim},), "
-                             f"got {tuple(weight.shape)} and {tuple(bias.shape)}")
+        self._check_start_shapes(weight, bias, "set_start")
         self.value_start, self.value_start_bias = weight.float().clone(), bias.float().clone()
         self.value_floor = torch.zeros(0)
         self.start_floor()
