@@ -210,14 +210,27 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         weight = self.value_start.index_select(2, cols)
         return self.num_codebooks * batched_matmul(self.keys, weight) + self.value_start_bias[cols]
 
+    def start_scores(self, rows: Tensor, chunk: int = 8192) -> Tensor:
+        """(len(rows), value_dim): the linear start's score of every class at the flat key ``rows``
+        (indices into ``values.view(C * K, -1)``), computed at those keys only (``2 * key_dim *
+        value_dim`` FLOPs per row), in chunks that bound the gathered start weights."""
+        rows = torch.as_tensor(rows).long()
+        if not self.has_start:
+            return torch.zeros(len(rows), self.value_dim)
+        flat_keys, out = self.keys.reshape(-1, self.key_dim), []
+        for part in rows.split(chunk):
+            weight = self.value_start.index_select(0, part // self.codebook_size)  # (n, key_dim, value_dim)
+            out.append(batched_matmul(flat_keys.index_select(0, part).unsqueeze(1), weight).squeeze(1))
+        scores = torch.cat(out) if out else torch.zeros(0, self.value_dim)
+        return self.num_codebooks * scores + self.value_start_bias
+
     def restart_values(self, rows: Tensor) -> Tensor:
         """(len(rows), value_dim): where training started the flat key ``rows`` (indices into
         ``values.view(C * K, -1)``), as the start stands now: zeros without a start, and the
         classes taken out of it at each key's floor."""
-        if not self.has_start:
-            return torch.zeros(len(rows), self.value_dim)
-        start = self.start_values().view(-1, self.value_dim)[rows]
-        start[:, ~self.start_classes] = self.start_floor().reshape(-1)[rows].unsqueeze(-1)
+        start = self.start_scores(rows)
+        if self.has_start:
+            start[:, ~self.start_classes] = self.start_floor().reshape(-1)[rows].unsqueeze(-1)
         return start
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

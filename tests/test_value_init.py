@@ -75,6 +75,15 @@ def probe_started():
     return model, train, test
 
 
+def test_start_scores_at_some_keys_are_the_start_table_there(probe_started):
+    b = probe_started[0].bottleneck
+    rows = torch.tensor([0, 5, b.codebook_size + 3, b.num_codebooks * b.codebook_size - 1])
+    table = b.start_values().view(-1, b.value_dim)[rows]
+    assert torch.allclose(b.start_scores(rows), table, atol=1e-5)
+    assert torch.allclose(b.start_scores(rows, chunk=3), table, atol=1e-5)  # chunking changes nothing
+    assert b.start_scores(rows[:0]).shape == (0, b.value_dim)
+
+
 @pytest.mark.parametrize("params", [{}, {"refit_epochs": 1}, {"refit_epochs": 1, "release_keys": True}])
 def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(probe_started, params):
     from dkvb.evaluate import evaluate

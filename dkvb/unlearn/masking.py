@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..bottleneck import batched_matmul
 from ..data import EmbeddingSet, fingerprint
 from ..flops import FlopCounter, note_images, search_flops
 from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
@@ -115,10 +114,7 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
         held = (removed <= (floor + 1e-4 * (1 + floor.abs())).unsqueeze(-1)).any(-1)
         flat = held.view(-1).nonzero().squeeze(1)  # held keys, as c * K + k
         if len(flat) and bool(live.any()):  # every class's start score at the held keys, the live ones' lowest
-            keys = b.keys.reshape(-1, b.key_dim).index_select(0, flat).unsqueeze(1)
-            scores = batched_matmul(keys, b.value_start.index_select(0, flat // b.codebook_size)).squeeze(1)
-            scores = b.num_codebooks * scores + b.value_start_bias
-            floor.view(-1)[flat] = scores.masked_fill(~live, float("inf")).amin(-1)
+            floor.view(-1)[flat] = b.start_scores(flat).masked_fill(~live, float("inf")).amin(-1)
         elif len(flat):
             floor.view(-1)[flat] = 0.0
         b.add_delta(cols, floor.unsqueeze(-1) - removed)
@@ -189,8 +185,8 @@ def refit_released(before: DKVBClassifier, after: DKVBClassifier, keys: Tensor, 
     with torch.no_grad():
         picked = torch.from_numpy(np.flatnonzero(rows))
         b.values.view(-1, b.value_dim)[picked] = b.restart_values(picked)
-    if b.has_start:
-        counter.add(2 * b.values.numel() * b.key_dim)
+    if b.has_start:  # the start's scores at the picked keys (start_scores)
+        counter.add(2 * len(picked) * b.key_dim * b.value_dim)
     kept = retain.numpy()
     now = codes.indices.numpy()[kept, :, :b.topk]
     users = _fit_rows(after, train, kept, now, rows, TrainConfig(epochs=epochs, lr=lr, batch_size=batch_size,
