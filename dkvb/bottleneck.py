@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, NamedTuple
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,28 @@ def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
     if a.device.type != "cpu":
         return torch.bmm(a, b)
     return torch.from_numpy(np.matmul(a.detach().numpy(), b.detach().numpy()))
+
+
+def gathered_start_scores(keys: Tensor, weight: Tensor, rows: Tensor, codebook_size: int, chunk: int) -> Tensor:
+    """What :func:`_start_scores` computes, with torch on any device: each row's start weights
+    gathered (``chunk`` rows at a time, to bound that copy) and multiplied in one ``bmm``."""
+    parts = [torch.bmm(keys.index_select(0, part).unsqueeze(1), weight.index_select(0, part // codebook_size)).squeeze(1)
+             for part in rows.split(chunk)]
+    return torch.cat(parts) if parts else keys.new_zeros(0, weight.shape[-1])
+
+
+@numba.njit(cache=True, nogil=True)
+def _start_scores(keys, weight, rows, codebook_size, out):  # pragma: no cover - compiled
+    """``out[i] = keys[rows[i]] @ weight[rows[i] // codebook_size]`` (keys (C * K, d), weight (C, d, V))."""
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        c = r // codebook_size
+        for v in range(out.shape[1]):
+            out[i, v] = 0.0
+        for d in range(keys.shape[1]):
+            x = keys[r, d]
+            for v in range(out.shape[1]):
+                out[i, v] += x * weight[c, d, v]
 
 
 class BottleneckOutput(NamedTuple):
@@ -213,15 +236,24 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
     def start_scores(self, rows: Tensor, chunk: int = 8192) -> Tensor:
         """(len(rows), value_dim): the linear start's score of every class at the flat key ``rows``
         (indices into ``values.view(C * K, -1)``), computed at those keys only (``2 * key_dim *
-        value_dim`` FLOPs per row), in chunks that bound the gathered start weights."""
+        value_dim`` FLOPs per row).
+
+        On the CPU one compiled loop reads each row's key and its codebook's start weights in
+        place (:func:`_start_scores`); gathering the weights per row first, as other devices do
+        (in chunks of ``chunk`` rows), took 2-30x longer here (CIFAR-100's 512 x 8 x 100 weights:
+        69 ms against 3.6 for 20,000 keys)."""
         rows = torch.as_tensor(rows).long()
         if not self.has_start:
             return torch.zeros(len(rows), self.value_dim)
-        flat_keys, out = self.keys.reshape(-1, self.key_dim), []
-        for part in rows.split(chunk):
-            weight = self.value_start.index_select(0, part // self.codebook_size)  # (n, key_dim, value_dim)
-            out.append(batched_matmul(flat_keys.index_select(0, part).unsqueeze(1), weight).squeeze(1))
-        scores = torch.cat(out) if out else torch.zeros(0, self.value_dim)
+        flat_keys = self.keys.reshape(-1, self.key_dim)
+        if flat_keys.device.type == "cpu":
+            scores = np.empty((len(rows), self.value_dim), dtype=np.float32)
+            _start_scores(flat_keys.detach().float().contiguous().numpy(),
+                          self.value_start.float().contiguous().numpy(), rows.numpy(), self.codebook_size, scores)
+            scores = torch.from_numpy(scores)
+        else:
+            scores = gathered_start_scores(flat_keys, self.value_start, rows.to(flat_keys.device),
+                                           self.codebook_size, chunk)
         return self.num_codebooks * scores + self.value_start_bias
 
     def restart_values(self, rows: Tensor) -> Tensor:

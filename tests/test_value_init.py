@@ -80,7 +80,9 @@ def test_start_scores_at_some_keys_are_the_start_table_there(probe_started):
     rows = torch.tensor([0, 5, b.codebook_size + 3, b.num_codebooks * b.codebook_size - 1])
     table = b.start_values().view(-1, b.value_dim)[rows]
     assert torch.allclose(b.start_scores(rows), table, atol=1e-5)
-    assert torch.allclose(b.start_scores(rows, chunk=3), table, atol=1e-5)  # chunking changes nothing
+    from dkvb.bottleneck import gathered_start_scores  # the path of other devices, chunked
+    gathered = gathered_start_scores(b.keys.reshape(-1, b.key_dim), b.value_start, rows, b.codebook_size, chunk=3)
+    assert torch.allclose(b.num_codebooks * gathered + b.value_start_bias, table, atol=1e-5)
     assert b.start_scores(rows[:0]).shape == (0, b.value_dim)
 
 
