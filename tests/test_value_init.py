@@ -125,6 +125,29 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
         assert torch.allclose(again.model.bottleneck.value_floor, start[..., [0, 1, 4]].amin(-1), atol=1e-5)
 
 
+def test_a_probe_started_model_masks_where_the_class_holds_a_uniform_share_unless_releasing():
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+    from dkvb.unlearn.activations import SHARE_FACTOR, START_SHARE_FACTOR, default_share
+
+    train = make_clusters(1500, num_classes=5, spread=1.5, seed=0)
+    config = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4, projection="discriminant", whiten_dim=16)
+    model = fit(build_model(config, train.dim, 5, seed=0), train,
+                TrainConfig(epochs=3, lr=1e-2, value_init="probe", probe_c=0.1))
+    model.compute_activation_counts(train.x, train.y)
+    request = ForgetRequest((2,), train)
+    factor = SHARE_FACTOR[model.bottleneck.projection_kind]
+    assert START_SHARE_FACTOR == 1.0 and factor < START_SHARE_FACTOR
+    assert default_share(model, 1) == START_SHARE_FACTOR / 5
+    assert default_share(model, 1, release=True) == factor / 5  # released keys cost no capacity
+    default = create_unlearner("dkvb-activations").unlearn(model, request)
+    explicit = create_unlearner("dkvb-activations", min_share=START_SHARE_FACTOR / 5).unlearn(model, request)
+    assert torch.equal(default.model.key_mask, explicit.model.key_mask)
+    released = create_unlearner("dkvb-activations", refit_epochs=1, release_keys=True).unlearn(model, request)
+    lower = create_unlearner("dkvb-activations", min_share=factor / 5).unlearn(model, request)
+    assert torch.equal(released.details["mask"], lower.details["mask"])
+    assert int(lower.model.key_mask.sum()) > int(default.model.key_mask.sum())
+
+
 def test_the_start_survives_the_store_and_older_models_load_without_it(probe_started, tmp_path):
     from dkvb.store import load_model, save_model
 

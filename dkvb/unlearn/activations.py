@@ -33,12 +33,23 @@ from .masking import MaskingUnlearner, mask_summary, masked_copy
 # so the keys next to a forget class's own hold a small share of it, enough (summed over every
 # codebook) to keep predicting it: they must be masked too, hence a lower bar.
 SHARE_FACTOR = {"discriminant": 0.5, "whitened": 1.25, "pca": 1.25, "random": 1.25}
+# With a probe start (``value_init="probe"``) a masking request first takes the class out of the
+# start (:func:`~dkvb.unlearn.masking.remove_start`), which alone stops its predictions; the mask
+# only has to reach the keys where training put the class's own examples, and every key it spends
+# is capacity later requests lack. So such a model masks the keys where the class holds at least a
+# uniform share (factor 1.0: 0.00% forget-validation on all six datasets, as 1.5-3.0 also gave;
+# docs/quality.md item 15). Releasing keys costs no capacity and keeps the projection's factor.
+START_SHARE_FACTOR = 1.0
 
 
-def default_share(model: DKVBClassifier, num_forget: int) -> float:
-    """The default rule's ``min_share`` for ``model``: :data:`SHARE_FACTOR` of its projection times
-    the forget classes' share of a uniform class mix."""
-    return SHARE_FACTOR[model.bottleneck.projection_kind] * num_forget / model.num_classes
+def default_share(model: DKVBClassifier, num_forget: int, *, release: bool = False) -> float:
+    """The default rule's ``min_share`` for ``model``: :data:`SHARE_FACTOR` of its projection (at
+    least :data:`START_SHARE_FACTOR` for a probe-started model whose keys stay masked, not
+    ``release``d) times the forget classes' share of a uniform class mix."""
+    factor = SHARE_FACTOR[model.bottleneck.projection_kind]
+    if model.bottleneck.has_start and not release:
+        factor = max(factor, START_SHARE_FACTOR)
+    return factor * num_forget / model.num_classes
 
 
 @register("dkvb-activations")
@@ -63,7 +74,9 @@ class UnlearnViaActivations(MaskingUnlearner):
             of Fashion-MNIST (60k and 4k), CIFAR-10 (50k and 4k), CIFAR-100 and digits
             (docs/quality.md): 0.5 for ``discriminant`` (1.0 leaves 19% forget-validation on
             Fashion-MNIST), 1.25 for ``whitened`` (1.0 costs CIFAR-10 1.65 retain points, 1.5
-            stops forgetting).
+            stops forgetting); a probe-started model that keeps the keys masked uses at least
+            :data:`START_SHARE_FACTOR` (1.0), since taking the class out of the start does the
+            forgetting there and fewer masked keys leave room for later requests.
         min_count: a key must be activated this many times by the forget classes to be eligible.
         use_cached_counts: use (and fill) the per-class count table cached on the model, so a
             request costs no lookup at all; ``False`` runs Algorithm 1 from scratch: look up the
@@ -112,7 +125,8 @@ class UnlearnViaActivations(MaskingUnlearner):
         # the sum, a comparison per key for eligibility and one for the top-N selection.
         flops += (len(request.forget_classes) + 2) * c * k
         if self.rule == "share":
-            share = default_share(model, len(request.forget_classes)) if self.min_share is None else self.min_share
+            share = (default_share(model, len(request.forget_classes), release=self.release_keys)
+                     if self.min_share is None else self.min_share)
             # The per-key total over all classes, kept with the model's count table (summed where the
             # table is made or loaded). Counted where this request summed it: always for a table it
             # made itself, for a cached table only if nothing had summed it yet.
