@@ -114,7 +114,9 @@ class ModelService(StoreWriter):
             request, digest = make_request(unlearner, model, new, data, seed, [names.index(c) for c in done])
             start = time.perf_counter()
             report = unlearner.unlearn(model, request)
-            record.update(seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,
+            # the parameters as used: a default resolved against the model (the share rule's
+            # min_share) is logged as its value, so replay does not depend on later defaults
+            record.update(params=report.params, seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,
                           forgotten=done + [names[i] for i in new])
             version = self._save(report.model, model, manifest, record)
             self._codes = (version, report.model.code_cache)

@@ -508,3 +508,34 @@ def test_a_probe_started_model_is_served_its_start_changes_are_stored_and_replay
     assert evaluate(served, train, test, [1])["forget_test_acc"] <= 0.01
     forget(path, "class2")
     assert torch.equal(replay(path), load_model(path)[0].key_mask)
+
+
+def test_the_log_holds_the_share_the_default_resolved_to_and_older_records_replay_with_the_old_default(tmp_path):
+    from conftest import make_clusters
+
+    from dkvb.replay import _replay_forget
+    from dkvb.request import flat_mask
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+    from dkvb.unlearn.activations import SHARE_FACTOR, START_SHARE_FACTOR
+
+    train = make_clusters(1500, num_classes=5, spread=1.5, seed=0)  # overlapping classes: the two rules differ
+    n = train.num_classes
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="discriminant",
+                                    whiten_dim=8), train.dim, n)
+    fit(model, train, TrainConfig(epochs=2, lr=1e-2, value_init="probe", probe_c=0.1))
+    model.compute_activation_counts(train.x, train.y)
+    path = tmp_path / "model"
+    save_model(model, path, class_names=list(train.class_names), encoder="synthetic")
+    rec = forget(path, "class1")
+    assert rec["params"]["min_share"] == pytest.approx(START_SHARE_FACTOR / n)  # the value used, not None
+    assert read_log(path)[-1]["params"]["min_share"] == rec["params"]["min_share"]
+    assert torch.equal(replay(path), load_model(path)[0].key_mask)
+    # a record logged before the share was resolved (min_share None) replays with the default of
+    # then, the projection's factor alone: the mask that request made
+    old = create_unlearner("dkvb-activations", min_share=SHARE_FACTOR["discriminant"] / n).unlearn(
+        model, ForgetRequest((1,), train)).model.key_mask
+    legacy = {"request_id": "r1", "method": "dkvb-activations", "new_classes": ["class1"], "seed": 0,
+              "params": {**rec["params"], "min_share": None}, "mask_delta": flat_mask(old & ~model.key_mask)}
+    mask, how = _replay_forget(legacy, model, list(train.class_names), model.key_mask.clone(), None)
+    assert how == "recomputed" and torch.equal(mask, old)
+    assert int(old.sum()) > int(load_model(path)[0].key_mask.sum())  # the old default masked more

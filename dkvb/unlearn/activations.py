@@ -139,8 +139,9 @@ class UnlearnViaActivations(MaskingUnlearner):
             flops += summed + c * k  # that sum, and the share test
         new_mask = eligible if self.num_keys is None else eligible & _top(forget, eligible, self.num_keys, self.scope)
         out, refit_flops, refit = self._finish(model, new_mask, request)
+        resolved = {"min_share": share} if self.rule == "share" and self.min_share is None else {}
         return out, flops + refit_flops, {"counts_cached": cached, **mask_summary(out.key_mask & ~model.key_mask),
-                                          "mask": new_mask, **refit}
+                                          "mask": new_mask, **refit, "resolved_params": resolved}
 
 
 def _top(score: torch.Tensor, eligible: torch.Tensor, n: int, scope: str) -> torch.Tensor:

@@ -106,7 +106,10 @@ class Unlearner(ABC):
         new_model, flops, details = self._unlearn(model, request)
         seconds = time.perf_counter() - start
         new_model.eval()
-        return UnlearnReport(self.name, new_model, int(flops), seconds, self.params, details)
+        # a default resolved against the model (``details["resolved_params"]``) is reported as the
+        # value used, so a logged request replays the same whatever later code makes the default
+        params = {**self.params, **details.pop("resolved_params", {})}
+        return UnlearnReport(self.name, new_model, int(flops), seconds, params, details)
 
     @abstractmethod
     def _unlearn(self, model: nn.Module, request: ForgetRequest) -> tuple[nn.Module, int, dict[str, Any]]:
