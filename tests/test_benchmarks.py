@@ -143,5 +143,6 @@ def test_bench_request_times_one_cached_count_request_per_class(tmp_path, tiny_c
     proc = _run("bench_request.py", str(tiny_config), "--rounds", "2", "--out", str(out))
     row = json.loads(out.read_text())["runs"][0]
     assert row["requests"] == 2 * row["classes"] and 0 < row["median_ms"] <= row["p90_ms"] <= row["max_ms"]
+    assert row["first_request_ms"] > 0  # the cold start, apart from the timed requests
     assert row["flops"] and all(f > 0 for f in row["flops"])
     assert "| tiny |" in proc.stdout
