@@ -19,7 +19,7 @@ from .errors import AuditError, StoreError
 from .models import DKVBClassifier
 from .request import classes_read, data_digest, flat_mask, make_request, mask_sha, needs_data
 from .unlearn import create_unlearner
-from .unlearn.activations import SHARE_FACTOR
+from .unlearn.activations import default_share
 
 Loader = Callable[[str], tuple[DKVBClassifier, dict[str, Any]]]
 
@@ -130,8 +130,7 @@ def _logged_params(rec: dict[str, Any], model: DKVBClassifier) -> dict[str, Any]
     (:data:`~dkvb.unlearn.activations.SHARE_FACTOR`, also for probe-started models)."""
     params = dict(rec["params"])
     if rec["method"] == "dkvb-activations" and params.get("rule", "share") == "share" and params.get("min_share") is None:
-        factor = SHARE_FACTOR[model.bottleneck.projection_kind]
-        params["min_share"] = factor * len(rec["new_classes"]) / model.num_classes
+        params["min_share"] = default_share(model, len(rec["new_classes"]), start_factor=False)
     return params
 
 

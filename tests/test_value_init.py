@@ -138,7 +138,7 @@ def test_a_probe_started_model_masks_where_the_class_holds_a_uniform_share_unles
     factor = SHARE_FACTOR[model.bottleneck.projection_kind]
     assert START_SHARE_FACTOR == 1.0 and factor < START_SHARE_FACTOR
     assert default_share(model, 1) == START_SHARE_FACTOR / 5
-    assert default_share(model, 1, release=True) == factor / 5  # released keys cost no capacity
+    assert default_share(model, 1, start_factor=False) == factor / 5  # released keys cost no capacity
     default = create_unlearner("dkvb-activations").unlearn(model, request)
     explicit = create_unlearner("dkvb-activations", min_share=START_SHARE_FACTOR / 5).unlearn(model, request)
     assert torch.equal(default.model.key_mask, explicit.model.key_mask)

@@ -42,12 +42,13 @@ SHARE_FACTOR = {"discriminant": 0.5, "whitened": 1.25, "pca": 1.25, "random": 1.
 START_SHARE_FACTOR = 1.0
 
 
-def default_share(model: DKVBClassifier, num_forget: int, *, release: bool = False) -> float:
+def default_share(model: DKVBClassifier, num_forget: int, *, start_factor: bool = True) -> float:
     """The default rule's ``min_share`` for ``model``: :data:`SHARE_FACTOR` of its projection (at
-    least :data:`START_SHARE_FACTOR` for a probe-started model whose keys stay masked, not
-    ``release``d) times the forget classes' share of a uniform class mix."""
+    least :data:`START_SHARE_FACTOR` for a probe-started model, unless ``start_factor`` is False:
+    keys that are released rather than kept masked, and requests logged before that factor
+    existed) times the forget classes' share of a uniform class mix."""
     factor = SHARE_FACTOR[model.bottleneck.projection_kind]
-    if model.bottleneck.has_start and not release:
+    if model.bottleneck.has_start and start_factor:
         factor = max(factor, START_SHARE_FACTOR)
     return factor * num_forget / model.num_classes
 
@@ -125,7 +126,7 @@ class UnlearnViaActivations(MaskingUnlearner):
         # the sum, a comparison per key for eligibility and one for the top-N selection.
         flops += (len(request.forget_classes) + 2) * c * k
         if self.rule == "share":
-            share = (default_share(model, len(request.forget_classes), release=self.release_keys)
+            share = (default_share(model, len(request.forget_classes), start_factor=not self.release_keys)
                      if self.min_share is None else self.min_share)
             # The per-key total over all classes, kept with the model's count table (summed where the
             # table is made or loaded). Counted where this request summed it: always for a table it
