@@ -245,6 +245,9 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         rows = torch.as_tensor(rows).long()
         if not self.has_start:
             return torch.zeros(len(rows), self.value_dim)
+        total = self.num_codebooks * self.codebook_size
+        if len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= total):  # the compiled loop does not check
+            raise ValueError(f"start_scores: key rows must lie in [0, {total}), got {int(rows.min())}..{int(rows.max())}")
         flat_keys = self.keys.reshape(-1, self.key_dim)
         if flat_keys.device.type == "cpu":
             scores = np.empty((len(rows), self.value_dim), dtype=np.float32)

@@ -84,6 +84,9 @@ def test_start_scores_at_some_keys_are_the_start_table_there(probe_started):
     gathered = gathered_start_scores(b.keys.reshape(-1, b.key_dim), b.value_start, rows, b.codebook_size, chunk=3)
     assert torch.allclose(b.num_codebooks * gathered + b.value_start_bias, table, atol=1e-5)
     assert b.start_scores(rows[:0]).shape == (0, b.value_dim)
+    for bad in (torch.tensor([-1]), torch.tensor([b.num_codebooks * b.codebook_size])):
+        with pytest.raises(ValueError, match="key rows must lie in"):
+            b.start_scores(bad)
 
 
 @pytest.mark.parametrize("params", [{}, {"refit_epochs": 1}, {"refit_epochs": 1, "release_keys": True}])
