@@ -116,10 +116,11 @@ def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, b
 
 
 def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
-                  models: Path | None = None) -> tuple[Any, float, float]:
-    """(model, k-means seconds, training seconds) of one setting trained on ``fit_part``. With a
-    ``models`` folder, a model trained before on the same rows, setting and seed is loaded from it
-    (with the seconds its training took) and a new one is saved there, so rule sweeps reuse it."""
+                  models: Path | None = None) -> tuple[Any, dict[str, Any]]:
+    """(model, training info) of one setting trained on ``fit_part``: k-means and training seconds
+    and what training chose itself (a probe start's C and holdout accuracies). With a ``models``
+    folder, a model trained before on the same rows, setting and seed is loaded from it (with its
+    training info) and a new one is saved there, so rule sweeps reuse it."""
     from dkvb.data import fingerprint
     from dkvb.store import load_model, save_model
 
@@ -127,21 +128,21 @@ def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
     path = None if models is None else models / hashlib.sha256(key.encode()).hexdigest()[:16]
     if path is not None and path.is_dir():
         model, manifest = load_model(path)
-        return model, manifest["extra"]["kmeans_seconds"], manifest["extra"]["train_seconds"]
+        return model, {k: v for k, v in manifest["extra"].items() if k != "key"}
     model_cfg = resolve_config(ModelConfig(**{k: v for k, v in setting.items() if k in MODEL_FIELDS}), len(fit_part))
     train_cfg = TrainConfig(**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, seed=seed)
     model = build_model(model_cfg, fit_part.dim, fit_part.num_classes, seed=seed)
     start = time.perf_counter()
     model.prepare(fit_part.x, fit_part.y)
     kmeans_s = time.perf_counter() - start
-    start = time.perf_counter()
-    fit(model, fit_part, train_cfg)
-    train_s = time.perf_counter() - start
+    start, chosen = time.perf_counter(), {}
+    fit(model, fit_part, train_cfg, info=chosen)
+    info = {"kmeans_seconds": kmeans_s, "train_seconds": time.perf_counter() - start, **chosen}
     model.compute_activation_counts(fit_part.x, fit_part.y)
     if path is not None:
         save_model(model, path, class_names=list(fit_part.class_names), encoder="dkvb_sweep",
-                   extra={"kmeans_seconds": kmeans_s, "train_seconds": train_s, "key": key})
-    return model, kmeans_s, train_s
+                   extra={**info, "key": key})
+    return model, info
 
 
 def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
@@ -150,15 +151,13 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
     """Train (or load, see :func:`train_setting`) one DKVB setting on ``fit_part``; validation
     accuracy, per forget rule one forget request per class, and with ``input_grid`` (probe C
     values) the :func:`input_probe` accuracy."""
-    model, kmeans_s, train_s = train_setting(setting, fit_part, seed, models)
+    model, info = train_setting(setting, fit_part, seed, models)
     b = model.bottleneck
     cands = b.candidates(val.x)
     before = model.predict_from(val.x, cands)
     out: dict[str, Any] = {
-        "setting": setting, "codebook_size": b.codebook_size, "val_acc": accuracy(before, val.y), "kmeans_seconds": kmeans_s,
-        "train_seconds": train_s,
+        "setting": setting, "codebook_size": b.codebook_size, "val_acc": accuracy(before, val.y), **info,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
-        **getattr(model, "value_init_report", {}),  # a probe start's C and holdout accuracies (trained here)
     }
     if input_grid:
         out["input_probe_val_acc"] = input_probe(model, fit_part, val, input_grid)

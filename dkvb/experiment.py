@@ -107,6 +107,7 @@ def train_models(
                 model.prepare(train.x, train.y)
             start = time.perf_counter()
             codes = found = None
+            chosen: dict = {}  # what training chose itself: the probe start's C, when it has one
             if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates
                 with timer.track("nearest-key search (train set)", kind):
                     found = model.bottleneck.candidates(train.x)
@@ -115,9 +116,8 @@ def train_models(
                     candidates[kind] = found
             with timer.track("train", kind):
                 fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
-                    progress=progress, desc=f"train {kind}", indices=codes)
-        info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total,
-                **getattr(model, "value_init_report", {})}  # the probe start's C, when it has one
+                    progress=progress, desc=f"train {kind}", indices=codes, info=chosen)
+        info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total, **chosen}
         if kind == "dkvb":
             start = time.perf_counter()
             with timer.track("activation counts", kind):

@@ -85,12 +85,14 @@ def fit(
     progress: bool = False,
     desc: str = "train",
     indices: Tensor | None = None,
+    info: dict | None = None,
 ) -> nn.Module:
     """Minimise ``loss_fn`` (default cross-entropy) over ``data``; initialises keys first if needed.
 
     A DKVB with the default loss trains through :func:`fit_values` (``indices``: its nearest
-    keys of ``data``, if already looked up); anything else runs the generic loop (Adam on every
-    trainable parameter). Raises :class:`DivergenceError` on a non-finite loss.
+    keys of ``data``, if already looked up; ``info``: receives what training chose itself, a
+    probe start's C); anything else runs the generic loop (Adam on every trainable parameter).
+    Raises :class:`DivergenceError` on a non-finite loss.
     """
     if len(data) == 0:
         raise ValueError("cannot train on an empty embedding set")
@@ -98,7 +100,7 @@ def fit(
     if bottleneck is not None and not bool(bottleneck.initted):
         model.prepare(data.x, data.y)
     if bottleneck is not None and loss_fn is None:
-        return fit_values(model, data, config, flops=flops, progress=progress, desc=desc, indices=indices)
+        return fit_values(model, data, config, flops=flops, progress=progress, desc=desc, indices=indices, info=info)
     if indices is not None:
         raise ValueError("fit: indices are a DKVB's looked-up keys, for the default loss only")
     loss_fn = loss_fn or (lambda m, x, y: F.cross_entropy(m(x), y, label_smoothing=config.label_smoothing))
@@ -129,6 +131,7 @@ def fit_values(
     indices: Tensor | None = None,
     rows: Tensor | None = None,
     count_lookup: bool = True,
+    info: dict | None = None,
 ) -> nn.Module:
     """Train a DKVB's values (and decoder) with cross-entropy, at about a linear head's cost.
 
@@ -142,6 +145,7 @@ def fit_values(
     evaluation candidates); counted as a lookup all the same unless ``count_lookup=False`` (the
     caller counted it). ``rows``, a bool mask over the C * K value rows, restricts training to
     those rows: every other value and the decoder stay as they are (re-fitting after a mask).
+    ``info`` receives what the value start chose (:func:`~dkvb.value_init.init_values`).
     """
     b = model.bottleneck
     if indices is not None and tuple(indices.shape) != (len(data), b.num_codebooks, b.topk):
@@ -150,7 +154,8 @@ def fit_values(
     codes = b.lookup(data.x) if indices is None else indices.long()
     flat = b.flat_indices(codes)
     if rows is None:
-        init_values(model, data, codes, config.value_init, probe_c=config.probe_c, seed=config.seed, flops=flops)
+        init_values(model, data, codes, config.value_init, probe_c=config.probe_c, seed=config.seed, flops=flops,
+                    chosen=info)
     if flops is not None and count_lookup:
         flops.add(lookup_flops(model, len(data)))
     values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay,

@@ -34,9 +34,10 @@ RIDGE = 0.1  # ridge strength, as a fraction of the code's mean variance
 
 
 def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *, probe_c: float | None = None,
-                seed: int = 0, flops: FlopCounter | None = None) -> None:
+                seed: int = 0, flops: FlopCounter | None = None, chosen: dict | None = None) -> None:
     """Set ``model``'s values by ``how`` (``"zeros"`` leaves them); ``codes``: the (N, C, topk)
-    keys ``data``'s rows select."""
+    keys ``data``'s rows select. ``chosen`` receives what the start chose itself (a probe
+    start's ``probe_c`` and holdout accuracies, :func:`probe_logits`)."""
     if how == "zeros":
         return
     if model.decoder.__class__.__name__ != "MeanDecoder":
@@ -45,9 +46,7 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
     if how == "counts":
         values = count_values(b.flat_indices(codes), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
     else:
-        chosen: dict = {}
         logits = probe_logits(data, probe_c=probe_c, seed=seed, flops=flops, chosen=chosen)
-        model.value_init_report = chosen  # kept with the run's training info
         b.set_start(*linear_start(b.keys, codes, logits, flops=flops))
         values = b.start_values()
         if flops is not None:

@@ -129,12 +129,14 @@ def test_dkvb_sweep_chooses_on_a_validation_split_and_summarises(tmp_path, tiny_
 def test_dkvb_sweep_reuses_saved_models_for_new_rules(tmp_path, tiny_config):
     out, models = tmp_path / "sweep.json", tmp_path / "models"
     args = ["dkvb_sweep.py", str(tiny_config), "--out", str(out), "--no-probe", "--models", str(models),
-            "--base", '{"num_codebooks": 8, "codebook_size": "auto", "key_dim": 4, "epochs": 2, "lr": 0.01}']
+            "--base", '{"num_codebooks": 8, "codebook_size": "auto", "key_dim": 4, "epochs": 2, "lr": 0.01, '
+                      '"value_init": "probe"}']
     _run(*args, "--rules", '[{}]')
     _run(*args, "--rules", '[{"min_share": 0.5}]')
     first, second = json.loads(out.read_text())["datasets"]["tiny"]["runs"]
     assert len(list(models.iterdir())) == 1  # trained once, loaded the second time
     assert first["val_acc"] == second["val_acc"] and first["train_seconds"] == second["train_seconds"]
+    assert first["probe_c"] == second["probe_c"] and "probe_holdout_acc" in second  # saved with the model
     assert second["rules"][0]["rule"] == {"min_share": 0.5}
 
 

@@ -43,9 +43,10 @@ def test_probe_start_is_the_probe_through_the_keys_and_training_refines_it():
     with torch.no_grad():
         agree = (start(train.x).argmax(1) == probe.argmax(1)).float().mean()
     assert agree > 0.9  # before any step the DKVB predicts what the probe does
-    counter = FlopCounter()
+    counter, info = FlopCounter(), {}
     trained = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train,
-                  TrainConfig(epochs=5, lr=1e-2, value_init="probe", probe_c=0.1), flops=counter)
+                  TrainConfig(epochs=5, lr=1e-2, value_init="probe", probe_c=0.1), flops=counter, info=info)
+    assert info == {"probe_c": 0.1}  # what the start used, handed back to the caller
     zeros = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train, TrainConfig(epochs=5, lr=1e-2), flops=FlopCounter())
     with torch.no_grad():
         assert accuracy(trained(test.x), test.y) >= accuracy(zeros(test.x), test.y) - 0.02
