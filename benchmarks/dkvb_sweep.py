@@ -12,7 +12,12 @@ never on the test split:
   memory (values, Adam moments, gradient buffer and codes).
 
 Settings are given as JSON objects of :class:`dkvb.ModelConfig` / :class:`dkvb.TrainConfig`
-fields over a base (``--base``), e.g. ``--grid '[{"num_codebooks": 256}, {"topk": 4}]'``.
+fields over a base, e.g. ``--grid '[{"num_codebooks": 256}, {"topk": 4}]'``. The base is the
+config's own ``model`` and ``train`` sections (the fields where they differ from the dataclass
+defaults), then ``--base``; ``--no-config-base`` starts from the dataclass defaults instead
+(``TrainConfig``'s are the linear head's: 10 epochs at lr 1e-3). Each result records its whole
+setting over those defaults (runs before 2026-11-28's tenth session started from the dataclass
+defaults, so a recorded setting without ``epochs`` means 10 epochs at lr 1e-3 in every row).
 Results are appended to a JSON file so a sweep can be extended run by run.
 
     python benchmarks/dkvb_sweep.py experiments/fashion_mnist_effnet_lite0.yaml --grid '[{}]'
@@ -25,6 +30,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -115,6 +121,15 @@ def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, b
     return out
 
 
+def config_base(cfg) -> dict[str, Any]:
+    """The fields of ``cfg.model`` and ``cfg.train`` that differ from the dataclass defaults (seed
+    aside: the sweep's ``--seed`` seeds every run): the setting a config ships."""
+    out: dict[str, Any] = {}
+    for given, default in ((cfg.model, ModelConfig()), (cfg.train, TrainConfig())):
+        out.update({k: v for k, v in asdict(given).items() if k != "seed" and v != getattr(default, k)})
+    return out
+
+
 def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
                   models: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """(model, training info) of one setting trained on ``fit_part``: k-means and training seconds
@@ -198,7 +213,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--name", help="dataset label in the results (default: the config's name)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override (dataset.name=...)")
     p.add_argument("--train-limit", type=int, default=None, help="seeded subset of the training set")
-    p.add_argument("--base", default="{}", help="JSON: settings every grid point starts from")
+    p.add_argument("--base", default="{}", help="JSON: settings over the config's own (see --no-config-base)")
+    p.add_argument("--no-config-base", action="store_true",
+                   help="start settings from the dataclass defaults, not the config's model/train sections")
     p.add_argument("--grid", default="[{}]", help="JSON list of settings over --base")
     p.add_argument("--rules", default="[{}]", help="JSON list: dkvb-activations parameters of the forget requests")
     p.add_argument("--probe-grid", default="0.001,0.01,0.1,1", help="logistic-regression C values")
@@ -239,7 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry["probe"] = probe(fit_part, val, train, test, grid)
         print(f"{name}: probe {json.dumps(entry['probe'])}", flush=True)
         atomic_write_json(out_path, results)
-    base, rules = json.loads(args.base), json.loads(args.rules)
+    base = {} if args.no_config_base else config_base(load_config(cfg_path, []))
+    base, rules = {**base, **json.loads(args.base)}, json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
         r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models, grid if args.input_probe else ())
