@@ -94,6 +94,7 @@ def train_models(
         except StoreError:
             pass
         counter, start = FlopCounter(), time.perf_counter()
+        chosen: dict = {}  # what training chose itself: the probe start's C, when it has one
         if kind == "sharded":
             from .shards import train_sharded
 
@@ -107,7 +108,6 @@ def train_models(
                 model.prepare(train.x, train.y)
             start = time.perf_counter()
             codes = found = None
-            chosen: dict = {}  # what training chose itself: the probe start's C, when it has one
             if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates
                 with timer.track("nearest-key search (train set)", kind):
                     found = model.bottleneck.candidates(train.x)
