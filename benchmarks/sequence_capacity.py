@@ -1,7 +1,9 @@
 """How many single-class requests can masking alone serve before a codebook runs out of keys?
 
-Trains (or loads, ``--models``) one DKVB setting on the validation sweep's split of the training
-set (:mod:`dkvb_sweep`), then forgets classes one at a time in a seeded order with
+Trains (or loads, ``--models``) one DKVB setting (the config's own model and training settings,
+``--setting`` over them; runs before 2026-11-28's tenth session started from CIFAR-100's
+zero-start setting instead, and each records its setting) on the validation sweep's split of the
+training set (:mod:`dkvb_sweep`), then forgets classes one at a time in a seeded order with
 ``dkvb-activations`` under each rule given, from the cached counts, until a mask is refused
 (every key of some codebook masked). Per step: the share of keys masked, the fewest free keys in
 any codebook, the worst forget-validation accuracy over the classes forgotten so far and the
@@ -27,17 +29,13 @@ from typing import Any, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dkvb_sweep import load_data, train_setting  # noqa: E402
+from dkvb_sweep import config_base, load_data, train_setting  # noqa: E402
 
 from dkvb import ModelConfig, TrainConfig, build_model, fit  # noqa: E402
 from dkvb.config import load_config  # noqa: E402
 from dkvb.evaluate import accuracy  # noqa: E402
 from dkvb.io import atomic_write_json  # noqa: E402
 from dkvb.unlearn import ForgetRequest, create_unlearner  # noqa: E402
-
-BASE = {"epochs": 30, "lr": 0.01, "codebook_size": "auto", "topk": 1, "projection": "discriminant",
-        "discriminant_weight": 4, "whiten_dim": 256, "num_codebooks": 512}
-
 
 def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int], seed: int,
              linear: TrainConfig | None = None) -> list[dict[str, Any]]:
@@ -74,7 +72,7 @@ def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int]
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("config", help="experiment YAML whose embedding cache is used")
-    p.add_argument("--setting", default="{}", help=f"JSON over the base setting {json.dumps(BASE)}")
+    p.add_argument("--setting", default="{}", help="JSON over the config's own model/train settings")
     p.add_argument("--rules", default="[{}]", help="JSON list of dkvb-activations parameters")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--val-fraction", type=float, default=0.1)
@@ -87,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     train, _ = load_data(args.config, None, args.seed)
     fit_part, val = train.holdout(args.val_fraction, args.seed)
-    setting = {**BASE, **json.loads(args.setting)}
+    setting = {**config_base(load_config(args.config, [])), **json.loads(args.setting)}
     model, _ = train_setting(setting, fit_part, args.seed, args.models)
     b = model.bottleneck
     cands = b.candidates(val.x)
