@@ -4,7 +4,9 @@ Every ``<name>.results.json`` in ``benchmarks/results/`` (an experiment's ``resu
 ``{"fingerprint": ..., "records": [...]}``) becomes ``docs/results/<name>.md`` through
 :func:`dkvb.report.results_page` (headline, the full per-method table, the paper's layout,
 the failed runs), and ``docs/results/README.md`` lists the pages. No number is written by hand:
-rerun this after committing new results (``--check`` fails when a page is out of date).
+rerun this after committing new results (``--check`` fails when a page is out of date). A
+``<name>.note.md`` beside a results file is put at the top of its page (e.g. to say that the
+config changed since the run).
 
     python docs/make_results.py [--results benchmarks/results] [--out docs/results] [--check]
 """
@@ -48,7 +50,12 @@ def pages(results: Path) -> dict[str, str]:
         name = path.name[: -len(SUFFIX)]
         records = load_records(path)
         source = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-        out[f"{name}.md"] = NOTE.format(source=source) + results_page(records, title=title_of(name, records))
+        note = path.with_name(f"{name}.note.md")
+        page = results_page(records, title=title_of(name, records))
+        if note.is_file():  # after the page's title line
+            title, _, rest = page.partition("\n")
+            page = f"{title}\n\n{note.read_text(encoding='utf-8').strip()}\n{rest}"
+        out[f"{name}.md"] = NOTE.format(source=source) + page
         requests = {tuple(r["forget_class_ids"]) for r in records}
         failed = sum("error" in r for r in records)
         index.append(f"| [{name}]({name}.md) | {records[0].get('dataset', '?')} | {records[0].get('encoder', '?')} | "

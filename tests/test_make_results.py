@@ -44,6 +44,11 @@ def test_pages_from_a_tiny_records_file(tmp_path):
     (out / "tiny.md").write_text(page.replace("1.23", "1.24"))  # a hand edit is caught
     stale = make_results("--results", str(results), "--out", str(out), "--check")
     assert stale.returncode == 1 and "tiny.md is out of date" in stale.stderr
+    (results / "tiny.note.md").write_text("**The config changed since this run.**\n")
+    assert make_results("--results", str(results), "--out", str(out)).returncode == 0
+    noted = (out / "tiny.md").read_text().split("\n")
+    assert noted[1] == "# tiny: tinyset, encoder tinyenc" and noted[3] == "**The config changed since this run.**"
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny.md"]  # a note is not a page
 
 
 def test_committed_pages_are_up_to_date():
