@@ -37,6 +37,7 @@ from dkvb.evaluate import accuracy  # noqa: E402
 from dkvb.io import atomic_write_json  # noqa: E402
 from dkvb.unlearn import ForgetRequest, create_unlearner  # noqa: E402
 
+
 def sequence(model, fit_part, val, cands, rule: dict[str, Any], order: list[int], seed: int,
              linear: TrainConfig | None = None) -> list[dict[str, Any]]:
     """Forget ``order`` one class at a time under ``rule``; one row per step (the last may be a
