@@ -142,6 +142,19 @@ def test_more_examples_forget_more(clusters, trained_dkvb):
     assert accs[1] <= 0.05
 
 
+def test_a_mask_leaving_fewer_free_keys_than_topk_is_refused_with_the_count():
+    from dkvb.unlearn.masking import check_selectable
+
+    mask = torch.zeros(3, 8, dtype=torch.bool)
+    mask[1, :6] = True  # codebook 1 keeps 2 keys
+    check_selectable(mask, topk=2)
+    with pytest.raises(ValueError, match=r"codebook 1 with fewer than topk=4 unmasked keys \(only 2 unmasked\)"):
+        check_selectable(mask, topk=4)
+    mask[1] = True
+    with pytest.raises(ValueError, match=r"topk=1 unmasked keys \(every key masked\)"):
+        check_selectable(mask)
+
+
 def test_masking_a_whole_codebook_is_refused(clusters, trained_dkvb):
     train, _ = clusters
     with pytest.raises(ValueError, match="every key masked"):

@@ -265,12 +265,14 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
 
 def check_selectable(mask: Tensor, topk: int = 1) -> None:
     """ValueError if a mask leaves some codebook with fewer than ``topk`` keys to select."""
-    full = (~mask).sum(dim=1) < topk
+    free = (~mask).sum(dim=1)
+    full = free < topk
     if bool(full.any()):
+        c = int(full.nonzero()[0])
+        left = "every key masked" if int(free[c]) == 0 else f"only {int(free[c])} unmasked"
         raise ValueError(
-            f"unlearning would leave codebook {int(full.nonzero()[0])} with fewer than topk={topk} unmasked keys "
-            "(every key masked): the model could no longer "
-            "predict anything; forget fewer classes, use fewer examples/rounds, or a larger codebook_size"
+            f"unlearning would leave codebook {c} with fewer than topk={topk} unmasked keys ({left}): the model "
+            "could no longer select its keys; forget fewer classes, use fewer examples/rounds, or a larger codebook_size"
         )
 
 
