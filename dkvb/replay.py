@@ -19,7 +19,7 @@ from .errors import AuditError, StoreError
 from .models import DKVBClassifier
 from .request import classes_read, data_digest, flat_mask, make_request, mask_sha, needs_data
 from .unlearn import create_unlearner
-from .unlearn.activations import default_share
+from .unlearn.activations import UnlearnViaActivations, default_share
 
 Loader = Callable[[str], tuple[DKVBClassifier, dict[str, Any]]]
 
@@ -97,7 +97,7 @@ def _replay_forget(
     rec: dict[str, Any], model: DKVBClassifier, names: list[str], mask: Tensor, data: EmbeddingSet | None
 ) -> tuple[Tensor, str]:
     """The mask after a logged forget request: recomputed when possible, else the logged delta."""
-    logged = create_unlearner(rec["method"], **_logged_params(rec, model))
+    logged = _logged_unlearner(rec, model)
     if getattr(logged, "release_keys", False):  # nothing masked: the request re-fitted values only
         return mask, "keys released (mask unchanged)"
     # the mask does not depend on re-fitted values: replay recomputes the mask only
@@ -123,15 +123,15 @@ def _replay_forget(
     return after.clone(), "recomputed"
 
 
-def _logged_params(rec: dict[str, Any], model: DKVBClassifier) -> dict[str, Any]:
-    """The parameters a forget record was computed with. Since the ninth session's rule change
+def _logged_unlearner(rec: dict[str, Any], model: DKVBClassifier):
+    """The unlearner a forget record was computed with. Since the ninth session's rule change
     the service logs the share rule's resolved ``min_share``; a ``dkvb-activations`` record that
     left it unset was logged before, when the default was the projection's factor alone
     (:data:`~dkvb.unlearn.activations.SHARE_FACTOR`, also for probe-started models)."""
-    params = dict(rec["params"])
-    if rec["method"] == "dkvb-activations" and params.get("rule", "share") == "share" and params.get("min_share") is None:
-        params["min_share"] = default_share(model, len(rec["new_classes"]), start_factor=False)
-    return params
+    logged = create_unlearner(rec["method"], **rec["params"])
+    if isinstance(logged, UnlearnViaActivations) and logged.rule == "share" and logged.min_share is None:
+        logged = replace(logged, min_share=default_share(model, len(rec["new_classes"]), start_factor=False))
+    return logged
 
 
 __all__ = ["ReplayError", "ReplayResult", "replay_records"]
