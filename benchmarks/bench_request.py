@@ -28,26 +28,24 @@ from dkvb.request import make_request
 from dkvb.unlearn import create_unlearner
 
 
+def one_request(unlearner, model, c: int) -> tuple[float, int]:
+    """Seconds and FLOPs of one request forgetting class ``c`` alone from ``model``."""
+    request, _ = make_request(unlearner, model, [c], None, 0)
+    start = time.perf_counter()
+    report = unlearner.unlearn(model, request)
+    return time.perf_counter() - start, report.flops
+
+
 def time_requests(model, rounds: int, params: dict[str, Any]) -> dict[str, Any]:
     """Seconds and FLOPs of one request per class, ``rounds`` times over the classes."""
     unlearner = create_unlearner("dkvb-activations", **params)
     # the first request of a process also loads compiled kernels (numba's cache: ~0.5 s), which a
     # serving process pays once; it is reported apart from the steady-state latency below
-    request, _ = make_request(unlearner, model, [0], None, 0)
-    start = time.perf_counter()
-    unlearner.unlearn(model, request)
-    first = time.perf_counter() - start
-    seconds, flops = [], set()
-    for _ in range(rounds):
-        for c in range(model.num_classes):
-            request, _ = make_request(unlearner, model, [c], None, 0)
-            start = time.perf_counter()
-            report = unlearner.unlearn(model, request)
-            seconds.append(time.perf_counter() - start)
-            flops.add(report.flops)
-    ms = sorted(1000 * s for s in seconds)
+    first, _ = one_request(unlearner, model, 0)
+    timed = [one_request(unlearner, model, c) for _ in range(rounds) for c in range(model.num_classes)]
+    ms = sorted(1000 * s for s, _ in timed)
     return {"params": params, "first_request_ms": 1000 * first, "requests": len(ms), "median_ms": statistics.median(ms),
-            "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1], "flops": sorted(flops)}
+            "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1], "flops": sorted({f for _, f in timed})}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
