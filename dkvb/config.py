@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
 
 from .models import ModelConfig
-from .train import TrainConfig
+from .train import DKVB_TRAIN, LINEAR_TRAIN, TrainConfig
 from .validate import check_type, invalid, require
 
 
@@ -81,8 +81,10 @@ class ExperimentConfig:
         seed: seeds keys, training, subsets, unlearning and evaluation.
         dataset, encoder: where embeddings come from.
         model: the DKVB model.
-        train: training of the DKVB values/decoder.
-        linear_train: training of the linear head (the baselines' model).
+        train: training of the DKVB values/decoder (default :data:`dkvb.train.DKVB_TRAIN`).
+        linear_train: training of the linear head, the baselines' model (default
+            :data:`dkvb.train.LINEAR_TRAIN`). A section in a file or override changes only the
+            fields it names: the others keep the section's default, not ``TrainConfig``'s.
         sharded: number of shards and assignment for the sharded exact-unlearning model
             (empty = no sharded model).
         forget: forget requests: a list of class lists (names or indices), or ``"each"`` for one
@@ -100,8 +102,8 @@ class ExperimentConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    linear_train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: replace(DKVB_TRAIN))
+    linear_train: TrainConfig = field(default_factory=lambda: replace(LINEAR_TRAIN))
     sharded: dict[str, Any] = field(default_factory=dict)
     forget: Any = "each"
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("dkvb-activations")])
@@ -117,8 +119,9 @@ class ExperimentConfig:
         return asdict(self)
 
 
-def _build(cls: type, data: Any, path: str) -> Any:
-    """Recursively build dataclass ``cls`` from a dict, rejecting unknown keys by their full path."""
+def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
+    """Recursively build dataclass ``cls`` from a dict, rejecting unknown keys by their full path;
+    fields the dict does not name come from ``base`` (an instance) when given, else ``cls``'s defaults."""
     if not dataclasses.is_dataclass(cls):
         return data
     if isinstance(data, cls):
@@ -129,6 +132,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ValueError(f"unknown config field(s) {[f'{path}{k}' for k in unknown]}; known: {sorted(fields)}")
+    if base is not None:
+        data = {**asdict(base), **data}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
@@ -138,7 +143,8 @@ def _build(cls: type, data: Any, path: str) -> Any:
                 raise invalid("config", f"{path}{key}", "a list", value)
             kwargs[key] = [_method(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
         elif sub is not None:
-            kwargs[key] = _build(sub, value, f"{path}{key}.")
+            default = fields[key].default_factory  # a section's own default (e.g. the DKVB's training)
+            kwargs[key] = _build(sub, value, f"{path}{key}.", None if default is dataclasses.MISSING else default())
         else:
             kwargs[key] = check_type("config", f"{path}{key}", value, hints[key])
     return cls(**kwargs)

@@ -59,6 +59,19 @@ def test_experiment_config_is_valid(path):
     assert cfg.model.codebook_size == "auto" or cfg.model.codebook_size >= cfg.model.topk >= 1
 
 
+def test_training_sections_default_to_their_own_recipes():
+    """An experiment without a ``train`` section trains the DKVB by its recipe, and a partial
+    section changes only what it names (not falling back to TrainConfig's linear-head defaults)."""
+    from dkvb.train import DKVB_TRAIN, LINEAR_TRAIN
+
+    assert (ExperimentConfig().train, ExperimentConfig().linear_train) == (DKVB_TRAIN, LINEAR_TRAIN)
+    cfg = load_config(None, ["train.epochs=5", "linear_train.batch_size=64"])
+    assert cfg.train == dataclasses.replace(DKVB_TRAIN, epochs=5)
+    assert cfg.linear_train == dataclasses.replace(LINEAR_TRAIN, batch_size=64)
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['train.epoch'\]"):
+        load_config(None, ["train.epoch=5"])
+
+
 def test_overrides_win_over_the_file():
     cfg = load_config(EXPERIMENTS[0], ["train.epochs=1", "encoder.device=cuda", "forget=[[0]]"])
     assert (cfg.train.epochs, cfg.encoder.device, cfg.forget) == (1, "cuda", [[0]])
