@@ -6,16 +6,23 @@ searches (copy-on-write) instead of loading or searching them again. Each worker
 thread: GNU OpenMP (torch's and faiss's thread pools) does not survive a fork, so a forked worker
 that starts a parallel region after its parent used one hangs (seen on a 16-core machine, where
 four workers of four threads each never returned). Results come back in the order of the items,
-whatever worker ran them.
+whatever worker ran them. A worker that dies (killed for memory, most often) stops the run with
+an error instead of leaving it waiting for a result that never comes.
 """
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Iterable, Iterator
 
 ENV = "DKVB_JOBS"
 
 _TASK: Callable[[Any], Any] | None = None  # set in the parent before forking; the workers inherit it
+
+
+class WorkerDied(RuntimeError):
+    """A forked worker process ended without returning its result."""
 
 
 def default_jobs() -> int:
@@ -33,7 +40,8 @@ def default_jobs() -> int:
 def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int) -> Iterator[Any]:
     """``fn(item)`` for every item, in order: in this process when ``jobs`` is 1 (or fork is not
     available, or CUDA is initialised, which a fork cannot share), else in ``jobs`` forked
-    single-threaded workers."""
+    single-threaded workers. Raises :class:`WorkerDied` if one of them is killed; the results
+    yielded before stand."""
     global _TASK
     items = list(items)
     if jobs <= 1 or len(items) <= 1 or not _can_fork():
@@ -42,8 +50,16 @@ def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int) -> It
     _TASK = fn
     try:
         ctx = multiprocessing.get_context("fork")
-        with ctx.Pool(min(jobs, len(items)), initializer=_init) as pool:
-            yield from pool.imap(_call, items)
+        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=ctx, initializer=_init) as pool:
+            # (multiprocessing.Pool replaces a killed worker but never returns its item's result)
+            try:
+                yield from pool.map(_call, items)
+            except BrokenProcessPool as e:
+                raise WorkerDied(
+                    f"a forked worker died (killed by the system: most likely out of memory, as each of "
+                    f"the {min(jobs, len(items))} workers holds its own masked copies and logits); rerun "
+                    f"with fewer jobs (--jobs / ${ENV})"
+                ) from e
     finally:
         _TASK = None
 
