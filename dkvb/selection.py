@@ -65,8 +65,8 @@ class KeptSelection:
         """What :meth:`lookup` returns for ``x`` under the current mask, from kept candidates.
 
         Each row takes its first ``topk`` candidates that are not masked now; where fewer than
-        ``topk`` are left in a codebook, that codebook is searched again (with ``topk=1``, only
-        the exhausted (row, codebook) pairs; otherwise the whole row). A mask that unmasks a key
+        ``topk`` are left in a codebook, that (row, codebook) pair alone is searched again
+        (:meth:`_search_pairs`, the numbers a full search computes). A mask that unmasks a key
         the candidates were searched without needs a fresh search (done here, for every row).
         """
         flat = self.select_flat(x, cands)
@@ -92,23 +92,11 @@ class KeptSelection:
         if bool((cands.mask & ~mask).any()):  # a key unmasked since: every row is searched again
             rows = np.arange(x.shape[0])
             out = self.flat_indices(self.lookup(x)).cpu()
-        elif self.topk == 1:
-            rows = _rows_hitting(flat, changed, 1) if changed is not None else np.arange(x.shape[0])
-            picked = _first_free(flat, masked, rows)
-            self._search_exhausted(x, rows, picked)
-            out = torch.from_numpy(picked)
         else:
             rows = _rows_hitting(flat, changed, self.topk) if changed is not None else np.arange(x.shape[0])
-            sub = flat[rows]
-            free = (sub >= 0) & ~masked[sub]  # (R, C, T)
-            rank = free.cumsum(-1)
-            ok = (rank[..., -1] >= self.topk).all(-1)
-            keep = free & (rank <= self.topk)
-            order = np.argsort(~keep, axis=-1, kind="stable")[..., : self.topk]
-            out = torch.from_numpy(np.take_along_axis(sub, order, -1).astype(np.int64)).flatten(1)
-            redo = np.flatnonzero(~ok)
-            if len(redo):
-                out[redo] = self.flat_indices(self.lookup(x[torch.from_numpy(rows[redo]).to(x.device)])).cpu()
+            picked = _first_free(flat, masked, rows, self.topk)
+            self._search_exhausted(x, rows, picked)
+            out = torch.from_numpy(picked)
         return out if changed is None else (torch.from_numpy(rows), out)
 
     def codes(self, cands: Candidates) -> Tensor:
@@ -181,19 +169,20 @@ class KeptSelection:
         return out, flops
 
     def _search_exhausted(self, x: Tensor, rows: np.ndarray, picked: np.ndarray) -> None:
-        """Fill the -1 entries of ``picked`` (R, C) flat keys of ``x[rows]`` with the nearest
-        unmasked key of that row and codebook (:meth:`_search_pairs` on those rows, whitened as a
-        search whitens them)."""
-        which = np.flatnonzero((picked < 0).any(1))
+        """Fill the (row, codebook) pairs of ``picked`` (R, C * topk) flat keys of ``x[rows]`` that
+        hold a -1 with that pair's ``topk`` nearest unmasked keys (:meth:`_search_pairs` on those
+        rows, whitened as a search whitens them)."""
+        pairs = picked.reshape(len(picked), self.num_codebooks, self.topk)
+        which = np.flatnonzero((pairs < 0).any((1, 2)))
         if not len(which):
             return
-        sub, codebooks = np.nonzero(picked[which] < 0)
+        sub, codebooks = np.nonzero((pairs[which] < 0).any(-1))
         idx, step, parts = torch.from_numpy(rows[which]).to(x.device), self.search_chunk(), []
         with one_thread():
             for i in range(0, len(idx), step):
                 part = x[idx[i:i + step]].cpu()
                 parts.append(self.whiten(_at_least(part, MIN_ROWS))[:len(part)])
-        picked[which[sub], codebooks] = self._search_pairs(torch.cat(parts), sub, codebooks, 1)[0][:, 0]
+        pairs[which[sub], codebooks] = self._search_pairs(torch.cat(parts), sub, codebooks, self.topk)[0]
 
 
 def smallest(a: np.ndarray, k: int) -> np.ndarray:
@@ -245,19 +234,22 @@ def _compact(flat, masked, topk, rows):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _first_free(flat, masked, rows):  # pragma: no cover - compiled
-    """(R, C) int64: for each row in ``rows`` of the (N, C, T) flat candidates, each codebook's
-    first candidate not in ``masked`` (C * K,) nor -1, or -1 where there is none."""
-    out = np.empty((len(rows), flat.shape[1]), dtype=np.int64)
+def _first_free(flat, masked, rows, topk):  # pragma: no cover - compiled
+    """(R, C * topk) int64: for each row in ``rows`` of the (N, C, T) flat candidates, each
+    codebook's first ``topk`` candidates not in ``masked`` (C * K,) nor -1, in order, and -1 in
+    the slots of a codebook with fewer."""
+    out = np.full((len(rows), flat.shape[1] * topk), -1, dtype=np.int64)
     for i in range(len(rows)):
         n = rows[i]
         for c in range(flat.shape[1]):
-            out[i, c] = -1
+            got = 0
             for j in range(flat.shape[2]):
                 k = flat[n, c, j]
                 if k >= 0 and not masked[k]:
-                    out[i, c] = k
-                    break
+                    out[i, c * topk + got] = k
+                    got += 1
+                    if got == topk:
+                        break
     return out
 
 
