@@ -114,13 +114,13 @@ def tradeoff_plot(rows: list[dict[str, Any]], path: Path, *, title: str = "") ->
 
 
 def headline(rows: list[dict[str, Any]]) -> str:
-    """DKVB before unlearning vs the linear probe, and what unlearning via activations cost."""
+    """DKVB before unlearning vs the linear head, and what unlearning via activations cost."""
     by = {(r["method"], r["model"]): r for r in rows}
     dkvb, linear = by.get(("original", "dkvb")), by.get(("original", "linear"))
     lines = []
     if dkvb and linear:
-        lines.append(f"- Before unlearning, retain-test accuracy: DKVB {_pct(dkvb['retain_test_acc'])}%, linear probe "
-                     f"(logistic regression on the same embeddings) {_pct(linear['retain_test_acc'])}% "
+        lines.append(f"- Before unlearning, retain-test accuracy: DKVB {_pct(dkvb['retain_test_acc'])}%, linear head "
+                     f"(the baselines' model, `linear_train`; not the tuned logistic probe) {_pct(linear['retain_test_acc'])}% "
                      f"(gap {100 * (linear['retain_test_acc'] - dkvb['retain_test_acc']):.2f} points).")
     for method in ("dkvb-activations", "dkvb-activations[use_cached_counts=True]", REFERENCE_METHOD):
         r = by.get((method, "dkvb"))
