@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import EmbeddingSet
 from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
 from .validate import require, require_choice
-from .value_init import init_values
+from .value_init import init_values, values_are_class_scores
 
 
 @dataclass
@@ -71,8 +71,7 @@ def recipe(model: nn.Module) -> TrainConfig:
     with an MLP decoder, whose values are not class scores), :data:`LINEAR_TRAIN` otherwise."""
     if getattr(model, "bottleneck", None) is None:
         return replace(LINEAR_TRAIN)
-    mean = model.decoder.__class__.__name__ == "MeanDecoder"
-    return replace(DKVB_TRAIN, value_init=DKVB_TRAIN.value_init if mean else "zeros")
+    return replace(DKVB_TRAIN, value_init=DKVB_TRAIN.value_init if values_are_class_scores(model) else "zeros")
 
 
 class DivergenceError(RuntimeError):

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .classifier import MeanDecoder
 from .data import EmbeddingSet
 from .flops import FlopCounter
 
@@ -33,6 +34,12 @@ PROBE_HOLDOUT = 0.1
 RIDGE = 0.1  # ridge strength, as a fraction of the code's mean variance
 
 
+def values_are_class_scores(model: nn.Module) -> bool:
+    """Whether ``model``'s values are class scores (a DKVB with the mean decoder): what every
+    start but zeros needs."""
+    return isinstance(getattr(model, "decoder", None), MeanDecoder)
+
+
 def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *, probe_c: float | None = None,
                 seed: int = 0, flops: FlopCounter | None = None, chosen: dict | None = None) -> None:
     """Set ``model``'s values by ``how`` (``"zeros"`` leaves them); ``codes``: the (N, C, topk)
@@ -40,7 +47,7 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
     start's ``probe_c`` and holdout accuracies, :func:`probe_logits`)."""
     if how == "zeros":
         return
-    if model.decoder.__class__.__name__ != "MeanDecoder":
+    if not values_are_class_scores(model):
         raise ValueError(f"value_init={how!r} needs the mean decoder (values are class scores)")
     b = model.bottleneck
     if how == "counts":
