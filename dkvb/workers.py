@@ -49,15 +49,15 @@ def fork_map(fn: Callable[[Any], Any], items: Iterable[Any], *, jobs: int) -> It
         return
     _TASK = fn
     try:
-        ctx = multiprocessing.get_context("fork")
-        with ProcessPoolExecutor(min(jobs, len(items)), mp_context=ctx, initializer=_init) as pool:
+        ctx, workers = multiprocessing.get_context("fork"), min(jobs, len(items))
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init) as pool:
             # (multiprocessing.Pool replaces a killed worker but never returns its item's result)
             try:
                 yield from pool.map(_call, items)
             except BrokenProcessPool as e:
                 raise WorkerDied(
                     f"a forked worker died (killed by the system: most likely out of memory, as each of "
-                    f"the {min(jobs, len(items))} workers holds its own masked copies and logits); rerun "
+                    f"the {workers} workers holds its own masked copies and logits); rerun "
                     f"with fewer jobs (--jobs / ${ENV})"
                 ) from e
     finally:
