@@ -1,4 +1,8 @@
 """dkvb: low-compute class unlearning with discrete key-value bottlenecks."""
+from .threads import reproducible_products
+
+reproducible_products()  # before torch's first matrix product: the same seed, the same bits at any thread count
+
 from .bottleneck import DiscreteKeyValueBottleneck
 from .data import EmbeddingSet, resolve_classes
 from .evaluate import evaluate

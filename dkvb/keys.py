@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .data import check_embeddings
 from .selection import KeptSelection, smallest
+from .threads import one_thread
 
 SearchBackend = Literal["torch", "faiss"]
 Projection = Literal["random", "pca", "whitened", "discriminant"]
@@ -203,7 +204,8 @@ def _pca_projection(x: Tensor, num_codebooks: int, key_dim: int, seed: int) -> T
     """(dim, C, key_dim): each codebook gets a fixed random draw of the top principal directions of ``x``."""
     xc = x - x.mean(0)
     q = min(x.shape[1], num_codebooks * key_dim, x.shape[0])
-    _, _, v = torch.pca_lowrank(xc, q=q, center=False, niter=4)  # v: (dim, q)
+    with one_thread():  # LAPACK QR and SVD inside: the same bits at any thread count
+        _, _, v = torch.pca_lowrank(xc, q=q, center=False, niter=4)  # v: (dim, q)
     g = torch.Generator().manual_seed(seed)
     cols = torch.cat([torch.randperm(q, generator=g) for _ in range(math.ceil(num_codebooks * key_dim / q))])
     return v[:, cols[: num_codebooks * key_dim]].reshape(-1, num_codebooks, key_dim).contiguous()
@@ -220,13 +222,16 @@ def _eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     gives the same subspaces instead of an aborted run.
     """
     try:
-        return torch.linalg.eigh(m)
+        with one_thread():  # LAPACK: the same bits at any thread count
+            return torch.linalg.eigh(m)
     except torch.linalg.LinAlgError as e:
         import scipy.linalg
+        from threadpoolctl import threadpool_limits
 
         logging.getLogger(__name__).warning("torch.linalg.eigh failed on a %s matrix (%s); using scipy's evr driver",
                                             tuple(m.shape), e)
-        evals, evecs = scipy.linalg.eigh(m.cpu().numpy(), driver="evr")
+        with threadpool_limits(1):
+            evals, evecs = scipy.linalg.eigh(m.cpu().numpy(), driver="evr")
         return torch.from_numpy(evals).to(m), torch.from_numpy(evecs).to(m)
 
 

@@ -66,3 +66,35 @@ def test_jobs_default_to_the_cores_and_follow_dkvb_jobs(monkeypatch):
     monkeypatch.setenv("DKVB_JOBS", "0")
     with pytest.raises(ValueError, match="DKVB_JOBS: must be a positive integer"):
         default_jobs()
+
+
+FIT_AND_HASH = """
+import hashlib, sys
+import dkvb  # first: MKL's reproducible mode must be set before torch's first product
+import torch
+from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
+torch.set_num_threads(int(sys.argv[1]))
+g = torch.Generator().manual_seed(0)
+y = torch.randint(0, 10, (12000,), generator=g)
+x = torch.randn(10, 1280, generator=g)[y] * 0.5 + torch.randn(12000, 1280, generator=g)
+model = build_model(ModelConfig(num_codebooks=32, codebook_size=64, key_dim=8, projection="discriminant",
+                                whiten_dim=128), 1280, 10, seed=0)
+fit(model, EmbeddingSet(x, y, [str(i) for i in range(10)]), TrainConfig(epochs=1, lr=0.01, value_init="probe"))
+h = hashlib.sha256()
+for v in model.state_dict().values():
+    h.update(v.contiguous().numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+def test_a_seed_fits_the_same_model_at_any_thread_count():
+    """Keys, probe start and values bit for bit at 1 and 2 threads (the default count follows the
+    load). Sized so that MKL and OpenBLAS split the products between threads: with MKL's ordinary
+    mode (``MKL_CBWR=AUTO``) the keys differ, and the probe's start did with two BLAS threads."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MKL_CBWR", threads.ENV)}
+    digests = {subprocess.run([sys.executable, "-c", FIT_AND_HASH, str(n)], env=env, check=True, capture_output=True,
+                              text=True).stdout.strip() for n in (1, 2)}
+    assert len(digests) == 1, digests
