@@ -255,3 +255,24 @@ def test_fvcore_counts_the_pooled_correction_of_a_forgotten_class(probe_started)
     out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
     b, x = model.bottleneck, train.x[:64]
     assert forward_flops(out, x) - forward_flops(model, x) == 64 * b.num_codebooks * b.topk  # one add per key
+
+
+def test_with_many_classes_a_probe_started_model_masks_where_the_class_holds_a_tenth():
+    """Above 10 classes a uniform share is below a tenth of the activations; the default then
+    masks only keys where the class holds a tenth (CIFAR-100: 50 requests served instead of 7)."""
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+    from dkvb.unlearn.activations import START_MIN_SHARE, default_share
+
+    train = make_clusters(3000, num_classes=20, spread=1.5, seed=0)
+    config = ModelConfig(num_codebooks=16, codebook_size=32, key_dim=4, projection="discriminant", whiten_dim=24)
+    model = fit(build_model(config, train.dim, 20, seed=0), train,
+                TrainConfig(epochs=2, lr=1e-2, value_init="probe", probe_c=0.1))
+    model.compute_activation_counts(train.x, train.y)
+    assert START_MIN_SHARE == 0.1 and default_share(model, 1) == 0.1 and default_share(model, 3) == pytest.approx(0.3)
+    assert default_share(model, 20) == 1.0  # every class: the keys only they use
+    request = ForgetRequest((4,), train)
+    default = create_unlearner("dkvb-activations").unlearn(model, request)
+    explicit = create_unlearner("dkvb-activations", min_share=0.1).unlearn(model, request)
+    uniform = create_unlearner("dkvb-activations", min_share=1 / 20).unlearn(model, request)
+    assert torch.equal(default.model.key_mask, explicit.model.key_mask)
+    assert 0 < int(default.model.key_mask.sum()) < int(uniform.model.key_mask.sum())

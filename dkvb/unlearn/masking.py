@@ -45,7 +45,8 @@ class MaskingUnlearner(Unlearner):
             (:func:`refit_released`), and the keys serve again. The forget classes' embeddings
             then select values fitted without them, on which cross-entropy pushed their scores
             down; the mask does not grow, so a request sequence never runs out of keys (masking
-            alone would empty a CIFAR-100 codebook at the 8th request). The log and replay record no
+            alone with a uniform share emptied a CIFAR-100 codebook at the 8th request; the
+            default's floor of a tenth serves all 50, docs/quality.md item 17). The log and replay record no
             mask change for such a request (its values change; the store keeps them).
     """
 
