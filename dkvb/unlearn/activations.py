@@ -81,8 +81,9 @@ class UnlearnViaActivations(MaskingUnlearner):
             (docs/quality.md): 0.5 for ``discriminant`` (1.0 leaves 19% forget-validation on
             Fashion-MNIST), 1.25 for ``whitened`` (1.0 costs CIFAR-10 1.65 retain points, 1.5
             stops forgetting); a probe-started model that keeps the keys masked uses at least
-            :data:`START_SHARE_FACTOR` (1.0), since taking the class out of the start does the
-            forgetting there and fewer masked keys leave room for later requests.
+            :data:`START_SHARE_FACTOR` (1.0) and at least :data:`START_MIN_SHARE` (a tenth) per
+            forget class, since taking the class out of the start does the forgetting there and
+            fewer masked keys leave room for later requests (CIFAR-100: all 50 of a sequence).
         min_count: a key must be activated this many times by the forget classes to be eligible.
         use_cached_counts: use (and fill) the per-class count table cached on the model, so a
             request costs no lookup at all; ``False`` runs Algorithm 1 from scratch: look up the
