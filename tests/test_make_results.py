@@ -54,3 +54,28 @@ def test_pages_from_a_tiny_records_file(tmp_path):
 def test_committed_pages_are_up_to_date():
     done = make_results("--check")
     assert done.returncode == 0, done.stderr
+
+
+def test_readme_headline_table_is_the_generators_output():
+    """The README's headline table, between its markers, is what ``--headline`` prints from the committed JSON."""
+    done = make_results("--headline")
+    assert done.returncode == 0, done.stderr
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    start, end = readme.index("<!-- headline table: generated"), readme.index("<!-- end of the generated headline table")
+    assert readme[start:end].split("\n", 1)[1] == done.stdout  # regenerate: python docs/make_results.py
+
+
+def test_headline_columns_are_a_list(tmp_path):
+    """A column is one entry of HEADLINE_COLUMNS; a row one (method, model) of HEADLINE_ROWS."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_results", REPO / "docs" / "make_results.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    records = [record("original", "dkvb", 0.8), record("dkvb-activations", "dkvb", 0.0123)]
+    columns = [*mod.HEADLINE_COLUMNS[:3], mod.Column("retain-train", mod._pct("retain_train_acc"))]
+    table = mod.headline_table(records, rows=[("dkvb-activations", "dkvb")], columns=columns)
+    assert table.splitlines() == ["| method | model | retain-test | retain-train |", "|---|---|---|---|",
+                                  "| dkvb-activations | dkvb | 87.50 | 90.00 |"]
+    assert mod.with_headline(f"a\n{mod.MARKERS[0]}\nold\n{mod.MARKERS[1]}\nb", table) == \
+        f"a\n{mod.MARKERS[0]}\n{table}{mod.MARKERS[1]}\nb"
