@@ -295,7 +295,8 @@ def _discriminant(x: Tensor, y: Tensor, whiten_dim: int, *, weight: float,
     Each is scaled to standard deviation ``weight`` over ``x``, so the per-codebook random
     projections, and the k-means keys in them, weigh the directions that separate classes
     ``weight`` times more than a whitened one. PCA whitening alone drops the low-variance
-    directions where much of the class information of CIFAR embeddings lies (docs/quality.md).
+    directions where much of the class information of CIFAR embeddings lies
+    (docs/quality.md#projection).
     """
     shrinkage = auto_shrinkage(*x.shape) if shrinkage == "auto" else shrinkage
     classes, inverse = torch.unique(y, return_inverse=True)

@@ -162,13 +162,14 @@ class ShardedEnsemble(nn.Module):
 _BUILDERS = {"dkvb": DKVBClassifier, "linear": LinearHead}
 
 
+# Trades finer keys against the examples that fit each key's value: docs/quality.md#codebook-size
 EXAMPLES_PER_KEY = 20
 
 
 def auto_codebook_size(num_examples: int) -> int:
     """Keys per codebook for a training set of ``num_examples``: the largest power of two with at
     least :data:`EXAMPLES_PER_KEY` examples per key, between 16 and 256 (1,300 images -> 64,
-    4,000 -> 128, 60,000 -> 256). Measured on validation splits (docs/quality.md): on sklearn's
+    4,000 -> 128, 60,000 -> 256). Measured on validation splits (docs/quality.md#codebook-size): on sklearn's
     digits (1,300 images) 64 keys beat 32, 128 and 256; on Fashion-MNIST and CIFAR 256 keys is
     the validated setting (larger codebooks were not tried there)."""
     k = 16
@@ -179,7 +180,7 @@ def auto_codebook_size(num_examples: int) -> int:
 
 def auto_num_codebooks(num_examples: int) -> int:
     """Codebooks for a training set of ``num_examples``: 512 from 20,000 examples, else 256.
-    Measured with the discriminant projection on validation splits (docs/quality.md): with
+    Measured with the discriminant projection on validation splits (docs/quality.md#num-codebooks): with
     45,000 CIFAR-10 images 512 beat 256 by 0.9 points (Fashion-MNIST: +0.1); with 3,600 CIFAR-10
     images 256 beat 512 by 2.2 (Fashion-MNIST 4k: -0.5), and on digits (1,300) by 0.7."""
     return 512 if num_examples >= 20_000 else 256

@@ -29,28 +29,32 @@ from .masking import MaskingUnlearner, mask_summary, masked_copy
 
 
 # The default rule's threshold, in units of a uniform class mix's share, per projection of the
-# bottleneck (chosen on validation splits, docs/quality.md). Discriminant keys follow the classes,
-# so the keys next to a forget class's own hold a small share of it, enough (summed over every
-# codebook) to keep predicting it: they must be masked too, hence a lower bar.
+# bottleneck. Discriminant keys follow the classes, so the keys next to a forget class's own hold a
+# small share of it, enough (summed over every codebook) to keep predicting it: they must be masked
+# too, hence a lower bar.
+# Trades complete forgetting (lower) against retain accuracy and keys left for later requests
+# (higher): docs/quality.md#share-factor, docs/quality.md#share-factor-whitened
 SHARE_FACTOR = {"discriminant": 0.5, "whitened": 1.25, "pca": 1.25, "random": 1.25}
 # With a probe start (``value_init="probe"``) a masking request first takes the class out of the
 # start (:func:`~dkvb.unlearn.masking.remove_start`), which alone stops its predictions; the mask
 # only has to reach the keys where training put the class's own examples, and every key it spends
 # is capacity later requests lack. So such a model masks the keys where the class holds at least a
-# uniform share (factor 1.0: 0.00% forget-validation on all six datasets, as 1.5-3.0 also gave;
-# docs/quality.md item 15) and at least a tenth of the activations (START_MIN_SHARE: the same rule
-# up to 10 classes; with 100 a uniform share masked 29% of CIFAR-100's keys per request and ran out
-# at the 8th of 50, a tenth serves all 50 at 0.00% forget-validation, item 17). Releasing keys
-# costs no capacity and keeps the projection's factor.
+# uniform share and at least a tenth of the activations (the same rule up to 10 classes; with 100
+# the floor of a tenth decides). Releasing keys costs no capacity and keeps the projection's factor.
+# Trades what the mask removes of the class's training residue (lower) against keys left for
+# later requests (higher; every factor 0.5-3.0 forgets): docs/quality.md#start-share-factor
 START_SHARE_FACTOR = 1.0
+# Trades keys left for later requests against the residue on lightly shared keys (CIFAR-100: 0.1
+# serves all 50 requests of a sequence, a uniform share ran out at the 8th): docs/quality.md#start-min-share
 START_MIN_SHARE = 0.1
 
 
 def default_share(model: DKVBClassifier, num_forget: int, *, start_factor: bool = True) -> float:
     """The default rule's ``min_share`` for ``model``: :data:`SHARE_FACTOR` of its projection times
     the forget classes' share of a uniform class mix; for a probe-started model, unless
-    ``start_factor`` is False (keys that are released rather than kept masked, and requests logged
-    before the ninth session), at least :data:`START_SHARE_FACTOR` times that share and at least
+    ``start_factor`` is False (keys that are released rather than kept masked, and records logged
+    before commit e812c6f, 2026-11-28, which hold no resolved share), at least
+    :data:`START_SHARE_FACTOR` times that share and at least
     :data:`START_MIN_SHARE` per forget class (at most 1)."""
     per_class = SHARE_FACTOR[model.bottleneck.projection_kind] / model.num_classes
     if model.bottleneck.has_start and start_factor:
@@ -78,7 +82,7 @@ class UnlearnViaActivations(MaskingUnlearner):
             classes' share of a uniform class mix, ``len(forget_classes) / num_classes``. The
             factor depends on the bottleneck's projection and was chosen on validation splits
             of Fashion-MNIST (60k and 4k), CIFAR-10 (50k and 4k), CIFAR-100 and digits
-            (docs/quality.md): 0.5 for ``discriminant`` (1.0 leaves 19% forget-validation on
+            (docs/quality.md#share-factor): 0.5 for ``discriminant`` (1.0 leaves 19% forget-validation on
             Fashion-MNIST), 1.25 for ``whitened`` (1.0 costs CIFAR-10 1.65 retain points, 1.5
             stops forgetting); a probe-started model that keeps the keys masked uses at least
             :data:`START_SHARE_FACTOR` (1.0) and at least :data:`START_MIN_SHARE` (a tenth) per

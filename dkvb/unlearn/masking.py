@@ -46,7 +46,7 @@ class MaskingUnlearner(Unlearner):
             then select values fitted without them, on which cross-entropy pushed their scores
             down; the mask does not grow, so a request sequence never runs out of keys (masking
             alone with a uniform share emptied a CIFAR-100 codebook at the 8th request; the
-            default's floor of a tenth serves all 50, docs/quality.md item 17). The log and replay record no
+            default's floor of a tenth serves all 50, docs/quality.md#start-min-share). The log and replay record no
             mask change for such a request (its values change; the store keeps them).
     """
 
@@ -94,8 +94,8 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
     selected, which no mask reaches (CIFAR-10 validation: 16% forget accuracy after the default
     mask). Each key's start score for a forget class is replaced by its lowest start score over
     the classes still in the start: the class keeps only what training added, from the bottom,
-    and that sits on the keys its examples selected, which the mask removes (docs/quality.md
-    item 14). Merely subtracting the start would leave the class at 0 where every other class
+    and that sits on the keys its examples selected, which the mask removes
+    (docs/quality.md#start-removal). Merely subtracting the start would leave the class at 0 where every other class
     starts below it. The change is kept as the bottleneck's ``value_delta`` (C, K) per class, not
     written into the values, so a masking request does not copy them (CIFAR-100: the copy took 33 ms
     of a 64 ms request).
