@@ -43,14 +43,15 @@ class ModelConfig:
     kind: Literal["dkvb", "linear"] = "dkvb"
     num_codebooks: int | Literal["auto"] = 256
     codebook_size: int | Literal["auto"] = 256
-    key_dim: int = 8
-    topk: int = 1
-    decoder: Literal["mean", "mlp"] = "mean"
+    key_dim: int = 8  # finer keys vs their quantisation error: docs/quality.md#key-dim
+    topk: int = 1  # rows per key vs training time and memory: docs/quality.md#topk
+    decoder: Literal["mean", "mlp"] = "mean"  # docs/quality.md#decoder
     value_dim: int = 64
     hidden_dim: int = 256
+    # keys that follow the classes vs label-free keys: docs/quality.md#projection
     projection: Literal["random", "pca", "whitened", "discriminant"] = "discriminant"
-    whiten_dim: int = 128
-    discriminant_weight: float = 4.0
+    whiten_dim: int = 128  # directions kept vs examples per direction: docs/quality.md#whiten-dim
+    discriminant_weight: float = 4.0  # class directions vs the rest of the input: docs/quality.md#discriminant-weight
     discriminant_shrinkage: float | Literal["auto"] = "auto"
     search: Literal["torch", "faiss"] = "torch"
     kmeans_iters: int = 20

@@ -280,7 +280,8 @@ def auto_shrinkage(num_examples: int, dim: int) -> float:
     """Within-class covariance shrinkage of the ``discriminant`` projection for ``num_examples``
     embeddings of size ``dim``: ``sqrt(dim / (dim + num_examples))`` (0.17 for 45,000 CIFAR-10
     embeddings of 1,280 dimensions, 0.51 for 3,600). Chosen on CIFAR-10 validation splits: 0.1
-    beat 0.3 and 0.5 with 45,000 training embeddings, 0.5 beat 0.1-0.3 and 0.7 with 3,600."""
+    beat 0.3 and 0.5 with 45,000 training embeddings, 0.5 beat 0.1-0.3 and 0.7 with 3,600
+    (docs/quality.md#shrinkage)."""
     return math.sqrt(dim / (dim + num_examples))
 
 
