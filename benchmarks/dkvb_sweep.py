@@ -16,7 +16,7 @@ fields over a base, e.g. ``--grid '[{"num_codebooks": 256}, {"topk": 4}]'``. The
 config's own ``model`` and ``train`` sections (the fields where they differ from the dataclass
 defaults), then ``--base``; ``--no-config-base`` starts from the dataclass defaults instead
 (``TrainConfig``'s are the linear head's: 10 epochs at lr 1e-3). Each result records its whole
-setting over those defaults (runs before 2026-11-28's tenth session started from the dataclass
+setting over those defaults (runs before commit 22992f5, 2026-11-28, started from the dataclass
 defaults, so a recorded setting without ``epochs`` means 10 epochs at lr 1e-3 in every row).
 Results are appended to a JSON file so a sweep can be extended run by run.
 

@@ -1,7 +1,7 @@
 """How many single-class requests can masking alone serve before a codebook runs out of keys?
 
 Trains (or loads, ``--models``) one DKVB setting (the config's own model and training settings,
-``--setting`` over them; runs before 2026-11-28's tenth session started from CIFAR-100's
+``--setting`` over them; runs before commit 658e9af, 2026-11-28, started from CIFAR-100's
 zero-start setting instead, and each records its setting) on the validation sweep's split of the
 training set (:mod:`dkvb_sweep`), then forgets classes one at a time in a seeded order with
 ``dkvb-activations`` under each rule given, from the cached counts, until a mask is refused

@@ -9,7 +9,7 @@ step all models are evaluated on the retain and forget classes; the result is a 
 plot of retain-test and forget-test accuracy against the number of classes forgotten.
 ``seconds``/``flops`` are those of the unlearning computation (for DKVB also
 ``request_seconds``: the whole logged request, file writes included; in result files written
-before 2026-11-28's twelfth session it also included the step's evaluation of the model).
+before commit 1d91211, 2026-11-28, it also included the step's evaluation of the model).
 
     python benchmarks/sequential_forgetting.py experiments/fashion_mnist_effnet_lite0.yaml
     python benchmarks/sequential_forgetting.py experiments/cifar100_effnet_lite0.yaml \
