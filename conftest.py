@@ -1,4 +1,4 @@
-"""Session-wide isolation: the tests (the notebook's kernel included) write only to a temporary folder.
+"""Isolation for the whole test session: the tests (the notebook's kernel included) write only to a temporary folder.
 
 Before any test runs, ``HOME``, ``DKVB_CACHE``, ``DKVB_DATA`` and ``MPLCONFIGDIR`` point into one
 fresh temporary folder, removed at the end; the notebook's kernel is a child process and inherits
@@ -6,7 +6,7 @@ them. So an embedding cache, an unpacked dataset, matplotlib's font cache or IPy
 never lands in the user's home.
 
 The user's own embedding cache (``$DKVB_CACHE`` or ``~/.cache/dkvb/embeddings`` as it was before
-the session) is still read where it exists: each complete entry (a folder with ``meta.json``,
+the test session) is still read where it exists: each complete entry (a folder with ``meta.json``,
 which the cache never writes to again) is linked into the temporary cache, so e.g. the notebook
 reuses real Fashion-MNIST embeddings, while any new entry is written in the temporary cache.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 ISOLATED = ("HOME", "DKVB_CACHE", "DKVB_DATA", "MPLCONFIGDIR")
-_SAVED = pytest.StashKey[dict]()  # the variables' values before the session
-_ROOT = pytest.StashKey[Path]()  # the session's temporary folder
+_SAVED = pytest.StashKey[dict]()  # the variables' values before the test session
+_ROOT = pytest.StashKey[Path]()  # the test session's temporary folder
 
 
 def link_complete_entries(source: Path, target: Path) -> int:

@@ -31,7 +31,7 @@ def test_user_cache_entries_are_linked_only_where_complete():
 @pytest.mark.slow
 def test_a_cli_run_writes_nothing_under_home(tmp_path):
     """``dkvb run`` embeds (and caches), trains, unlearns and plots with HOME pointed at an empty
-    folder and the session's environment otherwise: HOME stays empty, the cache entry lands in
+    folder and the test session's environment otherwise: HOME stays empty, the cache entry lands in
     ``$DKVB_CACHE``."""
     home = tmp_path / "home"
     home.mkdir()
