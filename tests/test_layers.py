@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dkvb"
 LAYERS: list[tuple[str, set[str]]] = [
     ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing", "workers"}),
     ("models", {"keys", "selection", "bottleneck", "classifier", "models"}),
-    ("training", {"train", "value_init", "shards", "evaluate"}),
+    ("training", {"train", "value_init", "shards", "evaluate", "forgetting_quality"}),
     ("unlearning", {"unlearn"}),
     ("application", {"config", "experiment", "verify", "report", "store", "audit", "request", "replay",
                      "embeddings_io", "served", "service"}),
