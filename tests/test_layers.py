@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("training", {"train", "value_init", "shards", "evaluate", "forgetting_quality"}),
     ("unlearning", {"unlearn"}),
     ("application", {"config", "experiment", "verify", "report", "store", "audit", "request", "replay",
-                     "embeddings_io", "served", "service"}),
+                     "embeddings_io", "served", "service", "serve"}),
     ("interface", {"cli", "__main__", ""}),  # "" is the package facade, dkvb/__init__.py
 ]
 

@@ -1,0 +1,15 @@
+"""HTTP serving of a model store: predictions from an in-memory model that follows the audit log,
+and forget/restore requests through :class:`dkvb.service.ModelService`.
+
+The package: :mod:`.schemas` (request and response bodies), :mod:`.live` (the served snapshot and
+the poller that swaps it), :mod:`.auth` (the bearer token), :mod:`.metrics` (Prometheus),
+:mod:`.guard` (body limit and per-endpoint metrics middleware), :mod:`.app` (:func:`create_app`)
+and :mod:`.server` (running it on uvicorn). Needs the ``serve`` extra (FastAPI, uvicorn,
+prometheus-client, python-multipart).
+"""
+from .app import Limits, create_app
+from .auth import TOKEN_ENV, check_bind, load_token
+from .live import LiveModel, Snapshot
+from .server import serve
+
+__all__ = ["create_app", "Limits", "serve", "load_token", "check_bind", "TOKEN_ENV", "LiveModel", "Snapshot"]

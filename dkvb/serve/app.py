@@ -1,0 +1,313 @@
+"""The HTTP API over a model store: :func:`create_app` builds the FastAPI app.
+
+Predictions read the in-memory snapshot (:mod:`.live`); forget and restore go through
+:class:`dkvb.service.ModelService` under the store's writer lock, one at a time, and install the
+committed version before they answer. Every error is one JSON line ``{"detail": "..."}`` with a
+4xx status; paths of the store never appear in it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable
+
+import numpy as np
+import torch
+from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..data import EmbeddingSet
+from ..errors import AuditError, StoreError, StoreLockedError
+from ..replay import ReplayError
+from ..service import ModelService
+from ..served import ServedStore
+from ..store import current_version
+from .auth import token_matches
+from .guard import Guard
+from .live import LiveModel, Snapshot
+from .metrics import Metrics
+from .schemas import (
+    ForgetRequest, Health, LogResponse, Prediction, PredictRequest, Problem, RecordResponse, RestoreRequest,
+    VerifyResponse,
+)
+
+log = logging.getLogger("dkvb")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for.
+
+    Attributes:
+        max_body_bytes: request bodies over this are refused with 413 before parsing.
+        max_rows: embedding rows per prediction request.
+        lock_wait_s: how long a write waits for another writer (``dkvb forget`` on the same store)
+            before answering 409.
+        poll_s: how often the store is checked for versions written by other processes.
+    """
+
+    max_body_bytes: int = 16 * 2**20
+    max_rows: int = 1024
+    lock_wait_s: float = 10.0
+    poll_s: float = 0.2
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Limits: {name} must be positive, got {getattr(self, name)}")
+        for name in ("lock_wait_s", "poll_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"Limits: {name} must be positive, got {getattr(self, name)}")
+
+
+ERRORS = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 422, 503)}
+
+
+def create_app(store_path: str | os.PathLike, *, token: str | None = None, limits: Limits = Limits(),
+               data: EmbeddingSet | None = None) -> FastAPI:
+    """The API over the store at ``store_path``.
+
+    Args:
+        token: the bearer token that ``/forget``, ``/restore``, ``/log`` and ``/verify`` require
+            (``None``: open to every caller; see :func:`dkvb.serve.auth.check_bind`).
+        limits: body, batch and timing limits (:class:`Limits`).
+        data: training embeddings for methods that read them (``examples``) and for replay.
+
+    The store is verified and its served version loaded here: a damaged store raises
+    :class:`~dkvb.errors.StoreError` before anything is served.
+    """
+    root = Path(store_path)
+    metrics = Metrics()
+    live = LiveModel(root, interval=limits.poll_s, on_swap=metrics.served)
+    writer = Writer(root, live, limits.lock_wait_s)
+    public = _Public(root)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        live.start()
+        try:
+            yield
+        finally:
+            live.stop()
+
+    app = FastAPI(title="dkvb", version="1", lifespan=lifespan, responses=ERRORS,
+                  description="Predictions and class deletion requests over a dkvb model store. Every prediction "
+                  "and record names the stored version that computed it.")
+    app.add_middleware(Guard, metrics=metrics, max_body=limits.max_body_bytes)
+    app.state.live, app.state.metrics = live, metrics
+    bearer = HTTPBearer(auto_error=False, description="the server's token (--token-file or DKVB_SERVE_TOKEN)")
+
+    def authorized(creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if token is None:
+            return
+        if creds is None:
+            raise HTTPException(401, "missing bearer token: send 'Authorization: Bearer <token>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if not token_matches(creds.credentials, token):
+            raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def predicted(snap: Snapshot, x: np.ndarray, top_k: int) -> Prediction:
+        _check_rows(x, snap.embedding_dim, limits.max_rows)
+        scores, ids = snap.predict(torch.from_numpy(x), top_k)
+        metrics.rows.inc(len(x))
+        names = snap.class_names
+        best = [names[i] for i in ids[:, 0].tolist()]
+        out = Prediction(version=snap.version, classes=best, scores=scores[:, 0].tolist())
+        if top_k > 1:
+            out.top_classes = [[names[i] for i in row] for row in ids.tolist()]
+            out.top_scores = scores.tolist()
+        return out
+
+    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
+    def predict(body: PredictRequest) -> Prediction:
+        """Classify embeddings (JSON rows); the response names the version that computed it."""
+        snap = live.current
+        if len(body.embeddings) > limits.max_rows:
+            raise HTTPException(413, f"embeddings: at most {limits.max_rows} rows per request, got "
+                                f"{len(body.embeddings)}")
+        widths = {len(row) for row in body.embeddings}
+        if widths != {snap.embedding_dim}:
+            bad = next(i for i, row in enumerate(body.embeddings) if len(row) != snap.embedding_dim)
+            raise HTTPException(422, f"embeddings[{bad}]: must have {snap.embedding_dim} numbers (the model's "
+                                f"embedding size), got {len(body.embeddings[bad])}")
+        return predicted(snap, np.asarray(body.embeddings, dtype=np.float32), body.top_k)
+
+    @app.post("/predict/npy", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
+    def predict_npy(file: UploadFile = File(description="a .npy array of shape (rows, embedding size)"),
+                    top_k: int = 1) -> Prediction:
+        """Classify embeddings uploaded as a ``.npy`` file (multipart field ``file``)."""
+        if not 1 <= top_k <= 100:
+            raise HTTPException(422, f"top_k: must be between 1 and 100, got {top_k}")
+        snap = live.current
+        try:
+            x = np.load(io.BytesIO(file.file.read()), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as e:
+            raise HTTPException(422, f"file: not a .npy array ({' '.join(str(e).split())})") from None
+        if x.dtype.kind not in "fiu":
+            raise HTTPException(422, f"file: must hold numbers, got dtype {x.dtype}")
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2:
+            raise HTTPException(422, f"file: must be a (rows, {snap.embedding_dim}) array, got shape {x.shape}")
+        return predicted(snap, np.ascontiguousarray(x, dtype=np.float32), top_k)
+
+    @app.post("/forget", response_model=RecordResponse, dependencies=[Depends(authorized)], tags=["requests"])
+    def forget(body: ForgetRequest) -> RecordResponse:
+        """Forget classes (by name) from the served model; returns the logged audit record."""
+        return writer.run(lambda svc: svc.forget(body.classes, body.method, dict(body.params), data=data,
+                                                 seed=body.seed, metrics=False))
+
+    @app.post("/restore", response_model=RecordResponse, dependencies=[Depends(authorized)], tags=["requests"])
+    def restore(body: RestoreRequest) -> RecordResponse:
+        """Serve the model right after a logged request (or the origin) again; logged like a request."""
+        return writer.run(lambda svc: svc.restore(body.to))
+
+    @app.get("/log", response_model=LogResponse, dependencies=[Depends(authorized)], tags=["audit"])
+    def audit_log() -> LogResponse:
+        """The verified audit log (chain, anchor and, with the key set, every mac checked)."""
+        return LogResponse(version=live.current.version, records=ServedStore(root).log())
+
+    @app.get("/verify", response_model=VerifyResponse, dependencies=[Depends(authorized)], tags=["audit"])
+    def verify() -> VerifyResponse:
+        """Replay the log from the origin model and compare with the served key mask, bit for bit."""
+        snap, reader = live.current, ServedStore(root)
+        try:
+            records = reader.check()
+            if not records:  # nothing logged: the served model is HEAD's, unchanged by any request
+                return VerifyResponse(version=snap.version, matches=True, steps=[],
+                                      served_matches_log=snap.version == current_version(root))
+            result = reader.replay(data)
+        except (ReplayError, StoreError) as e:
+            return VerifyResponse(version=snap.version, matches=False, served_matches_log=False, steps=[],
+                                  error=public(e))
+        logged = reader.log()[-1]["version_after"]
+        return VerifyResponse(version=snap.version, matches=result.matches_head,
+                              served_matches_log=logged == snap.version and torch.equal(result.mask,
+                                                                                         snap.model.key_mask),
+                              steps=result.steps)
+
+    @app.get("/health", response_model=Health, tags=["status"])
+    def health() -> Response:
+        """What is served; 503 while the store fails verification (the last verified version stays served)."""
+        snap = live.current
+        body = Health(status="degraded" if live.error else "ok", version=snap.version, classes=len(snap.class_names),
+                      forgotten=len(snap.forgotten), keys_masked=snap.keys_masked,
+                      error=public(live.error) if live.error else None)
+        metrics.store_error.set(1 if live.error else 0)
+        return JSONResponse(body.model_dump(), status_code=503 if live.error else 200)
+
+    @app.get("/metrics", tags=["status"], response_class=Response,
+             responses={200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text format"}})
+    def prometheus() -> Response:
+        """Request counts and latency histograms per endpoint, the served version, keys masked and
+        classes forgotten (Prometheus text format)."""
+        metrics.store_error.set(1 if live.error else 0)
+        return Response(metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    _error_handlers(app, public)
+    return app
+
+
+class Writer:
+    """Requests that write to the store, one at a time in this process, each waiting up to
+    ``lock_wait`` seconds for a writer in another process; the committed version is installed in
+    ``live`` before the answer."""
+
+    def __init__(self, root: Path, live: LiveModel, lock_wait: float) -> None:
+        self.service = ModelService(root)
+        self.live, self.lock_wait = live, lock_wait
+        self.public = _Public(root)
+        self._lock = threading.Lock()
+
+    def run(self, request: Callable[[ModelService], dict[str, Any]]) -> RecordResponse:
+        deadline = time.monotonic() + self.lock_wait
+        with self._lock:
+            while True:
+                try:
+                    record = request(self.service)
+                    break
+                except StoreLockedError as e:
+                    if time.monotonic() >= deadline:
+                        raise HTTPException(409, self.public(e)) from None
+                    time.sleep(0.01)
+                except AuditError as e:
+                    raise HTTPException(503, f"the store fails verification: {self.public(e)}") from None
+                except (ValueError, TypeError) as e:
+                    raise HTTPException(422, self.public(e)) from None
+                except StoreError as e:
+                    raise HTTPException(503, self.public(e)) from None
+            snap = self.live.refresh()
+        return RecordResponse(version=snap.version, record=record)
+
+
+class _Public:
+    """An error message with the store's path replaced by ``<store>`` (callers see no server paths)."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = sorted({str(root), str(root.resolve()), os.path.abspath(root)}, key=len, reverse=True)
+
+    def __call__(self, error: BaseException | str) -> str:
+        text = " ".join(str(error).split())
+        for p in self.paths:
+            text = text.replace(p, "<store>")
+        return text
+
+
+def _check_rows(x: np.ndarray, dim: int, max_rows: int) -> None:
+    """Refuse an empty, oversized, wrongly sized or non-finite batch with one message."""
+    if len(x) == 0:
+        raise HTTPException(422, "embeddings: at least one row is needed")
+    if len(x) > max_rows:
+        raise HTTPException(413, f"embeddings: at most {max_rows} rows per request, got {len(x)}")
+    if x.shape[1] != dim:
+        raise HTTPException(422, f"embeddings: rows must have {dim} numbers (the model's embedding size), got "
+                            f"{x.shape[1]}")
+    finite = np.isfinite(x)
+    if not finite.all():
+        row, col = map(int, np.argwhere(~finite)[0])
+        raise HTTPException(422, f"embeddings[{row}][{col}]: must be a finite number within float32's range, "
+                            "got NaN or infinity")
+
+
+def _error_handlers(app: FastAPI, public: _Public) -> None:
+    """One JSON line ``{"detail": ...}`` for every error; a traceback only in the server's log."""
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ())]
+        if first.get("type") == "json_invalid":
+            where = first.get("ctx", {}).get("error", first.get("msg", ""))
+            detail = f"malformed JSON body: {where}" + (f" (at character {loc[1]})" if len(loc) > 1 else "")
+        elif loc == ["body"]:
+            detail = "body: must be a JSON object (Content-Type: application/json), see /docs"
+        else:
+            loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+            path = loc[0] + "".join(f"[{p}]" if p.isdigit() else f".{p}" for p in loc[1:]) if loc else "body"
+            detail = f"{path}: {first.get('msg', 'invalid')}" + (f" (and {len(errors) - 1} more)" if len(errors) > 1
+                                                                 else "")
+        return JSONResponse({"detail": " ".join(detail.split())}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        return JSONResponse({"detail": public(detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crash(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("dkvb serve: %s %s failed", request.method, request.url.path)
+        return JSONResponse({"detail": "internal error; the server's log has the details"}, status_code=500)
+
+
+__all__ = ["create_app", "Limits", "Writer"]
