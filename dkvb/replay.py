@@ -39,7 +39,7 @@ class ReplayResult:
             ``loaded, N re-applied`` for a retrained model with the forget requests in effect
             re-applied, ``(logged deltas)`` added where those read embeddings not given,
             ``recomputed``, ``logged delta`` when the embeddings a request read were not given,
-            ``unchanged`` for no-ops and prunes, ``keys released (mask unchanged)`` for a request
+            ``unchanged`` for no-ops, prunes and recoveries, ``keys released (mask unchanged)`` for a request
             with ``release_keys`` (it re-fitted values and masked nothing), ``restored``).
     """
 
@@ -79,7 +79,7 @@ def replay_records(records: list[dict[str, Any]], load: Loader, data: EmbeddingS
             if rec["to"] not in states:
                 raise ReplayError(f"{rid}: restores unknown request {rec['to']!r}")
             (mask, model, names), how = states[rec["to"]], "restored"
-        elif op == "prune" or (op == "forget" and rec.get("noop")):
+        elif op in ("prune", "recover") or (op == "forget" and rec.get("noop")):
             how = "unchanged"
         elif op == "forget":
             mask, how = _replay_forget(rec, model, names, mask, data)
@@ -124,9 +124,9 @@ def _replay_forget(
 
 
 def _logged_unlearner(rec: dict[str, Any], model: DKVBClassifier):
-    """The unlearner a forget record was computed with. Since the ninth session's rule change
-    the service logs the share rule's resolved ``min_share``; a ``dkvb-activations`` record that
-    left it unset was logged before, when the default was the projection's factor alone
+    """The unlearner a forget record was computed with. The service logs the share rule's
+    resolved ``min_share``; a ``dkvb-activations`` record that left it unset was logged before
+    that (commit e812c6f, 2026-11-28), when the default was the projection's factor alone
     (:data:`~dkvb.unlearn.activations.SHARE_FACTOR`, also for probe-started models)."""
     logged = create_unlearner(rec["method"], **rec["params"])
     if isinstance(logged, UnlearnViaActivations) and logged.rule == "share" and logged.min_share is None:

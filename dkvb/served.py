@@ -16,7 +16,7 @@ from typing import Any
 from torch import Tensor
 
 from . import store
-from .audit import LOG, AuditLog, audit_key, load as load_log
+from .audit import LOG, AuditLog, audit_key, load as load_log, read_marker, served_origin
 from .data import EmbeddingSet
 from .errors import AuditError, StoreError
 from .io import atomic_write_text
@@ -38,10 +38,11 @@ class ServedStore:
     def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
         self.root = Path(path)
         self.key = key if key is not None else audit_key()
-        self._full: dict[str, tuple[str, dict[str, Tensor]]] = {}
+        self._full: dict[str, tuple] = {}  # full version -> (file sha256, tensors, verified digests)
 
     def load(self, version: str | None = None) -> tuple[DKVBClassifier, dict[str, Any]]:
-        """A verified DKVB model of the store (default: the served version) and its manifest.
+        """A verified DKVB model of the store (default: the served version, named by the verified
+        log) and its manifest.
 
         Raises ``ValueError`` for another kind of model: the service masks keys.
         """
@@ -52,8 +53,13 @@ class ServedStore:
         return model, manifest
 
     def log(self) -> list[dict[str, Any]]:
-        """The verified records (chain, anchor, and macs when the key is set)."""
-        return load_log(self.root, self.key).records
+        """The verified records (chain, anchor, marker, and macs when the key is set). An empty log
+        is also checked against the versions: a store whose versions name requests has lost its
+        history, which raises :class:`~dkvb.errors.AuditError`."""
+        records = load_log(self.root, self.key).records
+        if not records:
+            check_history(self.root, records)
+        return records
 
     @staticmethod
     def forgotten_of(manifest: dict[str, Any]) -> list[str]:
@@ -62,14 +68,16 @@ class ServedStore:
 
     def check(self) -> list[dict[str, Any]]:
         """The verified records, after checking that every version a request wrote is in the log
-        (so a log deleted or cut together with its anchor is detected too) and that the served
-        version loads. Raises :class:`~dkvb.errors.AuditError` naming what disagrees."""
+        (so a log deleted or cut together with its anchor is detected too), that every logged
+        model digest is the stored version's, and that the served version loads with the class
+        names its origin record logged. Raises :class:`~dkvb.errors.AuditError` naming what
+        disagrees."""
         records = self.log()
-        versions = store.list_versions(self.root)
-        for version in versions:
-            check_version_logged(self.root, version, records, orphan_ok=version == versions[-1])
+        check_history(self.root, records)
+        check_logged_models(self.root, records)
         if records:
-            self.load(records[-1]["version_after"])
+            _, manifest = self.load(records[-1]["version_after"])
+            check_origin_names(self.root, manifest, records)
         return records
 
     def replay(self, data: EmbeddingSet | None = None) -> ReplayResult:
@@ -91,21 +99,35 @@ class StoreWriter(ServedStore):
         self._log = AuditLog(self.root, self.key)
         self._origin: dict[str, Any] | None = None  # an origin record to write before the next one
         self._served: str | None = None  # the version served when the lock was taken (set by _sync)
+        self.warning: str | None = None  # what the last committed request could not complete
 
     def _require_store(self) -> None:
         """Refuse to write to a folder that is not a model store (so a typo creates nothing)."""
-        if store.served_version(self.root) is None:
+        if store.current_version(self.root) is None and not store.list_versions(self.root):
             raise StoreError(f"no stored model at {self.root} (HEAD is missing)")
 
     def _commit(self, record: dict[str, Any], version: str) -> dict[str, Any]:
         """Append the pending origin record (if any) and ``record`` (the commit point), then point
-        ``HEAD`` at ``version``."""
+        ``HEAD`` at ``version``. Once ``record`` is logged the request is committed and served:
+        failing to replace the anchor or ``HEAD`` then (a full disk, a permission) is a warning
+        (kept in :attr:`warning`), and the next writer completes it."""
+        self.warning = None
         if self._origin is not None:
             origin, self._origin = self._origin, None
             self._log.append(origin)
-        logged = self._log.append(record)
-        if store.current_version(self.root) != version:
-            atomic_write_text(self.root / "HEAD", version + "\n")
+        self._log.unanchored = None
+        logged = self._log.append(record, final=True)
+        problem = self._log.unanchored
+        try:
+            if store.current_version(self.root) != version:
+                atomic_write_text(self.root / "HEAD", version + "\n")
+        except OSError as e:
+            problem = problem or e
+            log.warning("%s: %s is committed and served, but HEAD could not be moved (%s); the next request "
+                        "moves it", self.root, logged["request_id"], e)
+        if problem is not None:
+            self.warning = (f"{logged['request_id']} is committed and served, but the store could not be brought "
+                            f"fully in line ({problem}); the next request completes it")
         return logged
 
     def _save(self, after: DKVBClassifier, before: DKVBClassifier, manifest: dict[str, Any],
@@ -142,17 +164,19 @@ class StoreWriter(ServedStore):
             raise StoreError(f"{self.root}: HEAD is missing; not a dkvb model store")
         self._served = served
         check_version_logged(self.root, served, records)
+        check_history(self.root, records)
         if records and store.current_version(self.root) != served:
             log.warning("%s: HEAD is not the version the audit log serves (%s): a killed writer or an edit; "
                         "moving HEAD", self.root, served)
             atomic_write_text(self.root / "HEAD", served + "\n")
         if records:
+            check_origin_names(self.root, store.read_manifest(self.root, served), records)
             return records
         model, manifest = self.load(served)
         self._origin = {"op": "origin", "version": served, "note": "the model requests start from",
                         "model_sha256": manifest.get("model_sha256") or store.model_sha256(model),
                         "mask_sha256": mask_sha(model.key_mask), "forgotten": self.forgotten_of(manifest),
-                        "version_after": served}
+                        "class_names": list(manifest["class_names"]), "version_after": served}
         return [{"request_id": self._log.next_id(), **self._origin}]
 
 
@@ -162,22 +186,73 @@ def service_extra(manifest: dict[str, Any]) -> dict[str, Any]:
     return service if isinstance(service, dict) else {}
 
 
+def check_history(root: Path, records: list[dict[str, Any]]) -> None:
+    """Every version a request wrote must be in the log (:func:`check_version_logged`), so a log
+    deleted or cut together with its anchor is refused while such a version exists, whichever
+    version is served; and a store with the marker of a served store must have records."""
+    if not records and read_marker(root) is not None:
+        raise AuditError(f"{root / LOG} is empty or missing, but the store has served requests "
+                         f"({root.name}/audit.started.json): its history was deleted")
+    versions = store.list_versions(root)
+    for version in versions:
+        check_version_logged(root, version, records, orphan_ok=version == versions[-1])
+
+
+def check_logged_models(root: Path, records: list[dict[str, Any]]) -> None:
+    """Every logged model digest (an origin's ``model_sha256``, a record's ``model_sha256_after``)
+    must be the ``model_sha256`` of its version where that version still exists (a loaded
+    version's tensors are checked against its manifest, :mod:`dkvb.store.read`)."""
+    existing = set(store.list_versions(root))
+    for r in records:
+        pairs = [("version_after", "model_sha256_after")]
+        if r["op"] == "origin":
+            pairs.insert(0, ("version", "model_sha256"))
+            if "model_sha256_after" not in r:
+                pairs[1] = ("version_after", "model_sha256")
+        for vfield, sfield in pairs:
+            version, logged = r.get(vfield), r.get(sfield)
+            if version not in existing or not logged:
+                continue
+            stored = store.read_manifest(root, version).get("model_sha256")
+            if stored is not None and stored != logged:
+                raise AuditError(f"{root / LOG}: {r['request_id']} logged {sfield} {logged[:12]}..., but version "
+                                 f"{version} holds model {stored[:12]}...: the version was rewritten")
+
+
+def check_origin_names(root: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:
+    """The served version's class names must be those its origin record logged."""
+    origin = served_origin(records)
+    if origin is not None:
+        vdir = root / "versions" / str(records[-1]["version_after"])
+        store.check_class_names(manifest, origin, vdir)
+
+
 def check_version_logged(root: Path, version: str, records: list[dict[str, Any]], orphan_ok: bool = False) -> None:
     """A version a request wrote names that request: the log must hold it, with this version.
 
-    A writer killed before logging leaves an orphan: the newest version (``orphan_ok``) with a
-    request id past the log, or one whose id a later retry logged with a newer version.
+    A writer killed before logging leaves an orphan: the newest version (``orphan_ok``) with the
+    request id the next request gets (``len(records) + 1``, or 2 for the first request, which
+    logs an origin record first), or one whose id a later retry logged with a newer version.
     """
     rid = service_extra(store.read_manifest(root, version)).get("request_id")
     if rid is None:
         return
     rec = next((r for r in records if r["request_id"] == rid), None)
-    if (rec is None and orphan_ok) or (rec is not None and rec["version_after"] > version):
+    if rec is None and orphan_ok and _request_number(rid) in (len(records) + 1, 2 if not records else -1):
+        return
+    if rec is not None and rec["version_after"] > version:
         return
     if rec is None or rec["version_after"] != version:
         raise AuditError(f"{root / LOG}: version {version} was written by request {rid}, which the log "
                          + ("lacks: the log was cut, emptied or deleted" if rec is None else
                             f"names with version {rec['version_after']}: the log was replaced"))
+
+
+def _request_number(rid: Any) -> int:
+    try:
+        return int(str(rid).removeprefix("req-"))
+    except ValueError:
+        return 0
 
 
 def logged_sha(record: dict[str, Any]) -> str | None:

@@ -11,8 +11,9 @@ rests on, see :mod:`dkvb.store`). Every request appends one record to the store'
      "version_after": "000002", "metrics": {...}, "prev_sha256": "..."}
 
 Record kinds (``op``): ``origin`` (the model requests start from: written before the first
-request, or by ``save_model(force=True)`` when a new model replaces a served one), ``forget``,
-``restore`` and ``prune``.
+request, or by ``save_model(force=True)`` when a new model replaces a served one; it holds the
+model's class names), ``forget``, ``restore``, ``prune`` and ``recover`` (a tail that did not
+verify was moved aside, :meth:`ModelService.recover`).
 
 Commit order (under the store's writer lock): write the new version (its manifest names the request
 id, anchoring the log in the version), append the record (the commit point), replace the log's
@@ -37,12 +38,12 @@ from typing import Any, Sequence
 from torch import Tensor
 
 from . import store
-from .audit import LOG, audit_key, is_served, load as load_log
+from .audit import LOG, REJECTED, is_served, line_sha
 from .data import EmbeddingSet, resolve_classes
 from .models import DKVBClassifier
 from .replay import ReplayError, ReplayResult
 from .request import METHODS, check_data, flat_mask, make_request, mask_sha, method_name, metrics as request_metrics
-from .served import ServedStore, StoreWriter, find_record, logged_sha
+from .served import ServedStore, StoreWriter, check_history, find_record, logged_sha
 from .unlearn import create_unlearner
 
 log = logging.getLogger("dkvb")
@@ -154,14 +155,42 @@ class ModelService(StoreWriter):
         deleted (``dry_run``: deletable) versions; restoring to them is refused afterwards."""
         self._require_store()
         with store.writer_lock(self.root):
-            records = self._sync() if is_served(self.root) else []
+            if is_served(self.root):
+                records = self._sync()
+            else:
+                records = []
+                check_history(self.root, records)  # versions a request wrote, but no log: refused
             keep = {r["version"] for r in records if r["op"] == "origin"}
-            removed = store.prune(self.root, keep, dry_run=dry_run)
-            if removed and records and not dry_run:
-                self._commit({"op": "prune", "noop": False, "removed": removed,
-                              "mask_sha256": records[-1]["mask_sha256"], "forgotten": records[-1].get("forgotten", []),
-                              "version_before": self._served, "version_after": self._served}, self._served)
-        return removed
+
+            def log_removal(removed: list[str]) -> None:  # logged before anything is deleted
+                if records:
+                    self._commit({"op": "prune", "noop": False, "removed": removed,
+                                  "mask_sha256": records[-1]["mask_sha256"],
+                                  "forgotten": records[-1].get("forgotten", []),
+                                  "version_before": self._served, "version_after": self._served}, self._served)
+
+            return store.prune(self.root, keep, dry_run=dry_run, before_delete=log_removal)
+
+    def recover(self) -> dict[str, Any] | None:
+        """Serve the last verified record again: move the log's lines past its anchored records
+        that do not verify (a forged tail, lines written without the key) to
+        ``audit.rejected.jsonl`` and log a ``recover`` record naming them; returns it (``None``
+        when the whole log verifies). Raises :class:`~dkvb.errors.AuditError` where the damage
+        lies inside the anchored history, and for a keyed log without the key."""
+        self._require_store()
+        with store.writer_lock(self.root):
+            dropped = self._log.recover()
+            records = self._sync()
+            if not dropped:
+                return None
+            last = records[-1]
+            return self._commit({
+                "op": "recover", "noop": False, "dropped": len(dropped),
+                "dropped_sha256": [line_sha(line) for line in dropped], "rejected_file": REJECTED,
+                "note": f"dropped {len(dropped)} line(s) that did not verify (kept in {REJECTED})",
+                "mask_sha256": last.get("mask_sha256"), "forgotten": last.get("forgotten", []),
+                "model_sha256_after": logged_sha(last), "version_before": self._served,
+                "version_after": self._served}, self._served)
 
     def replace(self, model: DKVBClassifier, *, class_names: list[str], encoder: str,
                 encoder_config: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
@@ -195,6 +224,7 @@ class ModelService(StoreWriter):
             current, reapplied = _reapply(steps, trained, list(class_names), data)
             record: dict[str, Any] = {
                 "op": "origin", "version": version, "version_before": self._served,
+                "class_names": list(class_names),
                 "note": "model replaced by a retrained one; the forget requests in effect re-applied to it",
                 "model_sha256": manifest["model_sha256"], "reapplied": reapplied, "forgotten": forgotten,
                 "mask_sha256": mask_sha(current.key_mask), "model_sha256_before": logged_sha(records[-1]),
@@ -267,11 +297,19 @@ def replay(path: str | os.PathLike, data: EmbeddingSet | None = None) -> Tensor:
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The verified records of the store's audit log (macs checked when the key is set)."""
-    return load_log(path, audit_key()).records
+    """The verified records of the store's audit log (macs checked when the key is set); raises
+    :class:`~dkvb.errors.AuditError` for a store that has served requests and lost its log
+    (:meth:`ServedStore.log`)."""
+    return ServedStore(path).log()
+
+
+def recover(path: str | os.PathLike) -> dict[str, Any] | None:
+    """:meth:`ModelService.recover` on the store at ``path``."""
+    return ModelService(path).recover()
 
 
 __all__ = [
-    "ServedStore", "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "replace_model", "replay",
+    "ServedStore", "ModelService", "ReplayResult", "ReplayError", "forget", "restore", "recover", "replace_model",
+    "replay",
     "read_log", "method_name", "METHODS", "LOG",
 ]

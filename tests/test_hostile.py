@@ -729,3 +729,215 @@ def test_log_escapes_control_characters_in_class_names(tmp_path, clusters, capsy
     assert main(["log", "--model", str(tmp_path / "m")]) == 0
     out = capsys.readouterr().out
     assert "\x1b" not in out and "\a" not in out and "red\\x1b[31m" in out and "line\\nbreak" in out
+
+
+# ------------------------------------------------------------------ someone who can write the store's files
+def _served_digest(store: Path) -> str:
+    return model_sha256(load_model(store)[0])
+
+
+def _rewrite_manifest(vdir: Path, edit) -> None:
+    """Edit a manifest and recompute its own digest, as anyone who knows the format can."""
+    from dkvb.store import manifest_sha256
+
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = manifest_sha256(manifest)
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("also", ["", "marker", "pruned"])
+def test_history_lost_while_the_origin_is_served_is_refused_everywhere(store, capsys, also):
+    from dkvb.audit import MARKER
+    from dkvb.service import ModelService
+
+    forget(store, "class1")
+    forget(store, "class2")
+    restore(store, "origin")
+    if also == "pruned":  # only the origin versions remain: the marker alone remembers the history
+        ModelService(store).prune()
+    for name in (LOG, ANCHOR) + ((MARKER,) if also == "marker" else ()):
+        (store / name).unlink()
+    versions = list_versions(store)
+    svc = ModelService(store)
+    for request in (lambda: svc.forget("class3"), lambda: svc.restore("origin"), svc.prune, lambda: read_log(store)):
+        with pytest.raises(AuditError, match="history was deleted|lacks: the log was cut"):
+            request()
+    assert list_versions(store) == versions and not (store / LOG).exists()
+    assert main(["log", "--model", str(store)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "audit" in err
+    with pytest.raises(StoreError, match="serves deletion requests"):  # nor may a retrain take its place
+        save_model(load_model(store, "000001")[0], store, class_names=NAMES, encoder="synthetic")
+
+
+def _forge_restore(store: Path, version: str) -> None:
+    """One unauthenticated line appended to the log, chained to the last one (no mac)."""
+    from dkvb.audit import line_sha
+
+    last = (store / LOG).read_bytes().splitlines()[-1]
+    forged = {"request_id": "req-000099", "op": "restore", "to": "origin", "version_after": version,
+              "prev_sha256": line_sha(last)}
+    with open(store / LOG, "ab") as f:
+        f.write(json.dumps(forged, separators=(",", ":")).encode() + b"\n")
+
+
+@pytest.mark.parametrize("keyed", [True, False], ids=["keyed", "unkeyed"])
+def test_a_forged_tail_is_refused_by_readers_and_recover_serves_the_last_verified_record(store, monkeypatch, capsys,
+                                                                                         keyed):
+    if keyed:
+        monkeypatch.setenv(KEY_ENV, "k")
+    forget(store, "class1")
+    served = _served_digest(store)
+    _forge_restore(store, "000001")
+    (store / ANCHOR).write_text((store / ANCHOR).read_text()) if keyed else None
+    if not keyed:  # unkeyed: one line past the anchor that chains is a pending record; a second is refused
+        _forge_restore(store, "000001")
+    for env in ([KEY_ENV] if keyed else []) + [None]:
+        if env is None:
+            monkeypatch.delenv(KEY_ENV, raising=False)
+        with pytest.raises(AuditError, match=r"req-000099.*dkvb recover|dkvb recover"):
+            load_model(store)
+        assert main(["log", "--model", str(store)]) == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    if keyed:
+        assert main(["recover", "--model", str(store)]) == 2  # a keyed log is recovered with the key only
+        assert "keyed" in capsys.readouterr().err
+        monkeypatch.setenv(KEY_ENV, "k")
+    assert main(["recover", "--model", str(store)]) == 0
+    assert "serving version 000003 again" in capsys.readouterr().out
+    assert _served_digest(store) == served and read_log(store)[-1]["op"] == "recover"
+    assert b"req-000099" in (store / "audit.rejected.jsonl").read_bytes()
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)
+    assert main(["recover", "--model", str(store)]) == 0 and "nothing to recover" in capsys.readouterr().out
+
+
+def test_a_keyed_store_stays_keyed_when_every_mac_is_stripped(store, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "k")
+    forget(store, "class1")
+    records = [json.loads(line) for line in (store / LOG).read_bytes().splitlines()]
+    records[1]["forgotten"] = []
+    _rewrite_chain(store, records)
+    with pytest.raises(AuditError, match="mac (is missing|does not match)"):
+        load_model(store)
+    monkeypatch.delenv(KEY_ENV)
+    with pytest.raises(AuditError, match="mac is missing"):  # the marker says the log is keyed
+        load_model(store)
+    with pytest.raises(AuditError, match="mac is missing"):
+        forget(store, "class2")
+
+
+def _rewrite_chain(store: Path, records: list[dict]) -> None:
+    from dkvb.audit import encode, line_sha
+
+    prev, out = None, b""
+    for r in records:
+        r.pop("prev_sha256")
+        r.pop("mac", None)
+        line = encode(r, prev, None)
+        out += line + b"\n"
+        prev = line_sha(line)
+    (store / LOG).write_bytes(out)
+    (store / ANCHOR).write_text(json.dumps({"records": len(records), "last_sha256": prev}))
+
+
+def test_replay_compares_each_logged_model_digest_with_the_stored_version(store, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from dkvb.io import sha256_file
+    from dkvb.store import state_sha256, tensor_sha256
+
+    monkeypatch.setenv(KEY_ENV, "k")
+    rec = forget(store, "class1", params={"erase_values": True})
+    vdir = store / "versions" / rec["version_after"]
+    tensors = load_file(str(vdir / "tensors.safetensors"))
+    origin = load_model(store, "000001")[0].state_dict()
+    tensors["bottleneck.values"] = origin["bottleneck.values"].clone()  # the erased values back
+    save_file(tensors, str(vdir / "tensors.safetensors"))
+
+    def recompute(m):
+        m["sha256"]["tensors.safetensors"] = sha256_file(vdir / "tensors.safetensors")
+
+    _rewrite_manifest(vdir, recompute)
+    with pytest.raises(StoreError, match="tensor_sha256"):  # the tensors no longer match their digests
+        load_model(store)
+
+    def all_digests(m):
+        recompute(m)
+        m["tensor_sha256"]["bottleneck.values"] = tensor_sha256(tensors["bottleneck.values"])
+        m["model_sha256"] = state_sha256(m["tensor_sha256"])
+
+    _rewrite_manifest(vdir, all_digests)
+    assert load_model(store)[0].bottleneck.values.abs().sum() > 0  # a consistent version, but not the logged one
+    with pytest.raises(AuditError, match="req-000002 logged model_sha256_after .* the version was rewritten"):
+        replay(store)
+
+
+def test_swapped_class_names_in_a_manifest_are_refused(store, capsys):
+    forget(store, "class1")
+    vdir = store / "versions" / current_version(store)
+
+    def swap(m):
+        m["class_names"][2], m["class_names"][3] = m["class_names"][3], m["class_names"][2]
+
+    _rewrite_manifest(vdir, swap)
+    with pytest.raises(AuditError, match="class_names differs .* origin record req-000001 .* index \\[2, 3\\]"):
+        load_model(store)
+    assert main(["forget", "--model", str(store), "--classes", "class3"]) == 2
+    assert "class_names" in capsys.readouterr().err
+    assert read_log(store)[-1]["forgotten"] == ["class1"]
+
+
+@pytest.mark.parametrize("where", ["anchor", "head"])
+def test_a_committed_request_that_cannot_finish_is_reported_committed(store, monkeypatch, capsys, where):
+    import errno
+
+    import dkvb.audit as audit_module
+    import dkvb.served as served
+
+    forget(store, "class1")
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(a[0]))
+
+    monkeypatch.setattr(audit_module if where == "anchor" else served,
+                        "atomic_write_json" if where == "anchor" else "atomic_write_text", full)
+    assert main(["forget", "--model", str(store), "--classes", "class2"]) == 0
+    out, err = capsys.readouterr()
+    assert "req-000003: forgot class2" in out and "committed and served" in err and "No space left" in err
+    monkeypatch.undo()
+    assert read_log(store)[-1]["forgotten"] == ["class1", "class2"]
+    assert forget(store, "class3")["version_before"] == read_log(store)[-2]["version_after"]
+    assert current_version(store) == read_log(store)[-1]["version_after"]
+
+
+def test_prune_names_every_version_it_deletes_even_when_stopped(store, monkeypatch):
+    from dkvb.service import ModelService
+
+    pruning = sys.modules["dkvb.store.prune"]
+    forget(store, "class1")
+    forget(store, "class2")
+    restore(store, "origin")
+    shutil.copytree(store / "versions" / "000002", store.parent / "elsewhere")
+    (store / "versions" / "000009").symlink_to(store.parent / "elsewhere")
+    with pytest.raises(StoreError, match="000009 is a symbolic link"):
+        ModelService(store).prune()
+    assert list_versions(store) == ["000001", "000002", "000003", "000004", "000009"]
+    assert read_log(store)[-1]["op"] == "restore"
+    (store / "versions" / "000009").unlink()
+    real = pruning.shutil.rmtree
+    monkeypatch.setattr(pruning.shutil, "rmtree", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):  # killed after the first version was renamed aside
+        ModelService(store).prune()
+    monkeypatch.setattr(pruning.shutil, "rmtree", real)
+    assert read_log(store)[-1]["removed"] == ["000003", "000004"]
+    ModelService(store).prune()
+    assert list_versions(store) == ["000001", "000002"]
+    gone = {v for r in read_log(store) if r["op"] == "prune" for v in r["removed"]}
+    assert gone == {"000003", "000004"}
+
+
+def test_a_seed_too_large_names_the_option(store, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["forget", "--model", str(store), "--classes", "class1", "--seed", str(2**66)])
+    assert e.value.code == 2 and "--seed" in capsys.readouterr().err

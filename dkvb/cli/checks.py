@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import command, data_args, service_data, store_args
+from .common import command, data_args, seed_int, service_data, store_args
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
@@ -96,7 +96,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
                    f"(default {ProbeConfig.examples})")
     p.add_argument("--probe-lr", type=float, help=f"SGD learning rate of the relearning probe (default {ProbeConfig.lr})")
     p.add_argument("--max-steps", type=int, help=f"relearning probe step budget (default {ProbeConfig.max_steps})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

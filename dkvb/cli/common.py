@@ -108,6 +108,17 @@ def service_data(args: argparse.Namespace):
     return load_embeddings_file(args.embeddings, names, manifest, trust=trust), test
 
 
+def seed_int(text: str) -> int:
+    """A ``--seed``: an integer that fits a 64-bit seed (argparse names the option on failure)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63), got {text}")
+    return value
+
+
 def print_metrics(metrics: dict) -> None:
     for key, value in metrics.items():
         print(f"  {key:17s} {100 * value:6.2f}%")

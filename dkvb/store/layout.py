@@ -1,8 +1,9 @@
 """What a model store looks like on disk: file and version names, ``HEAD`` and the served version.
 
 See :mod:`dkvb.store` for the layout. A store with an audit log (:mod:`dkvb.audit`) serves the
-version its last record names: readers that ask for the current model get that version even when
-a writer was killed before moving ``HEAD`` or ``HEAD`` is missing or corrupt.
+version its last verified record names: readers that ask for the current model get that version
+even when a writer was killed before moving ``HEAD`` or ``HEAD`` is missing or corrupt, and a log
+that does not verify serves nothing.
 """
 from __future__ import annotations
 
@@ -27,10 +28,11 @@ def current_version(path: str | os.PathLike) -> str | None:
 
 
 def served_version(path: str | os.PathLike) -> str | None:
-    """The version the store serves: the last audit record's ``version_after`` for a served store
-    (the log is the commit point, see :mod:`dkvb.audit`), else ``HEAD``'s."""
-    last = audit.last_record(path)
-    return last["version_after"] if last is not None else current_version(path)
+    """The version the store serves: the last verified audit record's ``version_after`` for a
+    served store (the log is the commit point, see :mod:`dkvb.audit`), else ``HEAD``'s. Raises
+    :class:`~dkvb.errors.AuditError` for a log that does not verify (:func:`dkvb.audit.served_state`)."""
+    state = audit.served_state(path)
+    return state[0] if state is not None else current_version(path)
 
 
 def list_versions(path: str | os.PathLike) -> list[str]:

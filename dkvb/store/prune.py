@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..errors import StoreError
 from ..io import fsync_dir
@@ -13,13 +13,16 @@ from .lock import clean_leftovers, writer_lock
 from .read import read_manifest
 
 
-def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = False) -> list[str]:
+def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = False,
+          before_delete: Callable[[list[str]], None] | None = None) -> list[str]:
     """Delete every version but the served one, ``HEAD``'s, those in ``keep`` and the full versions
     any of them shares tensors with; returns the deleted names (``dry_run``: those it would delete).
 
-    Each version is first renamed out of sight, then removed, so a killed prune leaves no
-    half-deleted version. Raises :class:`StoreError` where a kept version's manifest is unreadable
-    (its base would be unknown).
+    Every version to delete is checked first (a real folder, not a symbolic link), then
+    ``before_delete(names)`` runs (the service logs them there, so no version goes unrecorded even
+    when the prune is killed), then each is renamed out of sight and removed, so a killed prune
+    leaves no half-deleted version. Raises :class:`StoreError` where a kept version's manifest is
+    unreadable (its base would be unknown) or a version folder is a link, before deleting anything.
     """
     root = Path(path)
     with writer_lock(root):
@@ -34,6 +37,12 @@ def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = 
             if isinstance(info, dict):
                 needed.add(str(info.get("version")))
         doomed = [v for v in existing if v not in needed]
+        links = [v for v in existing if (root / "versions" / v).is_symlink()]
+        if links:
+            raise StoreError(f"{root / 'versions' / links[0]} is a symbolic link, not a version folder of the store; "
+                             "refusing to prune (replace it by the folder it points to, or remove it)")
+        if doomed and not dry_run and before_delete is not None:
+            before_delete(doomed)
         if not dry_run:
             for v in doomed:
                 gone = root / "versions" / f".tmp-pruned-{v}"

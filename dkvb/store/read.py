@@ -1,6 +1,7 @@
 """Reading a model store: manifests, verified tensors and models.
 
-Loading verifies the manifest and the checksums and names the field that does not match. Readers
+Loading verifies the manifest, the checksums of its files and the digest of every tensor read
+(so a manifest's ``model_sha256`` is the model's), and names the field that does not match. Readers
 take no lock: versions are immutable and ``HEAD`` is replaced atomically. A caller that loads many
 versions passes a ``cache`` dict so each full version is read and hashed once. A shared version's
 tensors are verified against both files.
@@ -17,10 +18,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..errors import StoreError
+from .. import audit
+from ..errors import AuditError, StoreError
 from ..io import sha256_file
 from ..models import build_model
-from .digests import manifest_sha256, state_sha256
+from .digests import manifest_sha256, state_sha256, tensor_sha256
 from .layout import CONFIG, MANIFEST, READABLE_FORMATS, TENSORS, VERSION_NAME, version_dir
 
 
@@ -43,15 +45,16 @@ def load_tensors(
     version: str | None = None,
     *,
     shared: bool = True,
-    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
+    cache: dict[str, tuple] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Verified tensors of a version and its manifest.
 
     Args:
         shared: also return the tensors the version shares with its full version (``False``
             reads only its own file).
-        cache: ``{full version: (sha256 of its tensors file, tensors)}`` of full versions already
-            verified in this process; consulted before hashing a base file again and filled after.
+        cache: ``{full version: (sha256 of its tensors file, tensors, their verified digests)}`` of
+            full versions already verified in this process; consulted before hashing a base file
+            again and filled after.
             Versions are immutable, so a long-lived caller (:class:`dkvb.service.ModelService`)
             verifies each full version once; the version's own file is always verified.
     """
@@ -68,17 +71,22 @@ def load_tensors(
     if not isinstance(sums, dict) or not isinstance(sums.get(TENSORS), str):
         raise StoreError(f"{vdir / MANIFEST}: manifest field sha256.{TENSORS} is missing")
     info = manifest.get("shared")
+    digests = manifest.get("tensor_sha256") if fmt >= 2 else None
+    if digests is not None and not isinstance(digests, dict):
+        raise StoreError(f"{vdir / MANIFEST}: manifest field tensor_sha256 is not a mapping")
     if cache is not None and info is None and cache.get(vdir.name, ("",))[0] == sums[TENSORS]:
         state = dict(cache[vdir.name][1])
         for name, digest in sums.items():
             if name != TENSORS:
                 _check_file(vdir / name, digest, f"sha256.{name}")
+        _check_digests(state, digests, _verified(cache, vdir.name), vdir)
         return state, manifest
     for name, digest in sums.items():
         _check_file(vdir / name, digest, f"sha256.{name}")
     state = _read_tensors(vdir / TENSORS)
+    _check_digests(state, digests, {}, vdir)
     if cache is not None and info is None:
-        cache[vdir.name] = (sums[TENSORS], dict(state))
+        cache[vdir.name] = (sums[TENSORS], dict(state), _digests_of(state, digests))
     if shared and info is not None:
         try:
             full, digest, names = info["version"], info["sha256"], list(info["tensors"])
@@ -87,17 +95,20 @@ def load_tensors(
         if not isinstance(full, str) or not VERSION_NAME.match(full) or full == vdir.name:
             raise StoreError(f"{vdir / MANIFEST}: manifest field shared.version is {full!r}, not another version")
         fdir = version_dir(root, full)
-        if cache is not None and cache.get(full, ("",))[0] == digest:
-            base = cache[full][1]
+        cached = cache is not None and cache.get(full, ("",))[0] == digest
+        if cached:
+            base, known = cache[full][1], _verified(cache, full)
         else:
             _check_file(fdir / TENSORS, digest, f"shared.sha256 of {vdir / MANIFEST}")
-            base = _read_tensors(fdir / TENSORS)
-            if cache is not None:
-                cache[full] = (digest, base)
+            base, known = _read_tensors(fdir / TENSORS), {}
         missing = [n for n in names if n not in base]
         if missing:
             raise StoreError(f"{fdir / TENSORS}: lacks shared tensor(s) {missing} (manifest field shared.tensors)")
-        state = {**{n: base[n] for n in names}, **state}
+        taken = {n: base[n] for n in names}
+        _check_digests(taken, digests, known, vdir)
+        if cache is not None and not cached:
+            cache[full] = (digest, base, _digests_of(taken, digests))
+        state = {**taken, **state}
     return state, manifest
 
 
@@ -107,15 +118,22 @@ def load_model(
     *,
     expect_encoder: str | None = None,
     expect_dim: int | None = None,
-    cache: dict[str, tuple[str, dict[str, Tensor]]] | None = None,
+    cache: dict[str, tuple] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load and verify a stored model; returns ``(model, manifest)``.
 
     ``cache`` is passed to :func:`load_tensors`. Raises :class:`StoreError` naming the field for a
     wrong format version, a checksum mismatch, an encoder or embedding size other than expected,
-    a config that disagrees with the manifest, or unreadable tensors.
+    a config that disagrees with the manifest, or unreadable tensors. Without ``version``, the
+    served version (:func:`~dkvb.store.served_version`: the verified log's, for a served store),
+    whose class names must be those its origin record logged.
     """
     root = Path(path)
+    origin = None
+    if version is None:
+        state = audit.served_state(root) if root.is_dir() else None
+        if state is not None:
+            version, origin = state
     vdir = version_dir(root, version)
     state, manifest = load_tensors(root, vdir.name, cache=cache)
     for field in ("encoder", "embedding_dim", "num_classes", "class_names"):
@@ -172,8 +190,46 @@ def load_model(
     if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
         raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
                          "it was edited (class names, extra, ...)")
+    if origin is not None:
+        check_class_names(manifest, origin, vdir)
     model.eval()
     return model, manifest
+
+
+def check_class_names(manifest: dict[str, Any], origin: dict[str, Any], vdir: Path) -> None:
+    """A served version's class names must be those its origin record logged (in order): the log
+    holds them out of reach of someone who edits manifests and recomputes their digests."""
+    logged = origin.get("class_names")
+    if logged is not None and list(manifest.get("class_names", [])) != list(logged):
+        diff = [i for i, (a, b) in enumerate(zip(manifest["class_names"], logged)) if a != b]
+        raise AuditError(f"{vdir / MANIFEST}: manifest field class_names differs from the names the audit log's "
+                         f"origin record {origin['request_id']} holds (at index {diff[:5] or len(logged)}); the "
+                         "manifest was edited")
+
+
+def _verified(cache: dict, version: str) -> dict[str, str]:
+    """The tensor digests already verified for a cached full version."""
+    entry = cache[version]
+    return dict(entry[2]) if len(entry) > 2 else {}
+
+
+def _digests_of(state: dict[str, Tensor], digests: dict[str, str] | None) -> dict[str, str]:
+    return {n: digests[n] for n in state if digests is not None and n in digests}
+
+
+def _check_digests(state: dict[str, Tensor], digests: dict[str, str] | None, known: dict[str, str],
+                   vdir: Path) -> None:
+    """Every tensor read must have the digest its manifest records (``tensor_sha256``), so the
+    manifest's ``model_sha256`` is the model's; ``known`` holds digests already verified."""
+    if digests is None:
+        return
+    for name, t in state.items():
+        want = digests.get(name)
+        got = known.get(name) or tensor_sha256(t)
+        if want is not None and got != want:
+            raise StoreError(f"{vdir / MANIFEST}: tensor {name} does not match manifest field tensor_sha256; "
+                             "the tensors were rewritten")
+        known.setdefault(name, got)
 
 
 def _check_file(path: Path, digest: str, field: str) -> None:

@@ -53,6 +53,22 @@ def _next_version(root: Path) -> str:
 
 
 
+def has_served(root: Path) -> bool:
+    """Whether the store has served deletion requests: it has an audit log, its anchor or marker,
+    or a version a request wrote (which outlives a deleted log)."""
+    if audit.is_served(root):
+        return True
+    for version in list_versions(root):
+        try:
+            extra = read_manifest(root, version).get("extra")
+        except StoreError:
+            continue
+        service = extra.get("service") if isinstance(extra, dict) else None
+        if isinstance(service, dict) and service.get("request_id") is not None:
+            return True
+    return False
+
+
 def set_head(path: str | os.PathLike, version: str) -> None:
     """Point ``HEAD`` at an existing version (atomically, under the writer lock).
 
@@ -60,7 +76,7 @@ def set_head(path: str | os.PathLike, version: str) -> None:
     """
     root = Path(path)
     with writer_lock(root):
-        if audit.is_served(root):
+        if has_served(root):
             raise StoreError(f"{root} serves deletion requests (it has an audit log): move HEAD with "
                              "`dkvb restore`, which logs it")
         read_manifest(root, version)  # exists and is readable
@@ -105,7 +121,7 @@ def save_model(
     if bad:
         raise ValueError(f"refusing to save a model with NaN or inf in {bad}")
     with writer_lock(root):
-        if update_head and audit.is_served(root):
+        if update_head and has_served(root):
             forgotten = (audit.last_record(root) or {}).get("forgotten", [])
             raise StoreError(
                 f"{root} serves deletion requests (see {audit.LOG}; forgotten now: {', '.join(forgotten) or 'none'}):"
