@@ -187,7 +187,8 @@ def test_forget_log_verify_restore_over_http(server):
     ("/predict", {"content": b'{"embeddings": [[1, 2', "headers": {"content-type": "application/json"}}, 422,
      "malformed JSON body"),
     ("/predict", {"content": b"[1, 2]", "headers": {"content-type": "application/json"}}, 422, "must be a JSON object"),
-    ("/predict", {"content": b"embeddings=1"}, 422, "must be a JSON object"),
+    ("/predict", {"content": b"embeddings=1"}, 422, "malformed JSON body"),
+    ("/predict", {"content": b""}, 422, "malformed JSON body"),
     ("/predict", {"json": {"embeddings": [[0.0] * 31]}}, 422, "embeddings[0]: must have 32 numbers"),
     ("/predict", {"json": {"embeddings": [[0.0] * 32, [0.0] * 33]}}, 422, "embeddings[1]: must have 32 numbers"),
     ("/predict", {"json": {"embeddings": []}}, 422, "embeddings: List should have at least 1 item"),
@@ -262,26 +263,28 @@ def test_kill_9_during_forget_then_restart_serves_a_logged_version(stored, tmp_p
     env = {"DKVB_SERVE_TOKEN": TOKEN}
     rng = random.Random(0)
     srv = Server(path, env=env)
-    for attempt in range(2):
-        cls = f"class{attempt % 4}"
-        sent = threading.Thread(target=_post_quietly, args=(srv.url + "/forget", {"classes": [cls]}), daemon=True)
-        sent.start()
-        time.sleep(rng.uniform(0.0, 0.03))
-        srv.proc.kill()
-        srv.proc.wait(timeout=20)
-        srv.client.close()
-        sent.join(timeout=30)
-        srv = Server(path, env=env)
-        logged = served_version(path)
-        assert srv.client.get("/health").json()["version"] == logged
-        verify = srv.client.get("/verify", headers=AUTH).json()
-        assert verify["matches"] and verify["served_matches_log"], verify
-        if (path / "audit.jsonl").exists():
-            replay(path)
-        # the next write after the crash succeeds and is served
-        r = srv.client.post("/restore", json={"to": "origin"}, headers=AUTH)
-        assert r.status_code == 200, r.text
-    srv.stop()
+    try:
+        for attempt in range(2):
+            cls = f"class{attempt % 4}"
+            sent = threading.Thread(target=_post_quietly, args=(srv.url + "/forget", {"classes": [cls]}), daemon=True)
+            sent.start()
+            time.sleep(rng.uniform(0.0, 0.03))
+            srv.proc.kill()
+            srv.proc.wait(timeout=20)
+            srv.client.close()
+            sent.join(timeout=30)
+            srv = Server(path, env=env)
+            logged = served_version(path)
+            assert srv.client.get("/health").json()["version"] == logged
+            verify = srv.client.get("/verify", headers=AUTH).json()
+            assert verify["matches"] and verify["served_matches_log"], verify
+            if (path / "audit.jsonl").exists():
+                replay(path)
+            # the next write after the crash succeeds and is served
+            r = srv.client.post("/restore", json={"to": "origin"}, headers=AUTH)
+            assert r.status_code == 200, r.text
+    finally:
+        srv.stop()
 
 
 def _post_quietly(url: str, body: dict) -> None:
