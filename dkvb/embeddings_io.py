@@ -36,16 +36,20 @@ def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
 
     ``encoder`` (a stored model's manifest) is checked against the encoder the file or folder
     names and against the embedding size; a file that names no encoder is refused then unless
-    ``trust``. Raises ``ValueError`` naming the file and the problem (missing arrays, wrong shapes,
-    NaN/inf, labels out of range, another encoder, no encoder named, another embedding size) and
-    ``FileNotFoundError``.
+    ``trust``, and so is a file naming only the encoder's name where the model records its full
+    setting. A cache folder (and a file with a ``class_names`` entry) must hold the model's class
+    names in its order. Raises ``ValueError`` naming the file and the problem (missing arrays, wrong
+    shapes, NaN/inf, labels out of range, another encoder or setting, no encoder named, other
+    classes, another embedding size) and ``FileNotFoundError``.
     """
     p = Path(path)
     if p.is_dir():
         from .cache import load_cached, read_meta
 
+        meta = read_meta(p)
         if encoder is not None:
-            check_encoder(read_meta(p).get("encoder"), encoder, str(p))
+            check_encoder(meta.get("encoder"), encoder, str(p))
+        _check_names(meta.get("class_names"), class_names, p, trust)
         data = load_cached(p, class_names)
         _check_dim(data.x, encoder, p)
         _check_finite(data.x, p)
@@ -58,6 +62,8 @@ def load_embeddings_file(path: str | os.PathLike, class_names: Sequence[str],
             obj = torch.load(p, map_location="cpu", weights_only=True)
             x, y = _pick(obj, p)
             described = obj.get("encoder")
+            if "class_names" in obj:
+                _check_names(obj["class_names"], class_names, p, False)
         elif suffix == ".safetensors":
             from safetensors import safe_open
             from safetensors.torch import load_file
@@ -133,9 +139,34 @@ def _check_file_encoder(described: Any, manifest: Mapping[str, Any], p: Path, tr
     if not isinstance(described, Mapping):
         raise ValueError(f"{p}: its 'encoder' entry must be the encoder's name or description, got "
                          f"{type(described).__name__}")
-    if not isinstance(manifest.get("encoder_config"), Mapping) or set(described) == {"name"}:
-        manifest = {"encoder": manifest.get("encoder")}  # a name alone is checked against the name
+    full = manifest.get("encoder_config")
+    if isinstance(full, Mapping) and set(described) == {"name"}:
+        check_encoder(described, {"encoder": manifest.get("encoder")}, str(p))
+        if trust:
+            return
+        settings = {k: v for k, v in full.items() if k != "name"}
+        raise ValueError(f"{p}: the file names only the encoder ({described['name']!r}); the model records its full "
+                         f"setting ({settings}), which a name does not pin (another image size or preprocessing "
+                         f"puts the embeddings in another space): store dkvb.encoders.encoder_config(...) as its "
+                         f"'encoder' entry, or pass {TRUST_FLAG} to use them unchecked")
+    if not isinstance(full, Mapping):
+        manifest = {"encoder": manifest.get("encoder")}  # a model that records only a name: checked against it
     check_encoder(described, manifest, str(p))
+
+
+def _check_names(described: Any, class_names: Sequence[str], p: Path, trust: bool) -> None:
+    """Embeddings must carry the model's classes, in its order: labels are indices into them. A
+    cache folder from another dataset (other names, another count) is refused."""
+    if described is None:
+        if trust:
+            return
+        raise ValueError(f"{p}: does not say which classes its labels index (no class_names); pass {TRUST_FLAG} to "
+                         "use it unchecked")
+    names = [str(n) for n in described] if isinstance(described, (list, tuple)) else None
+    if names != [str(n) for n in class_names]:
+        got = f"{len(names)} classes {names[:5]}" if names is not None else repr(described)[:80]
+        raise ValueError(f"{p}: its labels index {got}, the model has {len(class_names)} classes "
+                         f"{list(class_names)[:5]}: embeddings of another dataset or class order")
 
 
 def _check_dim(x: Tensor, manifest: Mapping[str, Any] | None, p: Path) -> None:

@@ -941,3 +941,30 @@ def test_a_seed_too_large_names_the_option(store, capsys):
     with pytest.raises(SystemExit) as e:
         main(["forget", "--model", str(store), "--classes", "class1", "--seed", str(2**66)])
     assert e.value.code == 2 and "--seed" in capsys.readouterr().err
+
+
+def test_embeddings_are_matched_to_the_models_encoder_setting_and_classes(tmp_path, clusters):
+    import numpy as np
+
+    from dkvb.embeddings_io import load_embeddings_file
+
+    train, _ = clusters
+    x, y = train.x[:20], train.y[:20]
+    full = {"encoder": "effnet-lite0", "embedding_dim": train.dim,
+            "encoder_config": {"name": "effnet-lite0", "image_size": 224, "mean": [0.5]}}
+    named = tmp_path / "named.pt"
+    torch.save({"x": x, "y": y, "encoder": "effnet-lite0"}, named)  # the name alone: any image size
+    with pytest.raises(ValueError, match=r"names only the encoder .*image_size.*--trust-embeddings"):
+        load_embeddings_file(named, NAMES, full)
+    assert len(load_embeddings_file(named, NAMES, full, trust=True)) == 20
+    torch.save({"x": x, "y": y, "encoder": "effnet-lite0", "class_names": NAMES[::-1]}, named)
+    with pytest.raises(ValueError, match="another dataset or class order"):
+        load_embeddings_file(named, NAMES, full, trust=True)
+    cache = tmp_path / "cache"  # a cache folder of another dataset: 2 classes for the model's 5
+    cache.mkdir()
+    np.save(cache / "embeddings.npy", x.numpy())
+    np.save(cache / "labels.npy", (y % 2).numpy())
+    (cache / "meta.json").write_text(json.dumps({"shape": [20, train.dim], "class_names": ["a", "b"],
+                                                 "encoder": full["encoder_config"]}))
+    with pytest.raises(ValueError, match=r"labels index 2 classes \['a', 'b'\], the model has 5 classes"):
+        load_embeddings_file(cache, NAMES, full)
