@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -146,8 +147,27 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
             default = fields[key].default_factory  # a section's own default (e.g. the DKVB's training)
             kwargs[key] = _build(sub, value, f"{path}{key}.", None if default is dataclasses.MISSING else default())
         else:
-            kwargs[key] = check_type("config", f"{path}{key}", value, hints[key])
+            kwargs[key] = _check_field(f"{path}{key}", value, hints[key])
     return cls(**kwargs)
+
+
+def _check_field(name: str, value: Any, hint: Any) -> Any:
+    """``value`` checked against a field's type; a union of several types (``int | "auto"``, ``float
+    | "auto"``) is checked against each arm, so a bad value fails here, before any work."""
+    arms = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) not in (typing.Union, types.UnionType) or len(arms) < 2:
+        return check_type("config", name, value, hint)
+    if value is None and len(arms) < len(typing.get_args(hint)):
+        return None
+    for arm in arms:
+        try:
+            return check_type("config", name, value, arm)
+        except ValueError:
+            continue
+    rules = {int: "an integer", float: "a number", str: "text", bool: "true or false"}
+    spelled = [" or ".join(map(repr, typing.get_args(a))) if typing.get_origin(a) is typing.Literal
+               else rules.get(a, getattr(a, "__name__", str(a))) for a in arms]
+    raise invalid("config", name, " or ".join(spelled), value)
 
 
 def check_run_name(name: str) -> str:

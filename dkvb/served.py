@@ -78,6 +78,11 @@ class ServedStore:
         if records:
             _, manifest = self.load(records[-1]["version_after"])
             check_origin_names(self.root, manifest, records)
+            head = store.current_version(self.root)
+            if head != records[-1]["version_after"]:
+                log.warning("%s: HEAD is %s, the log serves %s (a killed writer or an edit); the next request moves "
+                            "HEAD", self.root, repr(head) if head is not None else "missing",
+                            records[-1]["version_after"])
         return records
 
     def replay(self, data: EmbeddingSet | None = None) -> ReplayResult:

@@ -576,6 +576,9 @@ def test_prune_keeps_what_head_and_replay_need(store, clusters, capsys):
     ("methods=[{name: dkvb-activations, params: {nope: 1}}]", "unknown parameter"),
     ("dataset.name=imagefolder:", "dataset.name must be text"),  # YAML reads a mapping here
     ("dataset.name='imagefolder:'", "dataset.name must be 'imagefolder:<path>'"),
+    ("model.num_codebooks=abc", "model.num_codebooks must be an integer or 'auto', got 'abc'"),
+    ("model.codebook_size=2.5", "model.codebook_size must be an integer or 'auto', got 2.5"),
+    ("model.discriminant_shrinkage=lots", "model.discriminant_shrinkage must be a number or 'auto'"),
 ])
 def test_bad_config_values_fail_early_in_one_line(tmp_path, capsys, override, match):
     cfg = ["--set", f"cache_dir={tmp_path / 'cache'}", "--set", f"output_dir={tmp_path / 'out'}",
@@ -968,3 +971,36 @@ def test_embeddings_are_matched_to_the_models_encoder_setting_and_classes(tmp_pa
                                                  "encoder": full["encoder_config"]}))
     with pytest.raises(ValueError, match=r"labels index 2 classes \['a', 'b'\], the model has 5 classes"):
         load_embeddings_file(cache, NAMES, full)
+
+
+def test_bad_jobs_and_a_served_run_folder_fail_before_any_work(store, tmp_path, capsys, monkeypatch):
+    from dkvb.config import load_config
+
+    cfg = ["--set", f"cache_dir={tmp_path / 'cache'}", "--set", f"output_dir={tmp_path / 'out'}",
+           "--set", "dataset.name=synthetic", "--set", "encoder.pretrained=false"]
+    yaml = str(ROOT / "experiments/tiny_synthetic.yaml")
+    monkeypatch.setenv("DKVB_JOBS", "abc")
+    assert main(["run", yaml, *cfg]) == 2
+    assert "DKVB_JOBS: must be a positive integer, got 'abc'" in capsys.readouterr().err
+    monkeypatch.delenv("DKVB_JOBS")
+    assert not (tmp_path / "cache").exists()
+    served = load_config(yaml, [c for c in cfg if c != "--set"]).run_dir / "models" / "dkvb"
+    shutil.copytree(store, served)
+    forget(served, "class1")
+    before = {p: p.read_bytes() for p in served.rglob("*") if p.is_file() and p.name != ".lock"}
+    for force in ([], ["--force"]):
+        assert main(["run", yaml, *cfg, *force]) == 2
+        err = capsys.readouterr().err
+        assert "serves deletion requests: a comparison run needs the trained model" in err
+        assert len(err.strip().splitlines()) == 1 and ("dkvb train --force" in err) == bool(force)
+    assert {p: p.read_bytes() for p in served.rglob("*") if p.is_file() and p.name != ".lock"} == before
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("counter", ["999999", "garbage"])
+def test_a_used_up_or_edited_version_counter_is_refused_before_writing(store, counter):
+    (store / "versions" / ".issued").write_text(counter + "\n")
+    versions = sorted(p.name for p in (store / "versions").iterdir())
+    with pytest.raises(StoreError, match="used up" if counter[0] == "9" else "version counter must be"):
+        forget(store, "class1")
+    assert sorted(p.name for p in (store / "versions").iterdir()) == versions and not (store / LOG).exists()

@@ -74,11 +74,34 @@ def _check_methods(cfg) -> None:
             raise ValueError(f"methods: {label}: {e}") from None
 
 
+def _check_run_stores(cfg, force: bool) -> None:
+    """A comparison run unlearns from the trained model; a model store of the run folder that serves
+    deletion requests no longer holds it (its served model has forgotten classes), so the run is
+    refused before any work, with or without ``--force``."""
+    from ..experiment import needed_models
+    from ..store import has_served
+
+    for kind in sorted(needed_models(cfg)):
+        path = cfg.run_dir / "models" / kind
+        if path.is_dir() and has_served(path):
+            how = ("`dkvb train --force` replaces its model with the logged forget requests re-applied; " if force
+                   else "")
+            raise ValueError(f"{path} serves deletion requests: a comparison run needs the trained model, which this "
+                             f"store no longer serves; {how}run the comparison with another output_dir or name")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from ..experiment import run_experiment
 
     cfg = config_of(args)
     _check_methods(cfg)
+    _check_run_stores(cfg, args.force)
+    if args.jobs is None:
+        from ..workers import default_jobs
+
+        default_jobs()  # a bad $DKVB_JOBS fails here, before any work
+    elif args.jobs < 1:
+        raise ValueError(f"--jobs must be a positive integer, got {args.jobs}")
     records = run_experiment(cfg, fresh=args.fresh, force=args.force, jobs=args.jobs)
     print(markdown_table(summarize(records)))
     print(f"\nWhere the time went:\n{(cfg.run_dir / 'phases.md').read_text()}")

@@ -28,10 +28,10 @@ from .layout import FORMAT_VERSION, current_version, list_versions, served_versi
 from .lock import writer_lock
 from .prune import prune
 from .read import check_class_names, load_model, load_tensors, read_manifest
-from .write import save_model, set_head
+from .write import has_served, save_model, set_head
 
 __all__ = [
     "StoreError", "StoreLockedError", "save_model", "load_model", "load_tensors", "read_manifest", "list_versions",
     "current_version", "served_version", "set_head", "writer_lock", "model_sha256", "tensor_sha256", "state_sha256",
-    "manifest_sha256", "sha256_file", "prune", "check_class_names", "FORMAT_VERSION",
+    "manifest_sha256", "sha256_file", "prune", "check_class_names", "has_served", "FORMAT_VERSION",
 ]

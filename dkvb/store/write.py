@@ -41,12 +41,18 @@ def _next_version(root: Path) -> str:
     """A version name never handed out before in this store (counts past deleted ones too)."""
     issued = root / "versions" / ISSUED
     try:
-        last = int(issued.read_text().strip()) if issued.is_file() else 0
-    except (OSError, ValueError):
-        last = 0
+        text = issued.read_text().strip() if issued.is_file() else "0"
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"{issued}: unreadable version counter ({e})") from None
+    if not text.isdigit():
+        raise StoreError(f"{issued}: the version counter must be a version number, got {text[:20]!r}; it was edited "
+                         "(write the highest version name ever used there)")
     logged = audit.last_record(root)
     names = list_versions(root) + ([logged["version_after"]] if logged else [])
-    last = max([last] + [int(v) for v in names if VERSION_NAME.match(v)])
+    last = max([int(text)] + [int(v) for v in names if VERSION_NAME.match(v)])
+    if last >= 999999:
+        raise StoreError(f"{root}: version names are used up (the last is {last:06d}, names have six digits); "
+                         "copy the served model to a new store")
     version = f"{last + 1:06d}"
     atomic_write_text(issued, version + "\n")
     return version
