@@ -63,6 +63,7 @@ class ModelService(StoreWriter):
     """
 
     _codes: tuple[str, Any] | None = None
+    erased_kept: dict[str, int] = {}  # after prune: kept versions still holding erased values
 
     def forget(self, classes: Sequence[int | str] | str, method: str = "activations",
                params: dict[str, Any] | None = None, *, data: EmbeddingSet | None = None,
@@ -119,6 +120,9 @@ class ModelService(StoreWriter):
             # min_share) is logged as its value, so replay does not depend on later defaults
             record.update(params=report.params, seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,
                           forgotten=done + [names[i] for i in new])
+            if getattr(unlearner, "erase_values", False):
+                record["note"] = ("values of the masked keys zeroed in this version only: earlier versions, the origin "
+                                  "replay starts from included, still hold them (see dkvb prune)")
             version = self._save(report.model, model, manifest, record)
             self._codes = (version, report.model.code_cache)
             if data is not None and metrics:
@@ -152,7 +156,12 @@ class ModelService(StoreWriter):
     def prune(self, *, dry_run: bool = False) -> list[str]:
         """Delete the versions neither the served model nor replay (the origin models) needs, never
         a base the kept ones share tensors with; logged when the store is served. Returns the
-        deleted (``dry_run``: deletable) versions; restoring to them is refused afterwards."""
+        deleted (``dry_run``: deletable) versions; restoring to them is refused afterwards.
+
+        Replay needs the origin models as they were, so a kept origin (and a base) still holds the
+        values ``erase_values`` requests zeroed in later versions: :attr:`erased_kept` (``{version:
+        number of erased keys whose values it holds}``) says which, and the prune record carries it
+        as ``erased_values_kept``; only a new store without the history drops them."""
         self._require_store()
         with store.writer_lock(self.root):
             if is_served(self.root):
@@ -161,15 +170,23 @@ class ModelService(StoreWriter):
                 records = []
                 check_history(self.root, records)  # versions a request wrote, but no log: refused
             keep = {r["version"] for r in records if r["op"] == "origin"}
+            self.erased_kept = {}
 
             def log_removal(removed: list[str]) -> None:  # logged before anything is deleted
+                kept = [v for v in store.list_versions(self.root) if v not in removed]
+                self.erased_kept = _erased_values_kept(self.root, records, kept)
                 if records:
                     self._commit({"op": "prune", "noop": False, "removed": removed,
                                   "mask_sha256": records[-1]["mask_sha256"],
                                   "forgotten": records[-1].get("forgotten", []),
+                                  **({"erased_values_kept": self.erased_kept} if self.erased_kept else {}),
                                   "version_before": self._served, "version_after": self._served}, self._served)
 
-            return store.prune(self.root, keep, dry_run=dry_run, before_delete=log_removal)
+            removed = store.prune(self.root, keep, dry_run=dry_run, before_delete=log_removal)
+            if dry_run or not removed:
+                kept = [v for v in store.list_versions(self.root) if v not in removed]
+                self.erased_kept = _erased_values_kept(self.root, records, kept)
+            return removed
 
     def recover(self) -> dict[str, Any] | None:
         """Serve the last verified record again: move the log's lines past its anchored records
@@ -232,6 +249,28 @@ class ModelService(StoreWriter):
             final = self._save(current, trained, manifest, dict(record), base=version) if reapplied else version
             record.update(version_after=final, model_sha256_after=store.read_manifest(self.root, final)["model_sha256"])
             return self._commit(record, final)
+
+
+def _erased_values_kept(root: Any, records: list[dict[str, Any]], versions: list[str]) -> dict[str, int]:
+    """``{version: N}`` for the full ``versions`` whose own values are non-zero at N keys whose
+    values an ``erase_values`` forget request zeroed."""
+    erased: set[int] = set()
+    for r in records:
+        steps = r.get("reapplied", []) if r["op"] == "origin" else [r] if r["op"] == "forget" else []
+        for step in steps:
+            if (step.get("params") or {}).get("erase_values") and not step.get("noop"):
+                erased.update(step.get("mask_delta", []))
+    out: dict[str, int] = {}
+    for version in versions if erased else []:
+        tensors, _ = store.load_tensors(root, version, shared=False)
+        values = tensors.get("bottleneck.values")
+        if values is None:
+            continue
+        rows = values.reshape(-1, values.shape[-1]) if values.ndim == 3 else values.reshape(values.shape[0], -1)
+        held = sum(1 for i in erased if i < rows.shape[0] and bool(rows[i].any()))
+        if held:
+            out[version] = held
+    return out
 
 
 def _reapply(steps: list[dict[str, Any]], model: DKVBClassifier, names: list[str],

@@ -1004,3 +1004,19 @@ def test_a_used_up_or_edited_version_counter_is_refused_before_writing(store, co
     with pytest.raises(StoreError, match="used up" if counter[0] == "9" else "version counter must be"):
         forget(store, "class1")
     assert sorted(p.name for p in (store / "versions").iterdir()) == versions and not (store / LOG).exists()
+
+
+def test_erasing_requests_do_not_claim_that_prune_removes_the_kept_copies(store, capsys):
+    rec = forget(store, "class1", params={"erase_values": True})
+    assert "earlier versions, the origin replay starts from included, still hold them" in rec["note"]
+    forget(store, "class2")
+    restore(store, rec["request_id"])
+    assert main(["prune", "--model", str(store)]) == 0
+    out = capsys.readouterr().out
+    erased = rec["mask_delta"]
+    assert "deleted 1 version(s): 000004" in out
+    assert "version 000001 is kept" in out and f"still holds the values of {len(erased)} key(s)" in out
+    assert read_log(store)[-1]["erased_values_kept"] == {"000001": len(erased)}
+    dim = load_model(store)[0].bottleneck.values.shape[-1]
+    assert load_model(store, "000001")[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum(1).gt(0).all()
+    assert load_model(store)[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum() == 0

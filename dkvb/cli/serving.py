@@ -107,9 +107,14 @@ def _log_args(p: argparse.ArgumentParser) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     from ..service import ModelService
 
-    removed = ModelService(args.model).prune(dry_run=args.dry_run)
+    svc = ModelService(args.model)
+    removed = svc.prune(dry_run=args.dry_run)
+    _warn(svc)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
+    for version, keys in svc.erased_kept.items():
+        print(f"notice: version {version} is kept (replay starts from it, or a kept version shares its tensors) and "
+              f"still holds the values of {keys} key(s) that erase_values requests zeroed in later versions")
     return 0
 
 
