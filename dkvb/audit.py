@@ -283,8 +283,8 @@ def served_origin(records: list[dict[str, Any]]) -> dict[str, Any] | None:
     return origin
 
 
-def served_state(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None] | None:
-    """(version served, its origin record) of a served store, read from the verified log (macs
+def served_state(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None, dict[str, Any]] | None:
+    """(version served, its origin record, the last record) of a served store, read from the verified log (macs
     checked under :func:`audit_key`, and without it no unkeyed record after keyed ones); ``None``
     for a store without a log. Raises :class:`AuditError` for a log that does not verify or a
     store that lost its log."""
@@ -292,7 +292,7 @@ def served_state(path: str | os.PathLike) -> tuple[str, dict[str, Any] | None] |
     if not is_served(root):
         return None
     records = load(root, audit_key()).records
-    return (records[-1]["version_after"], served_origin(records)) if records else None
+    return (records[-1]["version_after"], served_origin(records), records[-1]) if records else None
 
 
 def last_record(path: str | os.PathLike) -> dict[str, Any] | None:

@@ -170,6 +170,7 @@ class StoreWriter(ServedStore):
         self._served = served
         check_version_logged(self.root, served, records)
         check_history(self.root, records)
+        check_logged_models(self.root, records)
         if records and store.current_version(self.root) != served:
             log.warning("%s: HEAD is not the version the audit log serves (%s): a killed writer or an edit; "
                         "moving HEAD", self.root, served)

@@ -871,9 +871,13 @@ def test_replay_compares_each_logged_model_digest_with_the_stored_version(store,
         m["model_sha256"] = state_sha256(m["tensor_sha256"])
 
     _rewrite_manifest(vdir, all_digests)
-    assert load_model(store)[0].bottleneck.values.abs().sum() > 0  # a consistent version, but not the logged one
+    assert load_model(store, rec["version_after"])[0].bottleneck.values.abs().sum() > 0  # consistent in itself
+    with pytest.raises(AuditError, match="differs from the digest the audit log's record req-000002 holds"):
+        load_model(store)  # but not the model the log says is served
     with pytest.raises(AuditError, match="req-000002 logged model_sha256_after .* the version was rewritten"):
         replay(store)
+    with pytest.raises(AuditError, match="the version was rewritten"):
+        forget(store, "class2")
 
 
 def test_swapped_class_names_in_a_manifest_are_refused(store, capsys):

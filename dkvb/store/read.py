@@ -129,11 +129,11 @@ def load_model(
     whose class names must be those its origin record logged.
     """
     root = Path(path)
-    origin = None
+    origin = last = None
     if version is None:
         state = audit.served_state(root) if root.is_dir() else None
         if state is not None:
-            version, origin = state
+            version, origin, last = state
     vdir = version_dir(root, version)
     state, manifest = load_tensors(root, vdir.name, cache=cache)
     for field in ("encoder", "embedding_dim", "num_classes", "class_names"):
@@ -192,6 +192,10 @@ def load_model(
                          "it was edited (class names, extra, ...)")
     if origin is not None:
         check_class_names(manifest, origin, vdir)
+    logged = (last or {}).get("model_sha256_after") or (last or {}).get("model_sha256")
+    if logged and (last or {}).get("op") != "prune" and manifest.get("model_sha256") not in (None, logged):
+        raise AuditError(f"{vdir / MANIFEST}: manifest field model_sha256 differs from the digest the audit log's "
+                         f"record {last['request_id']} holds for the served version; the version was rewritten")
     model.eval()
     return model, manifest
 
