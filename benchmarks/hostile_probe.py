@@ -1,8 +1,9 @@
-"""Hostile probes of issue 12, end to end through the ``dkvb`` command line on a tiny synthetic store.
+"""Hostile probes (issues 12 and 31), end to end through the ``dkvb`` command line on a tiny synthetic store.
 
 Each probe does what a hostile or unlucky user would (odd class names, kill -9 mid-request, a
 missing HEAD, a retrain over a served store, a cut or edited audit log, a recomputed chain, deleted
-versions, bad config values, a full disk, control characters) and checks the promise of a deletion
+versions, bad config values, a full disk, control characters, a forged or stripped keyed log, a
+rewritten version or manifest, embeddings of another setting or dataset) and checks the promise of a deletion
 service: what the log says was forgotten is what the served model has forgotten, and every failure
 is one line naming the file or field. Prints how many probes passed and writes a JSON result.
 
@@ -375,6 +376,246 @@ def _escape(store: Path) -> str | None:
     cli("forget", "--model", str(other), "--class", "red\x1b[31m")
     code, out, _ = cli("log", "--model", str(other))
     return None if code == 0 and "\x1b" not in out and "red\\x1b[31m" in out else repr(out[-200:])
+
+
+# ------------------------------------------------------------------ 8. someone who can write the store's files
+def _sha_served(store: Path) -> str:
+    return model_sha256(load_model(store)[0])
+
+
+def _refused(store: Path, *argvs: tuple[str, ...], needle: str = "audit") -> str | None:
+    problems = [one_line_error(*cli(*argv, "--model", str(store))[::2], needle) for argv in argvs]
+    return "; ".join(f"{argv[0]}: {p}" for argv, p in zip(argvs, problems) if p) or None
+
+
+for label, names in [("log and anchor", ("audit.jsonl", "audit.anchor.json")),
+                     ("log, anchor and marker", ("audit.jsonl", "audit.anchor.json", "audit.started.json"))]:
+    def _lost(store: Path, names=names) -> str | None:
+        cli("forget", "--model", str(store), "--classes", "1")
+        cli("forget", "--model", str(store), "--classes", "2")
+        cli("restore", "--model", str(store), "--to", "origin")
+        for n in names:
+            (store / n).unlink()
+        versions = list_versions(store)
+        failure = _refused(store, ("prune",), ("forget", "--classes", "10"), ("restore", "--to", "origin"), ("log",))
+        return failure or (None if list_versions(store) == versions else f"versions changed: {list_versions(store)}")
+    probe("8", f"{label} deleted while the origin is served: prune, forget, restore and log refuse")(_lost)
+
+
+def _forged_line(store: Path) -> None:
+    from dkvb.audit import line_sha
+
+    last = (store / "audit.jsonl").read_bytes().splitlines()[-1]
+    forged = {"request_id": "req-000099", "op": "restore", "to": "origin", "version_after": "000001",
+              "prev_sha256": line_sha(last)}
+    with open(store / "audit.jsonl", "ab") as f:
+        f.write(json.dumps(forged, separators=(",", ":")).encode() + b"\n")
+
+
+@probe("8", "a forged unkeyed line on a keyed log is refused by readers (key or not); dkvb recover serves again")
+def _forged(store: Path) -> str | None:
+    os.environ["DKVB_AUDIT_KEY"] = "probe-key"
+    try:
+        cli("forget", "--model", str(store), "--classes", "1")
+        served = _sha_served(store)
+        _forged_line(store)
+        failure = _refused(store, ("log",), ("replay",), needle="req-000099")
+        try:
+            load_model(store)
+            failure = failure or "load_model served the forged tail"
+        except Exception as e:  # noqa: BLE001 - the refusal is expected
+            failure = failure or (None if "req-000099" in str(e) else f"refused with {e}")
+        del os.environ["DKVB_AUDIT_KEY"]
+        failure = failure or _refused(store, ("log",), needle="req-000099")
+        os.environ["DKVB_AUDIT_KEY"] = "probe-key"
+        code, out, err = cli("recover", "--model", str(store))
+        if code or _sha_served(store) != served:
+            return failure or f"recover: exit {code} {err.strip()}"
+        return failure
+    finally:
+        os.environ.pop("DKVB_AUDIT_KEY", None)
+
+
+@probe("8", "macs stripped and the chain recomputed: refused with the key and without it")
+def _stripped(store: Path) -> str | None:
+    from dkvb.audit import encode, line_sha
+
+    os.environ["DKVB_AUDIT_KEY"] = "probe-key"
+    try:
+        cli("forget", "--model", str(store), "--classes", "1")
+        prev, out = None, b""
+        for line in (store / "audit.jsonl").read_bytes().splitlines():
+            r = json.loads(line)
+            r.pop("prev_sha256"), r.pop("mac")
+            out += (line := encode(r, prev, None)) + b"\n"
+            prev = line_sha(line)
+        (store / "audit.jsonl").write_bytes(out)
+        (store / "audit.anchor.json").write_text(json.dumps({"records": 2, "last_sha256": prev}))
+        failure = _refused(store, ("replay",), needle="mac")
+        del os.environ["DKVB_AUDIT_KEY"]
+        return failure or _refused(store, ("replay",), ("forget", "--classes", "2"), needle="mac")
+    finally:
+        os.environ.pop("DKVB_AUDIT_KEY", None)
+
+
+@probe("8", "an erased version reverted with every digest recomputed: replay and readers refuse")
+def _reverted(store: Path) -> str | None:
+    from safetensors.torch import load_file, save_file
+
+    from dkvb.io import sha256_file
+    from dkvb.store import manifest_sha256, state_sha256, tensor_sha256
+
+    cli("forget", "--model", str(store), "--classes", "1", "--param", "erase_values=true")
+    vdir = store / "versions" / current_version(store)
+    tensors = load_file(str(vdir / "tensors.safetensors"))
+    tensors["bottleneck.values"] = load_model(store, "000001")[0].bottleneck.values.detach().clone()
+    save_file(tensors, str(vdir / "tensors.safetensors"))
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["sha256"]["tensors.safetensors"] = sha256_file(vdir / "tensors.safetensors")
+    m["tensor_sha256"]["bottleneck.values"] = tensor_sha256(tensors["bottleneck.values"])
+    m["model_sha256"] = state_sha256(m["tensor_sha256"])
+    m["manifest_sha256"] = manifest_sha256(m)
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    return _refused(store, ("replay",), ("forget", "--classes", "2"), needle="rewritten")
+
+
+@probe("8", "two class names swapped in the served manifest (digest recomputed): forget refuses")
+def _swapped(store: Path) -> str | None:
+    from dkvb.store import manifest_sha256
+
+    cli("forget", "--model", str(store), "--classes", "1")
+    vdir = store / "versions" / current_version(store)
+    m = json.loads((vdir / "manifest.json").read_text())
+    m["class_names"][2], m["class_names"][3] = m["class_names"][3], m["class_names"][2]
+    m["manifest_sha256"] = manifest_sha256(m)
+    (vdir / "manifest.json").write_text(json.dumps(m))
+    return _refused(store, ("forget", "--classes", "2"), ("replay",), needle="class_names")
+
+
+@probe("8", "an embeddings file naming only the encoder is refused for a model that records its image size")
+def _name_only(store: Path) -> str | None:
+    model, _ = load_model(store)
+    other = store.parent / "sized"
+    save_model(model, other, class_names=NAMES, encoder="synthetic",
+               encoder_config={"name": "synthetic", "image_size": 32})
+    path = _embeddings_file(store, "named.pt", encoder="synthetic")
+    return one_line_error(*cli("forget", "--model", str(other), "--classes", "1", "--method", "examples",
+                               "--embeddings", str(path))[::2], "names only the encoder", "--trust-embeddings")
+
+
+@probe("8", "a cache folder of another dataset (2 classes for 6) is refused")
+def _other_cache(store: Path) -> str | None:
+    import numpy as np
+
+    folder, train = store.parent / "cache2", make_train()
+    folder.mkdir()
+    np.save(folder / "embeddings.npy", train.x.numpy())
+    np.save(folder / "labels.npy", (train.y % 2).numpy())
+    (folder / "meta.json").write_text(json.dumps({"shape": list(train.x.shape), "class_names": ["a", "b"]}))
+    return one_line_error(*cli("forget", "--model", str(store), "--classes", "1", "--method", "examples",
+                               "--embeddings", str(folder), "--trust-embeddings")[::2], "another dataset")
+
+
+@probe("8", "dkvb run --force over a served store refuses before changing anything")
+def _run_force(store: Path) -> str | None:
+    from dkvb.config import load_config
+
+    sets = [f"output_dir={store.parent / 'runs'}", f"cache_dir={store.parent / 'cache'}"]
+    yaml = str(ROOT / "experiments/tiny_synthetic.yaml")
+    served = load_config(yaml, sets).run_dir / "models" / "dkvb"
+    shutil.copytree(store, served)
+    cli("forget", "--model", str(served), "--classes", "1")
+    before = (served / "audit.jsonl").read_bytes()
+    argv = ["run", yaml, "--force"] + [a for s_ in sets for a in ("--set", s_)]
+    failure = one_line_error(*cli(*argv)[::2], "serves deletion requests", "dkvb train --force")
+    return failure or (None if (served / "audit.jsonl").read_bytes() == before else "the log changed")
+
+
+@probe("8", "erase_values then prune names the kept versions that still hold the erased values")
+def _erase_prune(store: Path) -> str | None:
+    cli("forget", "--model", str(store), "--classes", "1", "--param", "erase_values=true")
+    code, out, err = cli("prune", "--model", str(store))
+    return None if code == 0 and "still holds the values of" in out else f"exit {code}: {out.strip()} {err.strip()}"
+
+
+@probe("8", "prune stopped by a symlinked version folder deletes nothing; a killed prune has logged what it deletes")
+def _prune_link(store: Path) -> str | None:
+    import dkvb.store.prune  # noqa: F401
+
+    prune_module = sys.modules["dkvb.store.prune"]
+    cli("forget", "--model", str(store), "--classes", "1")
+    cli("restore", "--model", str(store), "--to", "origin")
+    shutil.copytree(store / "versions" / "000001", store.parent / "elsewhere")
+    (store / "versions" / "000009").symlink_to(store.parent / "elsewhere")
+    versions = list_versions(store)
+    failure = one_line_error(*cli("prune", "--model", str(store))[::2], "symbolic link")
+    if failure or list_versions(store) != versions:
+        return failure or "versions deleted"
+    (store / "versions" / "000009").unlink()
+    real = prune_module.shutil.rmtree
+    prune_module.shutil.rmtree = lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    try:
+        cli("prune", "--model", str(store))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        prune_module.shutil.rmtree = real
+    named = {v for r in logged(store) if r["op"] == "prune" for v in r["removed"]}
+    gone = set(versions) - {"000009"} - set(list_versions(store))
+    return None if gone <= named and named else f"deleted {sorted(gone)}, logged {sorted(named)}"
+
+
+@probe("8", "a committed request whose HEAD cannot be moved (ENOSPC) reports success with a warning")
+def _committed(store: Path) -> str | None:
+    import errno
+
+    import dkvb.served as served_module
+
+    real = served_module.atomic_write_text
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    served_module.atomic_write_text = full
+    try:
+        code, out, err = cli("forget", "--model", str(store), "--classes", "1")
+    finally:
+        served_module.atomic_write_text = real
+    ok = code == 0 and "committed and served" in err and "forgot 1" in out
+    return (None if ok else f"exit {code}: {err.strip()}") or served_matches_log(store)
+
+
+@probe("8", "model.num_codebooks=abc and DKVB_JOBS=abc are refused before any work")
+def _early(store: Path) -> str | None:
+    sets = ["--set", f"output_dir={store.parent / 'runs'}", "--set", f"cache_dir={store.parent / 'cache'}"]
+    yaml = str(ROOT / "experiments/tiny_synthetic.yaml")
+    failure = one_line_error(*cli("run", yaml, *sets, "--set", "model.num_codebooks=abc")[::2],
+                             "model.num_codebooks must be an integer or 'auto'")
+    os.environ["DKVB_JOBS"] = "abc"
+    try:
+        failure = failure or one_line_error(*cli("run", yaml, *sets)[::2], "DKVB_JOBS")
+    finally:
+        del os.environ["DKVB_JOBS"]
+    return failure or ("work started" if (store.parent / "cache").exists() else None)
+
+
+@probe("8", "--seed 2**66 names the option")
+def _seed(store: Path) -> str | None:
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            main(["forget", "--model", str(store), "--classes", "1", "--seed", str(2**66)])
+    except SystemExit as e:
+        return None if e.code == 2 and "--seed" in err.getvalue() else f"exit {e.code}: {err.getvalue()}"
+    return "accepted"
+
+
+@probe("8", "a version counter at 999999 is refused before any folder is written")
+def _counter(store: Path) -> str | None:
+    (store / "versions" / ".issued").write_text("999999\n")
+    entries = sorted(p.name for p in (store / "versions").iterdir())
+    failure = one_line_error(*cli("forget", "--model", str(store), "--classes", "1")[::2], "used up")
+    return failure or (None if sorted(p.name for p in (store / "versions").iterdir()) == entries else "folders left")
 
 
 # ------------------------------------------------------------------ run
