@@ -141,7 +141,11 @@ def _chunk_ok(path: Path, rows: int, dtype: str) -> bool:
 def _save_npy(path: Path, array: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
-            np.save(f, array)
+            try:
+                np.save(f, array)
+            except OSError as e:  # numpy's short write ("N requested and M written") names no file
+                text = f"{path}: cannot write the embedding cache ({e.strerror or e}); is the disk full?"
+                raise (OSError(e.errno, text) if e.errno else OSError(text)) from None
 
     atomic_write(path, write)
 

@@ -1024,3 +1024,18 @@ def test_erasing_requests_do_not_claim_that_prune_removes_the_kept_copies(store,
     dim = load_model(store)[0].bottleneck.values.shape[-1]
     assert load_model(store, "000001")[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum(1).gt(0).all()
     assert load_model(store)[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum() == 0
+
+
+def test_a_full_disk_while_caching_embeddings_names_the_file(tmp_path, monkeypatch):
+    import numpy as np
+
+    import dkvb.cache as cache
+
+    def short_write(f, array):
+        raise OSError("327680 requested and 324576 written")
+
+    monkeypatch.setattr(cache.np, "save", short_write)
+    named = r"^\S*chunk\.npy: cannot write the embedding cache \(327680 requested .*disk full"
+    with pytest.raises(OSError, match=named):
+        cache._save_npy(tmp_path / "chunk.npy", np.zeros((4, 2), np.float32))
+    assert list(tmp_path.iterdir()) == []  # no partial file left
