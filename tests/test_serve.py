@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -182,6 +183,40 @@ def test_forget_log_verify_restore_over_http(server):
     assert 'dkvb_http_requests_total{endpoint="/forget",method="POST",status="200"}' in server.client.get("/metrics").text
 
 
+def test_images_are_embedded_by_the_stores_encoder(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from PIL import Image
+
+    from dkvb.encoders import create_encoder, encoder_config
+    from conftest import make_clusters
+
+    train = make_clusters(500, dim=1280)
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"), train.dim,
+                        train.num_classes)
+    fit(model, train, TrainConfig(epochs=1, lr=1e-2))
+    setting = encoder_config("effnet-lite0", image_size=32)
+    save_model(model, tmp_path / "model", class_names=list(train.class_names), encoder="effnet-lite0",
+               encoder_config=setting)
+    pngs = []
+    for colour in ((255, 0, 0), (0, 0, 255)):
+        buf = io.BytesIO()
+        Image.new("RGB", (40, 30), colour).save(buf, format="PNG")
+        pngs.append(buf.getvalue())
+    encoder = create_encoder("effnet-lite0", image_size=32)
+    with torch.no_grad():
+        x = encoder.encode(torch.stack([encoder.preprocess(Image.open(io.BytesIO(p)).convert("RGB")) for p in pngs]))
+        expected = [f"class{i}" for i in model(x).argmax(-1).tolist()]
+    srv = Server(tmp_path / "model", env={"DKVB_SERVE_TOKEN": TOKEN})
+    try:
+        r = srv.client.post("/predict/images", files=[("files", ("a.png", pngs[0])), ("files", ("b.png", pngs[1]))])
+        assert r.status_code == 200, r.text
+        assert r.json()["classes"] == expected and r.json()["version"] == "000001"
+        r = srv.client.post("/predict/images", files=[("files", ("a.png", pngs[0])), ("files", ("c.png", b"GIF8"))])
+        assert r.status_code == 422 and r.json()["detail"].startswith("files[1]: not a readable image"), r.text
+    finally:
+        srv.stop()
+
+
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("path,kwargs,status,message", [
     ("/predict", {"content": b'{"embeddings": [[1, 2', "headers": {"content-type": "application/json"}}, 422,
@@ -205,6 +240,7 @@ def test_forget_log_verify_restore_over_http(server):
     ("/predict", {"json": {"embeddings": [[0.0] * 32], "top_k": 0}}, 422, "top_k: Input should be greater than"),
     ("/predict/npy", {"files": {"file": ("x.npy", b"not numpy")}}, 422, "file: not a .npy array"),
     ("/predict/npy", {"files": {"file": ("x.npy", np.zeros((2, 3, 4)).tobytes())}}, 422, "file: not a .npy array"),
+    ("/predict/images", {"files": {"files": ("x.png", b"\x89PNG")}}, 422, "records no encoder configuration"),
     ("/forget", {"json": {"classes": ["nope"]}}, 422, "unknown class name 'nope'"),
     ("/forget", {"json": {"classes": ["0"]}}, 422, "unknown class name '0'"),
     ("/forget", {"json": {"classes": [3]}}, 422, "classes[0]: Input should be a valid string"),
@@ -227,10 +263,11 @@ def test_bad_input_gets_one_clear_4xx(limited, path, kwargs, status, message):
 
 @pytest.fixture(scope="module")
 def limited(stored, tmp_path_factory):
-    """A server with small limits (64 rows, 300 kB bodies), its token in the environment."""
+    """A server with small limits (64 rows, 300 kB bodies, 0.5 s lock wait), its token in the environment."""
     path = tmp_path_factory.mktemp("limited") / "model"
     shutil.copytree(stored, path)
-    srv = Server(path, "--max-rows", "64", "--max-body-bytes", "300000", env={"DKVB_SERVE_TOKEN": TOKEN})
+    srv = Server(path, "--max-rows", "64", "--max-body-bytes", "300000", "--lock-wait", "0.5",
+                 env={"DKVB_SERVE_TOKEN": TOKEN})
     yield srv
     srv.stop()
 
@@ -238,6 +275,63 @@ def limited(stored, tmp_path_factory):
 def test_bad_requests_change_nothing(limited):
     assert not (limited.store / "audit.jsonl").exists() or all(
         r["op"] == "origin" for r in read_log(limited.store))
+    assert limited.client.get("/health").json()["status"] == "ok"
+
+
+def test_a_write_waits_for_another_writer_then_answers_409(limited):
+    from dkvb.store import writer_lock
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold(seconds: float) -> None:
+        with writer_lock(limited.store):
+            held.set()
+            release.wait(seconds)
+
+    holder = threading.Thread(target=hold, args=(5,))
+    holder.start()
+    held.wait(10)
+    try:
+        r = limited.client.post("/forget", json={"classes": ["class1"]}, headers=AUTH)
+        assert r.status_code == 409 and "another writer holds the store lock" in r.json()["detail"], r.text
+    finally:
+        release.set()
+        holder.join()
+    held.clear()
+    release.clear()
+    holder = threading.Thread(target=hold, args=(0.2,))
+    holder.start()
+    held.wait(10)
+    r = limited.client.post("/forget", json={"classes": ["class1"]}, headers=AUTH)  # waits 0.2 s, then writes
+    holder.join()
+    assert r.status_code == 200, r.text
+    assert limited.client.post("/restore", json={"to": "origin"}, headers=AUTH).status_code == 200
+
+
+def test_a_damaged_log_keeps_the_last_verified_version_served(limited):
+    served = limited.client.get("/health").json()["version"]
+    log = limited.store / "audit.jsonl"
+    lines = log.read_bytes().splitlines(keepends=True)
+    log.write_bytes(b"".join(lines[:-1]) + lines[-1].replace(b'"op":"restore"', b'"op":"forget"'))
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            r = limited.client.get("/health")
+            if r.status_code == 503:
+                break
+            time.sleep(0.05)
+        assert r.status_code == 503 and r.json()["status"] == "degraded" and r.json()["version"] == served
+        assert "audit.jsonl" in r.json()["error"] and str(limited.store) not in r.json()["error"]
+        assert limited.client.post("/predict", json={"embeddings": rows(1)}).json()["version"] == served
+        assert "dkvb_store_error 1.0" in limited.client.get("/metrics").text
+        r = limited.client.post("/forget", json={"classes": ["class1"]}, headers=AUTH)
+        assert r.status_code == 503 and "fails verification" in r.json()["detail"], r.text
+    finally:
+        log.write_bytes(b"".join(lines))
+    deadline = time.monotonic() + 5
+    while limited.client.get("/health").status_code != 200 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert limited.client.get("/health").json()["status"] == "ok"
 
 
@@ -268,7 +362,7 @@ def test_kill_9_during_forget_then_restart_serves_a_logged_version(stored, tmp_p
             cls = f"class{attempt % 4}"
             sent = threading.Thread(target=_post_quietly, args=(srv.url + "/forget", {"classes": [cls]}), daemon=True)
             sent.start()
-            time.sleep(rng.uniform(0.0, 0.03))
+            time.sleep(rng.uniform(0.0, 0.15))
             srv.proc.kill()
             srv.proc.wait(timeout=20)
             srv.client.close()

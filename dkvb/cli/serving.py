@@ -112,9 +112,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     _warn(svc)
     verb = "would delete" if args.dry_run else "deleted"
     print(f"{verb} {len(removed)} version(s)" + (f": {', '.join(removed)}" if removed else ""))
-    for version, keys in svc.erased_kept.items():
-        print(f"notice: version {version} is kept (replay starts from it, or a kept version shares its tensors) and "
-              f"still holds the values of {keys} key(s) that erase_values requests zeroed in later versions")
+    for version, keys in svc.erased_now.items():
+        print(f"{'would erase' if args.dry_run else 'erased'} the values of {keys} key(s) in kept version {version} "
+              "(erase_values requests in effect; the version is rewritten in place, logged)")
+    for version, keys in ({} if args.dry_run else svc.erased_kept).items():
+        print(f"notice: version {version} still holds the values of {keys} erased key(s)")
     return 0
 
 
@@ -143,7 +145,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise RuntimeError(f"dkvb serve needs the serve extra ({e}): pip install 'dkvb[serve]'") from None
 
     train, _ = service_data(args)
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows)
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_rows=args.max_rows, lock_wait_s=args.lock_wait)
     serve(args.model, host=args.host, port=args.port, token=load_token(args.token_file),
           insecure_local=args.insecure_local, limits=limits, data=train)
     return 0
@@ -158,6 +160,8 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure-local", action="store_true", help="serve without a token (loopback addresses only)")
     p.add_argument("--max-rows", type=int, default=1024, help="embedding rows per prediction request")
     p.add_argument("--max-body-bytes", type=int, default=16 * 2**20, help="largest request body")
+    p.add_argument("--lock-wait", type=float, default=10.0, metavar="SECONDS",
+                   help="how long a write waits for another writer of the store before answering 409")
     data_args(p)
 
 

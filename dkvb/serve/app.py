@@ -7,7 +7,9 @@ committed version before they answer. Every error is one JSON line ``{"detail": 
 """
 from __future__ import annotations
 
+import copy
 import io
+import json
 import logging
 import os
 import threading
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
+import anyio
 import numpy as np
 import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
@@ -25,17 +28,19 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import EmbeddingSet
 from ..errors import AuditError, StoreError, StoreLockedError
 from ..replay import ReplayError
+from ..request import make_request
 from ..service import ModelService
 from ..served import ServedStore
 from ..store import current_version
+from ..unlearn import create_unlearner
 from .auth import token_matches
 from .guard import Guard
+from .images import ImageEncoder
 from .live import LiveModel, Snapshot
 from .metrics import Metrics
 from .schemas import (
@@ -56,15 +61,18 @@ class Limits:
         lock_wait_s: how long a write waits for another writer (``dkvb forget`` on the same store)
             before answering 409.
         poll_s: how often the store is checked for versions written by other processes.
+        predict_threads: predictions computed at once (the rest wait their turn), so a burst of
+            predictions leaves the interpreter to writes too.
     """
 
     max_body_bytes: int = 16 * 2**20
     max_rows: int = 1024
     lock_wait_s: float = 10.0
     poll_s: float = 0.2
+    predict_threads: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_rows"):
+        for name in ("max_body_bytes", "max_rows", "predict_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Limits: {name} must be positive, got {getattr(self, name)}")
         for name in ("lock_wait_s", "poll_s"):
@@ -92,6 +100,9 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
     metrics = Metrics()
     live = LiveModel(root, interval=limits.poll_s, on_swap=metrics.served)
     writer = Writer(root, live, limits.lock_wait_s)
+    warm_up(live.current)
+    predicting = anyio.CapacityLimiter(limits.predict_threads)
+    image_encoders: dict[str, ImageEncoder] = {}
     public = _Public(root)
 
     @asynccontextmanager
@@ -150,17 +161,20 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
                   "schema": PredictRequest.model_json_schema()}}}})
     async def predict(request: Request) -> Prediction:
         """Classify embeddings (a JSON ``PredictRequest``); the response names the version that computed it."""
-        return await run_in_threadpool(predict_json, await request.body())
+        return await anyio.to_thread.run_sync(predict_json, await request.body(), limiter=predicting)
 
     @app.post("/predict/npy", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
-    def predict_npy(file: UploadFile = File(description="a .npy array of shape (rows, embedding size)"),
-                    top_k: int = 1) -> Prediction:
+    async def predict_npy(file: UploadFile = File(description="a .npy array of shape (rows, embedding size)"),
+                          top_k: int = 1) -> Prediction:
         """Classify embeddings uploaded as a ``.npy`` file (multipart field ``file``)."""
         if not 1 <= top_k <= 100:
             raise HTTPException(422, f"top_k: must be between 1 and 100, got {top_k}")
+        return await anyio.to_thread.run_sync(predict_npy_bytes, await file.read(), top_k, limiter=predicting)
+
+    def predict_npy_bytes(raw: bytes, top_k: int) -> Prediction:
         snap = live.current
         try:
-            x = np.load(io.BytesIO(file.file.read()), allow_pickle=False)
+            x = np.load(io.BytesIO(raw), allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
             raise HTTPException(422, f"file: not a .npy array ({' '.join(str(e).split())})") from None
         if x.dtype.kind not in "fiu":
@@ -170,6 +184,27 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
         if x.ndim != 2:
             raise HTTPException(422, f"file: must be a (rows, {snap.embedding_dim}) array, got shape {x.shape}")
         return predicted(snap, np.ascontiguousarray(x, dtype=np.float32), top_k)
+
+    @app.post("/predict/images", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
+    async def predict_images(files: list[UploadFile] = File(description="image files (PNG, JPEG, ...)"),
+                             top_k: int = 1) -> Prediction:
+        """Classify images, embedded by the encoder the store records (built here on first use)."""
+        if not 1 <= top_k <= 100:
+            raise HTTPException(422, f"top_k: must be between 1 and 100, got {top_k}")
+        if len(files) > limits.max_rows:
+            raise HTTPException(413, f"files: at most {limits.max_rows} images per request, got {len(files)}")
+        data = [await f.read() for f in files]
+        return await anyio.to_thread.run_sync(predict_image_bytes, data, top_k, limiter=predicting)
+
+    def predict_image_bytes(data: list[bytes], top_k: int) -> Prediction:
+        snap = live.current
+        key = json.dumps(snap.encoder_config, sort_keys=True, default=str)
+        encoder = image_encoders.setdefault(key, ImageEncoder(snap.encoder_config))  # one per encoder setting
+        try:
+            x = encoder.encode(data)
+        except (LookupError, ValueError) as e:
+            raise HTTPException(422, str(e)) from None
+        return predicted(snap, x.numpy(), top_k)
 
     @app.post("/forget", response_model=RecordResponse, dependencies=[Depends(authorized)], tags=["requests"])
     def forget(body: ForgetRequest) -> RecordResponse:
@@ -258,6 +293,19 @@ class Writer:
                     raise HTTPException(503, self.public(e)) from None
             snap = self.live.refresh()
         return RecordResponse(version=snap.version, record=record)
+
+
+def warm_up(snap: Snapshot) -> None:
+    """Load the compiled kernels a first request would (numba's cache: about half a second): one
+    prediction, and one forget on an in-memory copy of the model; nothing is written."""
+    snap.predict(torch.zeros(1, snap.embedding_dim))
+    unlearner = create_unlearner("dkvb-activations")
+    model = copy.deepcopy(snap.model)
+    try:
+        request, _ = make_request(unlearner, model, [0], None, 0)
+    except ValueError:  # the model has no cached counts: a forget reads embeddings, nothing to load ahead
+        return
+    unlearner.unlearn(model, request)
 
 
 class _Public:

@@ -42,6 +42,7 @@ class Snapshot:
     keys_masked: int
     log_records: int
     loaded_at: float = 0.0
+    encoder_config: dict | None = None
 
     @property
     def embedding_dim(self) -> int:
@@ -100,10 +101,11 @@ class LiveModel:
                     model.eval()
                     snap = Snapshot(version, model, tuple(map(str, manifest["class_names"])),
                                     tuple(ServedStore.forgotten_of(manifest)), int(model.key_mask.sum()),
-                                    len(records), loaded_at=time.time())
+                                    len(records), loaded_at=time.time(),
+                                    encoder_config=manifest.get("encoder_config"))
                 else:  # a logged no-op or prune: the same model, a longer log
                     snap = Snapshot(snap.version, snap.model, snap.class_names, snap.forgotten, snap.keys_masked,
-                                    len(records), loaded_at=snap.loaded_at)
+                                    len(records), loaded_at=snap.loaded_at, encoder_config=snap.encoder_config)
                 self._current = snap
                 if self.on_swap is not None:
                     self.on_swap(snap)
