@@ -531,11 +531,21 @@ def _run_force(store: Path) -> str | None:
     return failure or (None if (served / "audit.jsonl").read_bytes() == before else "the log changed")
 
 
-@probe("8", "erase_values then prune names the kept versions that still hold the erased values")
+@probe("8", "erase_values then prune: no file in the store holds the erased values; replay still exact")
 def _erase_prune(store: Path) -> str | None:
+    from safetensors.torch import load_file
+
     cli("forget", "--model", str(store), "--classes", "1", "--param", "erase_values=true")
+    rows = torch.as_tensor(logged(store)[-1]["mask_delta"])
     code, out, err = cli("prune", "--model", str(store))
-    return None if code == 0 and "still holds the values of" in out else f"exit {code}: {out.strip()} {err.strip()}"
+    if code or "erased the values of" not in out:
+        return f"prune: exit {code}: {out.strip()} {err.strip()}"
+    for f in store.rglob("*.safetensors"):
+        values = load_file(str(f)).get("bottleneck.values")
+        if values is not None and values.reshape(-1, values.shape[-1])[rows].any():
+            return f"{f.relative_to(store)} still holds erased values"
+    code, out, err = cli("replay", "--model", str(store))
+    return None if code == 0 and "bit for bit" in out else f"replay: {err.strip()}"
 
 
 @probe("8", "prune stopped by a symlinked version folder deletes nothing; a killed prune has logged what it deletes")

@@ -23,6 +23,7 @@ from .io import atomic_write_text
 from .models import DKVBClassifier
 from .replay import ReplayResult, replay_records
 from .request import flat_mask, mask_sha
+from .store.erase import erase_rows, needs_finishing
 
 log = logging.getLogger("dkvb")
 
@@ -164,6 +165,7 @@ class StoreWriter(ServedStore):
         """
         self._origin = None
         records = self._log.sync()
+        finish_erasure(self.root, records)
         served = records[-1]["version_after"] if records else store.current_version(self.root)
         if served is None:
             raise StoreError(f"{self.root}: HEAD is missing; not a dkvb model store")
@@ -209,6 +211,7 @@ def check_logged_models(root: Path, records: list[dict[str, Any]]) -> None:
     must be the ``model_sha256`` of its version where that version still exists (a loaded
     version's tensors are checked against its manifest, :mod:`dkvb.store.read`)."""
     existing = set(store.list_versions(root))
+    rewritten = {v: d for r in records if r["op"] == "prune" for v, d in (r.get("rewritten") or {}).items()}
     for r in records:
         pairs = [("version_after", "model_sha256_after")]
         if r["op"] == "origin":
@@ -219,10 +222,28 @@ def check_logged_models(root: Path, records: list[dict[str, Any]]) -> None:
             version, logged = r.get(vfield), r.get(sfield)
             if version not in existing or not logged:
                 continue
+            if version in rewritten:  # an erasing prune rewrote it since: its record holds the digest
+                logged, sfield = rewritten[version], "(prune) rewritten"
             stored = store.read_manifest(root, version).get("model_sha256")
             if stored is not None and stored != logged:
                 raise AuditError(f"{root / LOG}: {r['request_id']} logged {sfield} {logged[:12]}..., but version "
                                  f"{version} holds model {stored[:12]}...: the version was rewritten")
+
+
+def finish_erasure(root: Path, records: list[dict[str, Any]]) -> None:
+    """Complete the rewrites of a logged erasing prune that was killed half-way (writer lock held):
+    every version it names ends with the logged model digest, the versions sharing its tensors
+    with its file digest."""
+    rows: dict[str, set[int]] = {}
+    digests: dict[str, str] = {}
+    for r in records:
+        if r["op"] == "prune" and r.get("erased_in"):
+            for version in r["erased_in"]:
+                rows.setdefault(version, set()).update(r.get("erased_rows", []))
+            digests.update(r.get("rewritten") or {})
+    for version in needs_finishing(root, rows, digests) if rows else []:
+        log.warning("%s: completing the erasure of version %s that a killed prune left half-written", root, version)
+        erase_rows(root, version, sorted(rows[version]))
 
 
 def check_origin_names(root: Path, manifest: dict[str, Any], records: list[dict[str, Any]]) -> None:

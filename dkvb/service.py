@@ -26,7 +26,8 @@ request, comparing each step's key mask bit for bit with the logged digest.
 
 The log never holds embeddings, only digests of them, so it does not retain forgotten data; the
 model's earlier versions do hold the forgotten classes' values (masking hides them, see
-:mod:`dkvb.verify`) until ``dkvb prune`` deletes the versions nothing needs any more.
+:mod:`dkvb.verify`) until ``dkvb prune`` deletes the versions nothing needs any more and, for
+``erase_values`` requests, zeroes those values in the versions it keeps (:mod:`dkvb.store.erase`).
 """
 from __future__ import annotations
 
@@ -44,6 +45,7 @@ from .models import DKVBClassifier
 from .replay import ReplayError, ReplayResult
 from .request import METHODS, check_data, flat_mask, make_request, mask_sha, method_name, metrics as request_metrics
 from .served import ServedStore, StoreWriter, check_history, find_record, logged_sha
+from .store.erase import erase_rows, erasure_plan, holding
 from .unlearn import create_unlearner
 
 log = logging.getLogger("dkvb")
@@ -64,6 +66,7 @@ class ModelService(StoreWriter):
 
     _codes: tuple[str, Any] | None = None
     erased_kept: dict[str, int] = {}  # after prune: kept versions still holding erased values
+    erased_now: dict[str, int] = {}  # after prune: versions whose erased values it zeroed (dry run: would)
 
     def forget(self, classes: Sequence[int | str] | str, method: str = "activations",
                params: dict[str, Any] | None = None, *, data: EmbeddingSet | None = None,
@@ -121,8 +124,8 @@ class ModelService(StoreWriter):
             record.update(params=report.params, seconds=time.perf_counter() - start, flops=report.flops, data_sha256=digest,
                           forgotten=done + [names[i] for i in new])
             if getattr(unlearner, "erase_values", False):
-                record["note"] = ("values of the masked keys zeroed in this version only: earlier versions, the origin "
-                                  "replay starts from included, still hold them (see dkvb prune)")
+                record["note"] = ("values of the masked keys zeroed in this version; earlier versions, the origin "
+                                  "replay starts from included, hold them until dkvb prune erases them")
             version = self._save(report.model, model, manifest, record)
             self._codes = (version, report.model.code_cache)
             if data is not None and metrics:
@@ -155,13 +158,16 @@ class ModelService(StoreWriter):
 
     def prune(self, *, dry_run: bool = False) -> list[str]:
         """Delete the versions neither the served model nor replay (the origin models) needs, never
-        a base the kept ones share tensors with; logged when the store is served. Returns the
+        a base the kept ones share tensors with, and erase from the kept ones the values that the
+        ``erase_values`` requests in effect zeroed; logged when the store is served. Returns the
         deleted (``dry_run``: deletable) versions; restoring to them is refused afterwards.
 
-        Replay needs the origin models as they were, so a kept origin (and a base) still holds the
-        values ``erase_values`` requests zeroed in later versions: :attr:`erased_kept` (``{version:
-        number of erased keys whose values it holds}``) says which, and the prune record carries it
-        as ``erased_values_kept``; only a new store without the history drops them."""
+        The prune record is written before anything changes: ``removed``, and for an erasure
+        ``erased_rows`` (flat key indices), ``erased_in`` (``{version: keys}``) and ``rewritten``
+        (the new model digest of every version whose model changed: replay and verify expect it).
+        Kept versions are rewritten in place (:func:`dkvb.store.erase.erase_rows`); the served one
+        never changes. :attr:`erased_now` says which versions were rewritten (``dry_run``: would
+        be), :attr:`erased_kept` which kept versions still hold erased values."""
         self._require_store()
         with store.writer_lock(self.root):
             if is_served(self.root):
@@ -170,22 +176,27 @@ class ModelService(StoreWriter):
                 records = []
                 check_history(self.root, records)  # versions a request wrote, but no log: refused
             keep = {r["version"] for r in records if r["op"] == "origin"}
-            self.erased_kept = {}
-
-            def log_removal(removed: list[str]) -> None:  # logged before anything is deleted
-                kept = [v for v in store.list_versions(self.root) if v not in removed]
-                self.erased_kept = _erased_values_kept(self.root, records, kept)
-                if records:
-                    self._commit({"op": "prune", "noop": False, "removed": removed,
-                                  "mask_sha256": records[-1]["mask_sha256"],
-                                  "forgotten": records[-1].get("forgotten", []),
-                                  **({"erased_values_kept": self.erased_kept} if self.erased_kept else {}),
-                                  "version_before": self._served, "version_after": self._served}, self._served)
-
-            removed = store.prune(self.root, keep, dry_run=dry_run, before_delete=log_removal)
-            if dry_run or not removed:
-                kept = [v for v in store.list_versions(self.root) if v not in removed]
-                self.erased_kept = _erased_values_kept(self.root, records, kept)
+            doomed = store.prune(self.root, keep, dry_run=True)
+            kept = [v for v in store.list_versions(self.root) if v not in doomed]
+            rows = _erased_in_effect(records)
+            plan = erasure_plan(self.root, [v for v in kept if v != self._served], rows) if rows else {
+                "erased_in": {}, "model_sha256": {}}
+            self.erased_now = plan["erased_in"]
+            if dry_run:
+                self.erased_kept = plan["erased_in"]
+                return doomed
+            if records and (doomed or plan["erased_in"]):
+                erasure = ({"erased_rows": rows, "erased_in": plan["erased_in"], "rewritten": plan["model_sha256"]}
+                           if plan["erased_in"] else {})
+                self._commit({"op": "prune", "noop": False, "removed": doomed,
+                              "mask_sha256": records[-1]["mask_sha256"], "forgotten": records[-1].get("forgotten", []),
+                              **erasure, "version_before": self._served, "version_after": self._served},
+                             self._served)
+            for version in plan["erased_in"]:
+                erase_rows(self.root, version, rows)
+            removed = store.prune(self.root, keep)
+            kept = [v for v in store.list_versions(self.root) if v != self._served]
+            self.erased_kept = _erased_values_kept(self.root, rows, kept)
             return removed
 
     def recover(self) -> dict[str, Any] | None:
@@ -251,23 +262,28 @@ class ModelService(StoreWriter):
             return self._commit(record, final)
 
 
-def _erased_values_kept(root: Any, records: list[dict[str, Any]], versions: list[str]) -> dict[str, int]:
-    """``{version: N}`` for the full ``versions`` whose own values are non-zero at N keys whose
-    values an ``erase_values`` forget request zeroed."""
-    erased: set[int] = set()
+def _erased_in_effect(records: list[dict[str, Any]]) -> list[int]:
+    """The flat key indices whose values the ``erase_values`` requests in effect for the served
+    model zeroed (followed through restores and replacements)."""
+    state: dict[str, set[int]] = {}
+    current: set[int] = set()
     for r in records:
-        steps = r.get("reapplied", []) if r["op"] == "origin" else [r] if r["op"] == "forget" else []
-        for step in steps:
-            if (step.get("params") or {}).get("erase_values") and not step.get("noop"):
-                erased.update(step.get("mask_delta", []))
+        if r["op"] == "origin":
+            current = {i for s in r.get("reapplied", []) if (s.get("params") or {}).get("erase_values")
+                       for i in s.get("mask_delta", [])}
+        elif r["op"] == "restore":
+            current = set(state.get(r["to"], set()))
+        elif r["op"] == "forget" and not r.get("noop") and (r.get("params") or {}).get("erase_values"):
+            current = current | set(r.get("mask_delta", []))
+        state[r["request_id"]] = current
+    return sorted(current)
+
+
+def _erased_values_kept(root: Any, rows: list[int], versions: list[str]) -> dict[str, int]:
+    """``{version: N}`` for ``versions`` whose own values are non-zero at N of ``rows``."""
     out: dict[str, int] = {}
-    for version in versions if erased else []:
-        tensors, _ = store.load_tensors(root, version, shared=False)
-        values = tensors.get("bottleneck.values")
-        if values is None:
-            continue
-        rows = values.reshape(-1, values.shape[-1]) if values.ndim == 3 else values.reshape(values.shape[0], -1)
-        held = sum(1 for i in erased if i < rows.shape[0] and bool(rows[i].any()))
+    for version in versions if rows else []:
+        held = holding(store.load_tensors(root, version, shared=False)[0].get("bottleneck.values"), rows)
         if held:
             out[version] = held
     return out

@@ -1010,20 +1010,65 @@ def test_a_used_up_or_edited_version_counter_is_refused_before_writing(store, co
     assert sorted(p.name for p in (store / "versions").iterdir()) == versions and not (store / LOG).exists()
 
 
-def test_erasing_requests_do_not_claim_that_prune_removes_the_kept_copies(store, capsys):
+def _erased_on_disk(store: Path, rows: list[int]) -> dict[str, int]:
+    """{file: keys} for every tensors file of the store whose values are non-zero at ``rows``."""
+    from safetensors.torch import load_file
+
+    from dkvb.store.erase import holding
+
+    found = {}
+    for f in sorted(store.rglob("*.safetensors")):
+        held = holding(load_file(str(f)).get("bottleneck.values"), rows)
+        if held:
+            found[str(f.relative_to(store))] = held
+    return found
+
+
+def test_erase_values_then_prune_leaves_no_file_holding_the_erased_values(store, capsys):
     rec = forget(store, "class1", params={"erase_values": True})
-    assert "earlier versions, the origin replay starts from included, still hold them" in rec["note"]
+    assert "hold them until dkvb prune erases them" in rec["note"]
     forget(store, "class2")
     restore(store, rec["request_id"])
+    erased = rec["mask_delta"]
+    assert _erased_on_disk(store, erased) == {"versions/000001/tensors.safetensors": len(erased)}
+    served = _served_digest(store)
+    assert main(["prune", "--model", str(store), "--dry-run"]) == 0
+    assert f"would erase the values of {len(erased)} key(s) in kept version 000001" in capsys.readouterr().out
     assert main(["prune", "--model", str(store)]) == 0
     out = capsys.readouterr().out
-    erased = rec["mask_delta"]
-    assert "deleted 1 version(s): 000004" in out
-    assert "version 000001 is kept" in out and f"still holds the values of {len(erased)} key(s)" in out
-    assert read_log(store)[-1]["erased_values_kept"] == {"000001": len(erased)}
-    dim = load_model(store)[0].bottleneck.values.shape[-1]
-    assert load_model(store, "000001")[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum(1).gt(0).all()
-    assert load_model(store)[0].bottleneck.values.reshape(-1, dim)[erased].abs().sum() == 0
+    assert "deleted 1 version(s): 000004" in out and "erased the values of" in out and "notice" not in out
+    assert _erased_on_disk(store, erased) == {}
+    last = read_log(store)[-1]
+    assert last["erased_in"] == {"000001": len(erased)} and last["erased_rows"] == sorted(erased)
+    assert set(last["rewritten"]) == {"000001", "000002"}  # 000002 (the origin) shares its values with 000001
+    assert _served_digest(store) == served  # the served model is unchanged
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)  # masks do not depend on the values
+    assert restore(store, "origin")["model_sha256_after"] == last["rewritten"]["000002"]
+    assert forget(store, "class3")["version_before"] == "000002"
+
+
+def test_a_prune_killed_while_erasing_is_completed_by_the_next_request(store, monkeypatch):
+    import dkvb.store.erase as erasing
+
+    rec = forget(store, "class1", params={"erase_values": True})
+    real = erasing._write_manifest
+    calls = []
+
+    def die_after_the_tensors(vdir, manifest):
+        calls.append(vdir.name)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(erasing, "_write_manifest", die_after_the_tensors)
+    with pytest.raises(KeyboardInterrupt):
+        from dkvb.service import ModelService
+        ModelService(store).prune()
+    monkeypatch.setattr(erasing, "_write_manifest", real)
+    assert calls == ["000001"] and read_log(store)[-1]["op"] == "prune"
+    with pytest.raises(StoreError, match="checksum mismatch"):  # half-written: refused, never served wrong
+        load_model(store, "000001")
+    forget(store, "class2")  # the next writer completes the rewrite first
+    assert _erased_on_disk(store, rec["mask_delta"]) == {}
+    assert torch.equal(replay(store), load_model(store)[0].key_mask)
 
 
 def test_a_full_disk_while_caching_embeddings_names_the_file(tmp_path, monkeypatch):

@@ -19,7 +19,8 @@ Layout::
 The modules: :mod:`.layout` (file and version names, ``HEAD`` and the served version),
 :mod:`.digests` (tensor, model and manifest digests), :mod:`.lock` (the writer lock),
 :mod:`.write` (saving a version crash-safely, sharing tensors, moving ``HEAD``), :mod:`.prune`
-(deleting versions) and :mod:`.read` (loading and verifying a version). Each says how it does it.
+(deleting versions), :mod:`.erase` (zeroing erased values in kept versions) and :mod:`.read`
+(loading and verifying a version). Each says how it does it.
 """
 from ..errors import StoreError, StoreLockedError
 from ..io import sha256_file
