@@ -417,3 +417,23 @@ def test_fuzz_from_the_openapi_schema(stored, tmp_path):
     finally:
         srv.stop()
     replay(path)
+
+
+# ------------------------------------------------------------------ the benchmark script
+@pytest.mark.slow
+def test_bench_serve_runs_end_to_end(tmp_path, tiny_config):
+    import json
+
+    out = tmp_path / "serve.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks/bench_serve.py"), str(tiny_config), "--workdir", str(tmp_path / "w"),
+         "--out", str(out), "--phases", "json1", "--clients", "2", "--forgets", "3", "--forget-gap", "0.01",
+         "--min-requests", "5", "--max-requests", "40", "--phase-seconds", "20", "--crashes", "1"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (row,) = result["phases"]
+    assert row["errors"] == 0 and row["forgets"] == 3 and row["requests"] >= 5
+    assert row["unlogged_versions"] == row["stale_or_ahead_versions"] == 0 and row["replay_matches"]
+    assert result["crashes"]["served_logged_version"] == result["crashes"]["rounds"] == 1
+    assert "| json | 1 |" in proc.stdout
