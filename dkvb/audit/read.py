@@ -1,104 +1,15 @@
-"""Audit log of a model store: one JSON line per request, hash-chained, anchored, optionally keyed.
-
-Files in the store folder::
-
-    audit.jsonl         one record per line, appended and fsynced
-    audit.anchor.json   {"records": N, "last_sha256": "..."}: the log as last committed (+ "mac")
-
-Record format. Every record has ``request_id`` (``req-000001``, ...), ``op`` (``origin``: the model
-requests start from; ``forget``; ``restore``; ``prune``), ``time`` (UTC), ``version_after`` (the
-version served after it) and ``prev_sha256``, the sha256 of the previous line (``null`` on the
-first), which chains each line to the one before. :mod:`dkvb.service` adds the fields of each op.
-
-Anchor. After each append the anchor is replaced atomically with the log's length and the sha256
-of its last line, so losing the tail is detected: an emptied, deleted or cut log is shorter than
-its anchor, and an edited last line no longer has the anchored digest. The log is the commit point:
-a writer killed after appending but before replacing the anchor leaves exactly one record past
-the anchor that chains to it; that record counts as committed and the next writer anchors it.
-
-Key. With a key (:func:`audit_key`: the file named by ``DKVB_AUDIT_KEY_FILE`` or the value of
-``DKVB_AUDIT_KEY``) every line gets ``mac``, an HMAC-SHA256 of the line without it, and the anchor
-gets one too. Without the key nobody can recompute a valid chain after editing, cutting or
-inserting lines. Without a key the chain detects edits and losses made by accident or by tools
-that do not know the format, but someone who rewrites the log and recomputes every
-``prev_sha256`` and the anchor is not detected. A keyed log can only be appended to with the key,
-and stays keyed: a record or anchor without a ``mac`` after a keyed record is refused, with or
-without the key at hand.
-
-Marker. ``audit.started.json`` is written once the first record is anchored and never removed: it
-holds the sha256 of the log's first line and whether the log is keyed (with a mac when it is). A
-store that has it and has lost its log or anchor has lost its history, and a log whose first line
-differs was replaced.
-
-Recovery. A tail that does not verify (a line edited, forged or written without the key past the
-anchored records) is refused by every reader, naming the record; :meth:`AuditLog.recover` (``dkvb
-recover``) moves it to ``audit.rejected.jsonl`` so the store serves the last verified record again.
-"""
+"""Reading and verifying the audit log: chain, anchor, marker and macs; what a reader serves."""
 from __future__ import annotations
 
-import hashlib
 import hmac
 import json
-import logging
 import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from .errors import AuditError
-from .io import atomic_write_bytes, atomic_write_json, fsync_dir
-
-log = logging.getLogger("dkvb")
-
-LOG, ANCHOR, MARKER, REJECTED = "audit.jsonl", "audit.anchor.json", "audit.started.json", "audit.rejected.jsonl"
-RECOVER_HINT = "`dkvb recover --model {root}` serves the last verified record again"
-KEY_ENV, KEY_FILE_ENV = "DKVB_AUDIT_KEY", "DKVB_AUDIT_KEY_FILE"
-
-
-def audit_key() -> bytes | None:
-    """The HMAC key from ``$DKVB_AUDIT_KEY_FILE`` (the file's bytes, trailing newline stripped) or
-    ``$DKVB_AUDIT_KEY``; ``None`` when neither is set. Raises :class:`AuditError` for an empty or
-    unreadable key."""
-    path = os.environ.get(KEY_FILE_ENV)
-    if path:
-        try:
-            key = Path(path).read_bytes().rstrip(b"\r\n")
-        except OSError as e:
-            raise AuditError(f"{KEY_FILE_ENV}={path}: cannot read the audit key ({e.strerror})") from None
-        if not key:
-            raise AuditError(f"{KEY_FILE_ENV}={path}: the audit key file is empty")
-        return key
-    value = os.environ.get(KEY_ENV)
-    if value is not None and not value:
-        raise AuditError(f"{KEY_ENV} is set but empty")
-    return value.encode() if value else None
-
-
-def line_sha(line: bytes) -> str:
-    return hashlib.sha256(line).hexdigest()
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-
-
-def _dumps(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, separators=(",", ":")).encode()
-
-
-def _mac(key: bytes, body: bytes) -> str:
-    return hmac.new(key, body, hashlib.sha256).hexdigest()
-
-
-def encode(record: dict[str, Any], prev: str | None, key: bytes | None) -> bytes:
-    """The log line of ``record`` chained to the line whose sha256 is ``prev`` (and keyed)."""
-    body = _dumps({**record, "prev_sha256": prev})
-    return _dumps({**json.loads(body), "mac": _mac(key, body)}) if key else body
-
-
-def _anchor_body(records: int, last: str | None) -> bytes:
-    return f"{records}|{last}".encode()
+from ..errors import AuditError
+from .format import ANCHOR, LOG, MARKER, RECOVER_HINT, _anchor_body, _dumps, _mac, _marker_body, audit_key, line_sha
 
 
 @dataclass
@@ -199,10 +110,6 @@ def read_marker(root: Path, key: bytes | None = None) -> dict[str, Any] | None:
     if key is not None and keyed and not hmac.compare_digest(str(marker.get("mac")), _mac(key, _marker_body(first))):
         raise AuditError(f"{file}: field mac does not match under the audit key; the marker was replaced")
     return {"first_sha256": first, "keyed": bool(keyed)}
-
-
-def _marker_body(first: str) -> bytes:
-    return f"started|{first}|keyed".encode()
 
 
 def load(path: str | os.PathLike, key: bytes | None = None) -> LogState:
@@ -332,125 +239,3 @@ def is_served(path: str | os.PathLike) -> bool:
     return any((root / name).is_file() for name in (LOG, ANCHOR, MARKER))
 
 
-class AuditLog:
-    """The appending side of the log of the store at ``path``; the caller holds the writer lock.
-
-    :meth:`sync` reads and verifies the log (dropping an unfinished last line, anchoring a pending
-    record), :meth:`append` adds one record: write, fsync, then replace the anchor.
-    """
-
-    def __init__(self, path: str | os.PathLike, key: bytes | None = None) -> None:
-        self.root, self.key = Path(path), key
-        self.count, self.prev = 0, None
-        self.unanchored: OSError | None = None  # why the last final append left its record unanchored
-
-    @property
-    def file(self) -> Path:
-        return self.root / LOG
-
-    def sync(self) -> list[dict[str, Any]]:
-        """The verified records; raises :class:`AuditError` for a keyed log without the key."""
-        if self.file.is_file():
-            data = self.file.read_bytes()
-            keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                log.warning("%s: dropping an unfinished last line left by a killed writer", self.file)
-                with open(self.file, "r+b") as f:
-                    f.truncate(keep)
-                    os.fsync(f.fileno())
-        state = load(self.root, self.key)
-        if self.key is None and any("mac" in r for r in state.records):
-            raise AuditError(f"{self.file} is keyed (its records carry a mac): set {KEY_ENV} or {KEY_FILE_ENV} "
-                             "to append to it")
-        self.count, self.prev = len(state.records), state.last_sha256
-        if state.pending:
-            log.warning("%s: %s was logged but not anchored (killed writer); anchoring it", self.file,
-                        state.records[-1]["request_id"])
-            self._anchor()
-        if state.records and not (self.root / MARKER).is_file():
-            self._mark()
-        return state.records
-
-    def recover(self) -> list[bytes]:
-        """Move the lines past the anchored records that do not verify (a forged or unkeyed tail)
-        to ``audit.rejected.jsonl``, so the log ends at its last verified record; returns the moved
-        lines (none when the whole log verifies). Raises :class:`AuditError` where the damage lies
-        inside the anchored history, which no recovery may drop."""
-        lines = _lines(self.file)
-        if lines is None:
-            raise AuditError(f"{self.file} is missing: nothing to recover from")
-        records, shas, bad = _verify_lines(self.file, lines, self.key)
-        keyed = any("mac" in r for r in records) or bool((read_marker(self.root, self.key) or {}).get("keyed"))
-        anchor = _read_anchor(self.root, self.key, keyed) if (self.root / ANCHOR).is_file() else None
-        n = anchor[0] if anchor is not None else 0
-        if bad is None:  # every line verifies: at most one (a killed writer's) may lie past the anchor
-            if anchor is None or len(records) <= n + 1:
-                return []
-            bad = _Bad(n + 2, records[n + 1]["request_id"], ": a second record past the anchor")
-            records, shas = records[:n], shas[:n]
-        if keyed and self.key is None:
-            raise AuditError(f"{self.file} is keyed: set {KEY_ENV} or {KEY_FILE_ENV} to recover it (line {bad.n} does "
-                             "not verify)")
-        if anchor is None or bad.n <= n or (n and shas[n - 1] != anchor[1]):
-            raise AuditError(f"{self.file}: line {bad.n}{bad.problem}; it lies inside the anchored history "
-                             f"({n} records), which recovery does not drop: restore the log from a backup")
-        dropped = lines[len(records):]
-        with open(self.root / REJECTED, "ab") as f:
-            f.write(b"".join(line + b"\n" for line in dropped))
-            f.flush()
-            os.fsync(f.fileno())
-        atomic_write_bytes(self.file, b"".join(line + b"\n" for line in lines[:len(records)]))
-        fsync_dir(self.root)
-        return dropped
-
-    def next_id(self, ahead: int = 0) -> str:
-        """The request id of the record after the next ``ahead`` ones."""
-        return f"req-{self.count + 1 + ahead:06d}"
-
-    def append(self, fields: dict[str, Any], *, final: bool = False) -> dict[str, Any]:
-        """Append a record (``op`` and ``version_after`` required) with the next id and the time;
-        returns it as logged.
-
-        The fsynced line is the commit point: with ``final``, a failure to replace the anchor
-        afterwards (a full disk) is a warning, kept in :attr:`unanchored`, since the record is
-        committed and the next writer anchors it."""
-        record = {"request_id": self.next_id(), "op": fields["op"], "time": now(), **fields}
-        line = encode(record, self.prev, self.key)
-        new = not self.file.exists()
-        with open(self.file, "ab") as f:
-            f.write(line + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        if new:
-            fsync_dir(self.root)
-        self.count, self.prev = self.count + 1, line_sha(line)
-        try:
-            self._anchor()
-            if self.count == 1:
-                self._mark()
-        except OSError as e:
-            if not final:
-                raise
-            self.unanchored = e
-            log.warning("%s: %s is committed, but the anchor could not be replaced (%s); the next request "
-                        "anchors it", self.file, record["request_id"], e)
-        return record
-
-    def _mark(self) -> None:
-        """Write the marker: the store has served requests (sha256 of the first line, keyed or not)."""
-        first = line_sha((_lines(self.file) or [b""])[0])
-        marker: dict[str, Any] = {"first_sha256": first, "keyed": self.key is not None}
-        if self.key is not None:
-            marker["mac"] = _mac(self.key, _marker_body(first))
-        atomic_write_json(self.root / MARKER, marker)
-
-    def _anchor(self) -> None:
-        anchor: dict[str, Any] = {"records": self.count, "last_sha256": self.prev}
-        if self.key is not None:
-            anchor["mac"] = _mac(self.key, _anchor_body(self.count, self.prev))
-        atomic_write_json(self.root / ANCHOR, anchor)
-
-
-__all__ = ["AuditLog", "LogState", "load", "read_log", "last_record", "is_served", "audit_key", "encode",
-           "line_sha", "read_marker", "served_origin", "served_state", "LOG", "ANCHOR", "MARKER", "REJECTED", "KEY_ENV",
-           "KEY_FILE_ENV"]
