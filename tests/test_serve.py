@@ -374,9 +374,11 @@ def test_kill_9_during_forget_then_restart_serves_a_logged_version(stored, tmp_p
             assert verify["matches"] and verify["served_matches_log"], verify
             if (path / "audit.jsonl").exists():
                 replay(path)
-            # the next write after the crash succeeds and is served
-            r = srv.client.post("/restore", json={"to": "origin"}, headers=AUTH)
-            assert r.status_code == 200, r.text
+            # the next write after the crash succeeds and is served, and the store reads back clean
+            r = srv.client.post("/forget", json={"classes": ["class4"]}, headers=AUTH)
+            assert r.status_code == 200 and r.json()["version"] == served_version(path), r.text
+            assert srv.client.get("/verify", headers=AUTH).json()["matches"]
+            assert srv.client.post("/restore", json={"to": "origin"}, headers=AUTH).status_code == 200
     finally:
         srv.stop()
 

@@ -8,26 +8,21 @@ committed version before they answer. Every error is one JSON line ``{"detail": 
 from __future__ import annotations
 
 import copy
-import io
-import json
 import logging
 import os
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
 
 import anyio
-import numpy as np
 import torch
-from fastapi import Depends, FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import EmbeddingSet
@@ -40,44 +35,15 @@ from ..store import current_version
 from ..unlearn import create_unlearner
 from .auth import token_matches
 from .guard import Guard
-from .images import ImageEncoder
+from .limits import Limits
 from .live import LiveModel, Snapshot
 from .metrics import Metrics
+from .predict import prediction_routes
 from .schemas import (
-    ForgetRequest, Health, LogResponse, Prediction, PredictRequest, Problem, RecordResponse, RestoreRequest,
-    VerifyResponse,
+    ForgetRequest, Health, LogResponse, Problem, RecordResponse, RestoreRequest, VerifyResponse,
 )
 
 log = logging.getLogger("dkvb")
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one request may ask for.
-
-    Attributes:
-        max_body_bytes: request bodies over this are refused with 413 before parsing.
-        max_rows: embedding rows per prediction request.
-        lock_wait_s: how long a write waits for another writer (``dkvb forget`` on the same store)
-            before answering 409.
-        poll_s: how often the store is checked for versions written by other processes.
-        predict_threads: predictions computed at once (the rest wait their turn), so a burst of
-            predictions leaves the interpreter to writes too.
-    """
-
-    max_body_bytes: int = 16 * 2**20
-    max_rows: int = 1024
-    lock_wait_s: float = 10.0
-    poll_s: float = 0.2
-    predict_threads: int = 2
-
-    def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_rows", "predict_threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"Limits: {name} must be positive, got {getattr(self, name)}")
-        for name in ("lock_wait_s", "poll_s"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Limits: {name} must be positive, got {getattr(self, name)}")
 
 
 ERRORS = {code: {"model": Problem} for code in (400, 401, 404, 409, 413, 422, 503)}
@@ -102,7 +68,6 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
     writer = Writer(root, live, limits.lock_wait_s)
     warm_up(live.current)
     predicting = anyio.CapacityLimiter(limits.predict_threads)
-    image_encoders: dict[str, ImageEncoder] = {}
     public = _Public(root)
 
     @asynccontextmanager
@@ -129,82 +94,7 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
         if not token_matches(creds.credentials, token):
             raise HTTPException(401, "wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
-    def predicted(snap: Snapshot, x: np.ndarray, top_k: int) -> Prediction:
-        _check_rows(x, snap.embedding_dim, limits.max_rows)
-        scores, ids = snap.predict(torch.from_numpy(x), top_k)
-        metrics.rows.inc(len(x))
-        names = snap.class_names
-        best = [names[i] for i in ids[:, 0].tolist()]
-        out = Prediction(version=snap.version, classes=best, scores=scores[:, 0].tolist())
-        if top_k > 1:
-            out.top_classes = [[names[i] for i in row] for row in ids.tolist()]
-            out.top_scores = scores.tolist()
-        return out
-
-    def predict_json(raw: bytes) -> Prediction:
-        snap = live.current
-        try:  # pydantic's own JSON parser: several times faster than json.loads and then validating
-            body = PredictRequest.model_validate_json(raw)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors(include_url=False)) from None
-        if len(body.embeddings) > limits.max_rows:
-            raise HTTPException(413, f"embeddings: at most {limits.max_rows} rows per request, got "
-                                f"{len(body.embeddings)}")
-        bad = next((i for i, row in enumerate(body.embeddings) if len(row) != snap.embedding_dim), None)
-        if bad is not None:
-            raise HTTPException(422, f"embeddings[{bad}]: must have {snap.embedding_dim} numbers (the model's "
-                                f"embedding size), got {len(body.embeddings[bad])}")
-        return predicted(snap, np.asarray(body.embeddings, dtype=np.float32), body.top_k)
-
-    @app.post("/predict", response_model=Prediction, response_model_exclude_none=True, tags=["predict"],
-              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-                  "schema": PredictRequest.model_json_schema()}}}})
-    async def predict(request: Request) -> Prediction:
-        """Classify embeddings (a JSON ``PredictRequest``); the response names the version that computed it."""
-        return await anyio.to_thread.run_sync(predict_json, await request.body(), limiter=predicting)
-
-    @app.post("/predict/npy", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
-    async def predict_npy(file: UploadFile = File(description="a .npy array of shape (rows, embedding size)"),
-                          top_k: int = 1) -> Prediction:
-        """Classify embeddings uploaded as a ``.npy`` file (multipart field ``file``)."""
-        if not 1 <= top_k <= 100:
-            raise HTTPException(422, f"top_k: must be between 1 and 100, got {top_k}")
-        return await anyio.to_thread.run_sync(predict_npy_bytes, await file.read(), top_k, limiter=predicting)
-
-    def predict_npy_bytes(raw: bytes, top_k: int) -> Prediction:
-        snap = live.current
-        try:
-            x = np.load(io.BytesIO(raw), allow_pickle=False)
-        except (ValueError, OSError, EOFError) as e:
-            raise HTTPException(422, f"file: not a .npy array ({' '.join(str(e).split())})") from None
-        if x.dtype.kind not in "fiu":
-            raise HTTPException(422, f"file: must hold numbers, got dtype {x.dtype}")
-        if x.ndim == 1:
-            x = x[None]
-        if x.ndim != 2:
-            raise HTTPException(422, f"file: must be a (rows, {snap.embedding_dim}) array, got shape {x.shape}")
-        return predicted(snap, np.ascontiguousarray(x, dtype=np.float32), top_k)
-
-    @app.post("/predict/images", response_model=Prediction, response_model_exclude_none=True, tags=["predict"])
-    async def predict_images(files: list[UploadFile] = File(description="image files (PNG, JPEG, ...)"),
-                             top_k: int = 1) -> Prediction:
-        """Classify images, embedded by the encoder the store records (built here on first use)."""
-        if not 1 <= top_k <= 100:
-            raise HTTPException(422, f"top_k: must be between 1 and 100, got {top_k}")
-        if len(files) > limits.max_rows:
-            raise HTTPException(413, f"files: at most {limits.max_rows} images per request, got {len(files)}")
-        data = [await f.read() for f in files]
-        return await anyio.to_thread.run_sync(predict_image_bytes, data, top_k, limiter=predicting)
-
-    def predict_image_bytes(data: list[bytes], top_k: int) -> Prediction:
-        snap = live.current
-        key = json.dumps(snap.encoder_config, sort_keys=True, default=str)
-        encoder = image_encoders.setdefault(key, ImageEncoder(snap.encoder_config))  # one per encoder setting
-        try:
-            x = encoder.encode(data)
-        except (LookupError, ValueError) as e:
-            raise HTTPException(422, str(e)) from None
-        return predicted(snap, x.numpy(), top_k)
+    app.include_router(prediction_routes(live, limits, metrics, predicting))
 
     @app.post("/forget", response_model=RecordResponse, dependencies=[Depends(authorized)], tags=["requests"])
     def forget(body: ForgetRequest) -> RecordResponse:
@@ -319,22 +209,6 @@ class _Public:
         for p in self.paths:
             text = text.replace(p, "<store>")
         return text
-
-
-def _check_rows(x: np.ndarray, dim: int, max_rows: int) -> None:
-    """Refuse an empty, oversized, wrongly sized or non-finite batch with one message."""
-    if len(x) == 0:
-        raise HTTPException(422, "embeddings: at least one row is needed")
-    if len(x) > max_rows:
-        raise HTTPException(413, f"embeddings: at most {max_rows} rows per request, got {len(x)}")
-    if x.shape[1] != dim:
-        raise HTTPException(422, f"embeddings: rows must have {dim} numbers (the model's embedding size), got "
-                            f"{x.shape[1]}")
-    finite = np.isfinite(x)
-    if not finite.all():
-        row, col = map(int, np.argwhere(~finite)[0])
-        raise HTTPException(422, f"embeddings[{row}][{col}]: must be a finite number within float32's range, "
-                            "got NaN or infinity")
 
 
 def _error_handlers(app: FastAPI, public: _Public) -> None:

@@ -9,8 +9,9 @@ from typing import TextIO
 import uvicorn
 
 from ..data import EmbeddingSet
-from .app import Limits, create_app
+from .app import create_app
 from .auth import check_bind
+from .limits import Limits
 
 
 def listen(host: str, port: int) -> socket.socket:
