@@ -4,6 +4,7 @@ CLI picked up within a second, a kill -9 during a forget, and a bounded fuzz fro
 from __future__ import annotations
 
 import io
+import json
 import os
 import random
 import shutil
@@ -398,7 +399,8 @@ def test_fuzz_from_the_openapi_schema(stored, tmp_path):
 
     path = tmp_path / "model"
     shutil.copytree(stored, path)
-    srv = Server(path, env={"DKVB_SERVE_TOKEN": TOKEN})
+    key = "audit-key-never-sent-0123456789"
+    srv = Server(path, env={"DKVB_SERVE_TOKEN": TOKEN, "DKVB_AUDIT_KEY": key})
     try:
         schema = schemathesis.openapi.from_url(srv.url + "/openapi.json")
         operations = [op.ok() for op in schema.get_all_operations()]
@@ -411,21 +413,27 @@ def test_fuzz_from_the_openapi_schema(stored, tmp_path):
                 response = case.call(base_url=srv.url, headers=AUTH, timeout=30)
                 case.validate_response(response, checks=[not_a_server_error])
                 assert response.status_code < 500 and "Traceback" not in response.text
+                assert key not in response.text and str(path) not in response.text
 
             run()
         # whatever the fuzzer did, the store still takes a request and its log replays to the served model
         assert srv.client.post("/forget", json={"classes": ["class4"]}, headers=AUTH).status_code == 200
         assert srv.client.get("/verify", headers=AUTH).json()["matches"]
+        records = srv.client.get("/log", headers=AUTH).json()["records"]
+        assert len(records) >= 2 and key not in json.dumps(records)
+        assert all(b'"mac":' in line for line in (path / "audit.jsonl").read_bytes().splitlines())  # signed
     finally:
         srv.stop()
-    replay(path)
+    os.environ["DKVB_AUDIT_KEY"] = key  # the test process checks the signed log with the same key
+    try:
+        replay(path)
+    finally:
+        del os.environ["DKVB_AUDIT_KEY"]
 
 
 # ------------------------------------------------------------------ the benchmark script
 @pytest.mark.slow
 def test_bench_serve_runs_end_to_end(tmp_path, tiny_config):
-    import json
-
     out = tmp_path / "serve.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/bench_serve.py"), str(tiny_config), "--workdir", str(tmp_path / "w"),
