@@ -18,7 +18,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("models", {"keys", "selection", "bottleneck", "classifier", "models"}),
     ("training", {"train", "value_init", "shards", "evaluate", "forgetting_quality"}),
     ("unlearning", {"unlearn"}),
-    ("application", {"config", "experiment", "verify", "report", "store", "audit", "request", "replay",
+    ("application", {"config", "experiment", "forgetting_eval", "verify", "report", "store", "audit", "request", "replay",
                      "embeddings_io", "served", "service", "serve"}),
     ("interface", {"cli", "__main__", ""}),  # "" is the package facade, dkvb/__init__.py
 ]

@@ -276,3 +276,39 @@ def test_with_many_classes_a_probe_started_model_masks_where_the_class_holds_a_t
     uniform = create_unlearner("dkvb-activations", min_share=1 / 20).unlearn(model, request)
     assert torch.equal(default.model.key_mask, explicit.model.key_mask)
     assert 0 < int(default.model.key_mask.sum()) < int(uniform.model.key_mask.sum())
+
+
+def test_a_model_retrained_without_a_class_fits_its_probe_start_on_the_others():
+    """The gold reference of a probe-started DKVB: its own recipe on the retain set, where one class
+    has no rows; the absent class starts at each row's lowest logit and is never predicted."""
+    from dkvb.evaluate import predict_logits
+    from dkvb.value_init import probe_logits
+
+    train = make_clusters(1500, num_classes=5, spread=1.5, seed=0)
+    retain = train.subset(train.y != 2)
+    logits = probe_logits(retain, probe_c=0.1)
+    assert logits.shape == (len(retain), 5)
+    assert torch.equal(logits[:, 2], logits.min(1).values)
+    model = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), retain,
+                TrainConfig(epochs=3, lr=1e-2, value_init="probe", probe_c=0.1))
+    test = make_clusters(500, num_classes=5, spread=1.5, seed=1)
+    assert not bool((predict_logits(model, test.x).argmax(1) == 2).any())
+
+
+def test_the_ablations_change_only_their_part(probe_started):
+    """mask_keys=False only takes the class out of the start; drop_start=False only masks."""
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, _ = probe_started
+    request = ForgetRequest((1,), train)
+    full = create_unlearner("dkvb-activations").unlearn(model, request).model
+    mask_alone = create_unlearner("dkvb-activations", drop_start=False).unlearn(model, request).model
+    start_alone = create_unlearner("dkvb-activations", mask_keys=False).unlearn(model, request).model
+    assert torch.equal(mask_alone.key_mask, full.key_mask) and bool(full.key_mask.any())
+    assert torch.equal(mask_alone.bottleneck.value_table(), model.bottleneck.value_table())
+    assert not bool(start_alone.key_mask.any())
+    assert torch.equal(start_alone.bottleneck.value_table(), full.bottleneck.value_table())
+    with pytest.raises(ValueError, match="drop_start"):
+        create_unlearner("dkvb-activations", mask_keys=False, drop_start=False)
+    with pytest.raises(ValueError, match="mask_keys"):
+        create_unlearner("dkvb-activations", mask_keys=False, refit_epochs=1, release_keys=True)

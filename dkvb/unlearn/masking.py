@@ -48,12 +48,19 @@ class MaskingUnlearner(Unlearner):
             alone with a uniform share emptied a CIFAR-100 codebook at the 8th request; the
             default's floor of a tenth serves all 50, docs/quality.md#start-min-share). The log and replay record no
             mask change for such a request (its values change; the store keeps them).
+        mask_keys: keep the keys the rule picks masked (default). ``False``, with ``drop_start``,
+            is the ablation that only takes the classes out of the value start.
+        drop_start: take the forget classes out of a probe-started model's value start
+            (:func:`remove_start`; default). ``False`` is the ablation in which the key mask alone
+            forgets.
     """
 
     erase_values: bool = False
     refit_epochs: int = 0
     refit_lr: float = 0.01
     release_keys: bool = False
+    mask_keys: bool = True
+    drop_start: bool = True
 
     model_kind = "dkvb"
 
@@ -65,19 +72,25 @@ class MaskingUnlearner(Unlearner):
                     ">= 1 with release_keys (released keys are re-fitted)", self.refit_epochs)
             require(not self.erase_values, self.name, "erase_values",
                     "False with release_keys (released keys are erased anyway)", self.erase_values)
+            require(self.mask_keys, self.name, "mask_keys", "True with release_keys (the picked keys are released)",
+                    self.mask_keys)
+        require(self.mask_keys or self.drop_start, self.name, "drop_start",
+                "True when mask_keys is False (the request would change nothing)", self.drop_start)
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         """The masked copy of ``model`` with the options applied: (copy, FLOPs, details)."""
         if self.release_keys:
             out = masked_copy(model, torch.zeros_like(model.key_mask))  # own values, the same mask
-            removed = remove_start(out, request.forget_classes)
+            removed = remove_start(out, request.forget_classes) if self.drop_start else 0
             flops, details = refit_released(model, out, new_mask & ~model.key_mask, request.train,
                                             request.retain_mask, epochs=self.refit_epochs, lr=self.refit_lr,
                                             seed=request.seed)
             return out, removed + flops, details
+        if not self.mask_keys:
+            new_mask = torch.zeros_like(new_mask)
         out = masked_copy(model, new_mask, erase_values=self.erase_values,
                           share_values=not (self.erase_values or self.refit_epochs))
-        removed = remove_start(out, request.forget_classes)
+        removed = remove_start(out, request.forget_classes) if self.drop_start else 0
         if not self.refit_epochs:
             return out, removed, {}
         flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,

@@ -1,0 +1,262 @@
+"""How close each unlearning method comes to retraining, as the NeurIPS 2023 unlearning competition
+measures it (:mod:`dkvb.forgetting_quality`).
+
+For each of N seeds the whole pipeline runs again: the model of each family is trained (a DKVB:
+keys, value start, values; a linear head: its weights), every method acts on it for every forget
+request, and a model of the same family is retrained with the same seed on the retain set with its
+own recipe (a DKVB's keys included). The methods' outputs on the forget classes' test images, over
+the N seeds, are then scored against the N retrained models: the per-example epsilon, the
+forgetting score F, its ceiling (retrained against retrained) and floor (the original model against
+retrained), the competition's final score, top-1 agreement and JS divergence with the retrained
+models, and the membership-inference gap.
+
+Each seed's outputs are saved as they are computed (``<out>/seed-<s>.pt``, written atomically), so
+an interrupted run resumes from the seeds it finished.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cache import subset_indices
+from .config import ExperimentConfig, MethodConfig
+from .data import EmbeddingSet
+from .evaluate import accuracy, membership_attack, predict_logits
+from .experiment import forget_requests, method_label, method_model
+from .forgetting_quality import final_score, forgetting_report
+from .io import atomic_write_json
+from .models import build_model, resolve_config
+from .train import fit
+from .unlearn import ForgetRequest, create_unlearner
+from .validate import require, require_count
+
+log = logging.getLogger("dkvb")
+
+# The methods scored when a config names none: the default DKVB request and its parts alone, each
+# family's output deletion, and the linear-head baselines with their default settings.
+DEFAULT_METHODS: tuple[MethodConfig, ...] = (
+    MethodConfig("dkvb-activations"),
+    MethodConfig("dkvb-activations", params={"drop_start": [False]}),
+    MethodConfig("dkvb-activations", params={"mask_keys": [False]}),
+    MethodConfig("dkvb-activations", params={"refit_epochs": [2]}),
+    MethodConfig("dkvb-activations", params={"refit_epochs": [2], "release_keys": [True]}),
+    MethodConfig("dkvb-drop-output"),
+    MethodConfig("drop-output"),
+    MethodConfig("finetune"),
+    MethodConfig("neggrad"),
+    MethodConfig("scrub", params={"lr": [0.002], "epochs": [3], "msteps": [2], "alpha": [0.001], "gamma": [0.99],
+                           "temperature": [4.0]}),
+    MethodConfig("rbm"),
+    MethodConfig("salun"),
+    MethodConfig("ssd"),
+    MethodConfig("potion"),
+)
+ORIGINAL = "original"  # the floor: the trained model, unchanged
+MEMBER_ROWS = 4000  # training rows per class group the membership attack reads (its own cap)
+
+
+@dataclass
+class ForgettingConfig:
+    """What :func:`measure_forgetting` runs.
+
+    Attributes:
+        num_models: N, seeds of the whole pipeline per family (at least 4: the ceiling splits the
+            retrained models into halves).
+        requests: how many of the config's forget requests are scored (the first ones), ``None``
+            for all.
+        methods: the methods scored (``dkvb-drop-output`` is ``drop-output`` on the DKVB);
+            empty: :data:`DEFAULT_METHODS`.
+    """
+
+    num_models: int = 8
+    requests: int | None = None
+    methods: list[MethodConfig] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        require_count("ForgettingConfig", "num_models", self.num_models, low=4)
+        if self.requests is not None:
+            require_count("ForgettingConfig", "requests", self.requests)
+
+
+def _expand(methods: list[MethodConfig] | tuple[MethodConfig, ...]) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(label, family, registered name, params) of every setting."""
+    out = []
+    for m in methods:
+        keys = list(m.params)
+        grids = [m.params[k] if isinstance(m.params[k], list) else [m.params[k]] for k in keys]
+        for combo in (np.array(np.meshgrid(*grids, indexing="ij"), dtype=object).reshape(len(keys), -1).T
+                      if keys else [()]):
+            params = dict(zip(keys, combo))
+            if m.name == "dkvb-drop-output":
+                out.append((method_label(m.name, params), "dkvb", "drop-output", params))
+            else:
+                out.append((method_label(m.name, params), method_model(m), m.name, params))
+    return out
+
+
+def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int) -> nn.Module:
+    """A model of ``kind`` (``"dkvb"`` or ``"linear"``) trained on ``data`` with the config's recipe and
+    ``seed`` for everything (a DKVB's keys fitted on ``data``: a retrained DKVB never saw the forget set)."""
+    if kind == "dkvb":
+        model = build_model(resolve_config(cfg.model, len(data)), data.dim, data.num_classes, seed=seed)
+    else:
+        model = build_model({"kind": "linear"}, data.dim, data.num_classes, seed=seed)
+    model.prepare(data.x, data.y)
+    recipe = cfg.train if kind == "dkvb" else cfg.linear_train
+    fit(model, data, replace(recipe, seed=seed))
+    if kind == "dkvb":
+        model.compute_activation_counts(data.x, data.y)
+    return model
+
+
+def _outputs(model: nn.Module, views: dict[str, EmbeddingSet]) -> dict[str, torch.Tensor]:
+    return {name: predict_logits(model, v.x).half() for name, v in views.items()}
+
+
+def _views(train: EmbeddingSet, test: EmbeddingSet, classes: tuple[int, ...], seed: int) -> dict[str, EmbeddingSet]:
+    """The rows every model is evaluated on for one request: the forget classes' test images (scored),
+    the retain test images (utility), and at most :data:`MEMBER_ROWS` retain and forget training rows
+    (utility and the membership attack)."""
+    f_tr, f_te = train.class_mask(classes), test.class_mask(classes)
+
+    def capped(data: EmbeddingSet) -> EmbeddingSet:
+        if len(data) <= MEMBER_ROWS:
+            return data
+        return data.subset(torch.from_numpy(subset_indices(len(data), MEMBER_ROWS, seed)))
+
+    return {"forget_test": test.subset(f_te), "retain_test": test.subset(~f_te),
+            "retain_train": capped(train.subset(~f_tr)), "forget_train": capped(train.subset(f_tr))}
+
+
+def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, requests: list[tuple[int, ...]],
+             methods: list[tuple[str, str, str, dict[str, Any]]], seed: int) -> dict[str, Any]:
+    """Every family's original, unlearned and retrained outputs for one seed:
+    ``{"outputs": {request: {method: {view: logits}}}, "seconds": {...}}``."""
+    outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    seconds: dict[str, float] = {}
+    flops: dict[str, dict[str, int]] = {}
+    for kind in sorted({fam for _, fam, _, _ in methods}):
+        start = time.perf_counter()
+        model = train_family(cfg, kind, train, seed)
+        seconds[f"train {kind}"] = time.perf_counter() - start
+        for classes in requests:
+            key = ",".join(map(str, classes))
+            views = _views(train, test, classes, cfg.seed)
+            out = outputs.setdefault(key, {})
+            out[f"{ORIGINAL} ({kind})"] = _outputs(model, views)
+            request = ForgetRequest(classes, train, seed=seed)
+            for label, fam, name, params in methods:
+                if fam != kind:
+                    continue
+                report = create_unlearner(name, **params).unlearn(model, request)
+                out[label] = _outputs(report.model, views)
+                seconds[label] = seconds.get(label, 0.0) + report.seconds
+                flops.setdefault(label, {})[key] = report.flops
+            start = time.perf_counter()
+            out[f"retrained ({kind})"] = _outputs(train_family(cfg, kind, request.retain, seed), views)
+            seconds[f"retrain {kind}"] = seconds.get(f"retrain {kind}", 0.0) + time.perf_counter() - start
+    return {"outputs": outputs, "seconds": seconds, "flops": flops}
+
+
+def _family(label: str, methods: list[tuple[str, str, str, dict[str, Any]]]) -> str:
+    for lab, fam, _, _ in methods:
+        if lab == label:
+            return fam
+    return label.rsplit("(", 1)[1].rstrip(")")
+
+
+def score(runs: list[dict[str, Any]], test: EmbeddingSet, train: EmbeddingSet,
+          methods: list[tuple[str, str, str, dict[str, Any]]], seed: int = 0) -> dict[str, Any]:
+    """Per request and method, the competition's scores against the same family's retrained
+    models, from the seeds' outputs (:func:`run_seed`); then their means over the requests."""
+    per_request: dict[str, dict[str, Any]] = {}
+    for key in runs[0]["outputs"]:
+        classes, rows = tuple(int(c) for c in key.split(",")), {}
+        views = _views(train, test, classes, seed)
+        ys = {v: views[v].y.numpy() for v in views}
+        for label in runs[0]["outputs"][key]:
+            if label.startswith("retrained"):
+                continue
+            fam = _family(label, methods)
+            stack, ref = ({v: np.stack([r["outputs"][key][name][v].float().numpy() for r in runs]) for v in views}
+                          for name in (label, f"retrained ({fam})"))
+            rep = forgetting_report(stack["forget_test"], ref["forget_test"], ys["forget_test"], rng_seed=seed)
+            acc = {f"{v}{suffix}": [float((s.argmax(1) == ys[v]).mean()) for s in arr[v]]
+                   for v in ("retain_train", "retain_test") for suffix, arr in (("", stack), ("_retrained", ref))}
+            mia = [_mia(s, ref_) for s, ref_ in zip(_triples(stack), _triples(ref))]
+            rows[label] = {
+                "family": fam,
+                "F": rep["forgetting_score"],
+                "ceiling": rep["ceiling"],
+                "F_at_ceiling_n": rep["forgetting_score_at_ceiling_n"],
+                "final_score": final_score(rep["forgetting_score"], acc["retain_train"], acc["retain_test"],
+                                           acc["retain_train_retrained"], acc["retain_test_retrained"]),
+                "epsilon_mean": rep["epsilon_mean"],
+                "agreement": rep["top1_agreement"],
+                "js": rep["js_divergence"],
+                "forget_test_acc": float(np.mean([(s.argmax(1) == ys["forget_test"]).mean()
+                                                  for s in stack["forget_test"]])),
+                "retain_test_acc": float(np.mean(acc["retain_test"])),
+                "mia": float(np.mean([m[0] for m in mia])),
+                "mia_gap": float(np.mean([abs(m[0] - m[1]) for m in mia])),
+            }
+        per_request[key] = rows
+    labels_all = list(next(iter(per_request.values())))
+    mean = {lab: {k: float(np.mean([per_request[r][lab][k] for r in per_request]))
+                  for k in per_request[next(iter(per_request))][lab] if k != "family"}
+            | {"family": per_request[next(iter(per_request))][lab]["family"]} for lab in labels_all}
+    return {"per_request": per_request, "mean": mean}
+
+
+def _triples(stack: dict[str, np.ndarray]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    return list(zip(stack["retain_train"], stack["retain_test"], stack["forget_train"]))
+
+
+def _mia(unlearned: tuple[np.ndarray, ...], retrained: tuple[np.ndarray, ...]) -> tuple[float, float]:
+    """The membership attack's score (forget-train read as members) of a model and its retrained twin."""
+    return tuple(membership_attack(*(torch.from_numpy(a) for a in t)) for t in (unlearned, retrained))
+
+
+def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, fcfg: ForgettingConfig,
+                       out_dir: str | Path) -> dict[str, Any]:
+    """Run :func:`run_seed` for seeds ``cfg.seed .. cfg.seed + N - 1`` (resuming from ``out_dir``),
+    score every method (:func:`score`) and write ``out_dir/forgetting.json``; returns its content."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    requests = forget_requests(cfg, train.class_names)[: fcfg.requests]
+    methods = _expand(fcfg.methods or DEFAULT_METHODS)
+    require(bool(requests), "measure_forgetting", "requests", "at least one forget request", fcfg.requests)
+    runs, start = [], time.perf_counter()
+    for s in range(cfg.seed, cfg.seed + fcfg.num_models):
+        path = out / f"seed-{s}.pt"
+        if path.exists():
+            run = torch.load(path, weights_only=False)
+            if run.get("methods") == [m[0] for m in methods] and run.get("requests") == requests:
+                runs.append(run)
+                continue
+        log.info("forgetting quality: seed %d of %d", s - cfg.seed + 1, fcfg.num_models)
+        run = {**run_seed(cfg, train, test, requests, methods, s), "methods": [m[0] for m in methods],
+               "requests": requests}
+        tmp = path.with_suffix(".tmp")
+        torch.save(run, tmp)
+        tmp.replace(path)
+        runs.append(run)
+    result = score(runs, test, train, methods, seed=cfg.seed)
+    result.update({
+        "config": cfg.name, "num_models": fcfg.num_models, "requests": [list(r) for r in requests],
+        "seconds_total": time.perf_counter() - start,
+        "seconds": {k: float(np.mean([r["seconds"].get(k, 0.0) for r in runs])) for k in runs[0]["seconds"]},
+        "flops": {k: float(np.mean([np.mean(list(r["flops"][k].values())) for r in runs])) for k in runs[0]["flops"]},
+    })
+    atomic_write_json(out / "forgetting.json", result)
+    return result
+
+
+__all__ = ["ForgettingConfig", "DEFAULT_METHODS", "measure_forgetting", "run_seed", "score", "train_family"]

@@ -1,0 +1,53 @@
+"""The forgetting-quality benchmark's runner (dkvb.forgetting_eval) on a tiny synthetic problem."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dkvb.config import ExperimentConfig, MethodConfig
+from dkvb.forgetting_eval import ForgettingConfig, measure_forgetting
+from dkvb.models import ModelConfig
+from dkvb.train import TrainConfig
+
+from conftest import make_clusters
+
+pytestmark = pytest.mark.slow
+
+
+def _config() -> ExperimentConfig:
+    return ExperimentConfig(name="fq", forget=[[1]],
+                            model=ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="random"),
+                            train=TrainConfig(epochs=3, lr=1e-2), linear_train=TrainConfig(epochs=3, lr=1e-2))
+
+
+def test_scores_every_method_against_its_own_family_and_resumes(tmp_path, monkeypatch):
+    train, test = make_clusters(600, dim=16, num_classes=4, seed=0), make_clusters(200, dim=16, num_classes=4, seed=1)
+    methods = [MethodConfig("dkvb-activations"), MethodConfig("dkvb-drop-output"), MethodConfig("drop-output"),
+               MethodConfig("retrain", params={"epochs": [3], "lr": [1e-2]})]
+    fcfg = ForgettingConfig(num_models=4, methods=methods)
+    result = measure_forgetting(_config(), train, test, fcfg, tmp_path)
+    mean = result["mean"]
+    assert set(mean) == {"original (dkvb)", "original (linear)", "dkvb-activations", "dkvb-drop-output", "drop-output",
+                         "retrain[epochs=3,lr=0.01]"}
+    assert mean["dkvb-activations"]["family"] == "dkvb" and mean["drop-output"]["family"] == "linear"
+    # retraining with the same recipe and seeds is the retrained set itself: nothing told apart
+    same = mean["retrain[epochs=3,lr=0.01]"]
+    assert same["F"] == 1.0 and same["js"] == pytest.approx(0.0, abs=1e-6)
+    # the original kept the class: its forget images are told apart (with 4 models an attacker's
+    # epsilon saturates at log 3, which still scores 0.25, the floor at this N)
+    assert mean["original (linear)"]["F"] <= 0.25 and mean["original (linear)"]["forget_test_acc"] > 0.5
+    assert mean["drop-output"]["forget_test_acc"] == 0.0 and mean["dkvb-drop-output"]["forget_test_acc"] == 0.0
+    assert sorted(p.name for p in tmp_path.glob("seed-*.pt")) == [f"seed-{s}.pt" for s in range(4)]
+
+    # resuming reads the saved seeds: no model is trained again
+    def no_training(*a, **k):
+        raise AssertionError("a finished seed was run again")
+
+    monkeypatch.setattr("dkvb.forgetting_eval.run_seed", no_training)
+    again = measure_forgetting(_config(), train, test, fcfg, tmp_path)
+    assert again["mean"] == result["mean"]
+
+
+def test_needs_four_models_for_a_ceiling():
+    with pytest.raises(ValueError, match="num_models"):
+        ForgettingConfig(num_models=3)
