@@ -246,12 +246,12 @@ def crashes(pristine: Path, work: Path, args: argparse.Namespace, class_names: l
             logged = served_version(path)
             health = httpx.get(srv.url + "/health", timeout=30).json()
             verify = httpx.get(srv.url + "/verify", headers=AUTH, timeout=60).json()
-            replay_ok = True
+            replay_error = None
             if (path / "audit.jsonl").exists():
                 try:
                     replay(path)
-                except Exception:  # noqa: BLE001 - counted as a failure below
-                    replay_ok = False
+                except Exception as e:  # noqa: BLE001 - counted as a failure below
+                    replay_error = f"{type(e).__name__}: {e}"
             after = len(read_log(path)) if (path / "audit.jsonl").exists() else 0
             # the next write is a forget (it takes over the request id a killed forget may have left on
             # an unlogged version), then a restore to the origin so the next round forgets again
@@ -260,7 +260,7 @@ def crashes(pristine: Path, work: Path, args: argparse.Namespace, class_names: l
             rounds.append({"kill_after_ms": 1e3 * delay, "committed": after > before, "served": health["version"],
                            "logged": logged, "serves_logged": health["version"] == logged,
                            "verify_matches": bool(verify["matches"] and verify["served_matches_log"]),
-                           "replay_matches": replay_ok, "next_write_status": max(nxt.status_code, reset.status_code)})
+                           "replay_matches": replay_error is None, "replay_error": replay_error, "next_write_status": max(nxt.status_code, reset.status_code)})
     finally:
         srv.stop()
     return {"rounds": len(rounds), "committed_before_kill": sum(r["committed"] for r in rounds),
@@ -313,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--phase-seconds", type=float, default=60.0, help="time limit of each phase")
     p.add_argument("--crashes", type=int, default=20)
     p.add_argument("--kill-window", type=float, default=0.3, help="kill within this many seconds of sending")
-    p.add_argument("--phases", type=lambda v: v.split(","), default=["writes", "json1", "json256", "npy256"],
+    p.add_argument("--phases", type=lambda v: [n for n in v.split(",") if n], default=["writes", "json1", "json256", "npy256"],
                    help="comma-separated: writes (forgets alone), json1, json256, npy256")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
