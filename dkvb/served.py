@@ -2,8 +2,9 @@
 
 :class:`ServedStore` reads: the served model (the version the audit log's last record names), the
 verified log and replay. :class:`StoreWriter` adds what every request that writes does under the
-store's writer lock: verify the log and bring ``HEAD`` in line with it (:meth:`StoreWriter._sync`),
-then append the request's record, the commit point, and move ``HEAD`` (:meth:`StoreWriter._commit`).
+store's writer lock: verify the log, bring ``HEAD`` in line with it and remove a version left by a
+writer killed before logging (:meth:`StoreWriter._sync`), then append the request's record, the
+commit point, and move ``HEAD`` (:meth:`StoreWriter._commit`).
 The requests themselves live in :mod:`dkvb.service`.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .models import DKVBClassifier
 from .replay import ReplayResult, replay_records
 from .request import flat_mask, mask_sha
 from .store.erase import erase_rows, needs_finishing
+from .store.prune import discard_orphan
 
 log = logging.getLogger("dkvb")
 
@@ -160,8 +162,10 @@ class StoreWriter(ServedStore):
 
         The served version is the last record's: ``HEAD`` is moved there when a writer died before
         moving it, or when it is missing, corrupt or was edited. The served version's manifest must
-        name a logged request (a cut log is refused). Without a log, the served model gets an
-        origin record, written by :meth:`_commit` just before the request's own.
+        name a logged request (a cut log is refused). An orphan (the newest version, written by a
+        request killed before logging, :func:`find_orphan`) is removed, so the id it names goes to
+        this request alone. Without a log, the served model gets an origin record, written by
+        :meth:`_commit` just before the request's own.
         """
         self._origin = None
         records = self._log.sync()
@@ -177,6 +181,13 @@ class StoreWriter(ServedStore):
             log.warning("%s: HEAD is not the version the audit log serves (%s): a killed writer or an edit; "
                         "moving HEAD", self.root, served)
             atomic_write_text(self.root / "HEAD", served + "\n")
+        orphan = find_orphan(self.root, records)
+        if orphan is not None:
+            log.warning("%s: removing version %s, written by a request killed before it was logged (%s); the "
+                        "request ids that follow are the log's own", self.root, orphan,
+                        service_extra(store.read_manifest(self.root, orphan)).get("request_id"))
+            discard_orphan(self.root, orphan)
+            self._full.pop(orphan, None)
         if records:
             check_origin_names(self.root, store.read_manifest(self.root, served), records)
             return records
@@ -254,12 +265,27 @@ def check_origin_names(root: Path, manifest: dict[str, Any], records: list[dict[
         store.check_class_names(manifest, origin, vdir)
 
 
+def find_orphan(root: Path, records: list[dict[str, Any]]) -> str | None:
+    """The newest version when a request wrote it that the log does not hold: an orphan left by a
+    writer killed before logging (:func:`check_history` says whether it may be one), else ``None``."""
+    versions = store.list_versions(root)
+    if not versions:
+        return None
+    rid = service_extra(store.read_manifest(root, versions[-1])).get("request_id")
+    if rid is None or any(r["request_id"] == rid for r in records):
+        return None
+    return versions[-1]
+
+
 def check_version_logged(root: Path, version: str, records: list[dict[str, Any]], orphan_ok: bool = False) -> None:
     """A version a request wrote names that request: the log must hold it, with this version.
 
     A writer killed before logging leaves an orphan: the newest version (``orphan_ok``) with the
     request id the next request gets (``len(records) + 1``, or 2 for the first request, which
-    logs an origin record first), or one whose id a later retry logged with a newer version.
+    logs an origin record first). Readers accept it; the next writer removes it
+    (:meth:`StoreWriter._sync`) before it logs a record with that id, whatever the request (a
+    restore, prune or recover writes no version of its own to tell the two apart). Also accepted: a
+    version whose id the log holds with a newer version (a retry that logged it).
     """
     rid = service_extra(store.read_manifest(root, version)).get("request_id")
     if rid is None:

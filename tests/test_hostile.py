@@ -407,6 +407,47 @@ def test_sigkill_at_any_step_never_serves_a_model_the_log_does_not_name(store, t
         assert forget(path, "class3")["version_before"] == records[-1]["version_after"], n  # the next one recovers
 
 
+@pytest.mark.parametrize("first", [True, False], ids=["first-request", "later-request"])
+@pytest.mark.parametrize("then", ["restore", "prune", "forget"])
+def test_a_version_left_by_a_forget_killed_before_logging_never_takes_a_logged_request_id(
+        store, tmp_path, killed_copy, first, then):
+    """A forget killed after writing its version but before logging leaves an orphan that names the
+    next request id; the next request (a restore or prune writes no version) removes it, so the log
+    names that id with its own version and every reader accepts the store."""
+    from dkvb.service import ModelService
+    from dkvb.served import service_extra
+    from dkvb.store import read_manifest
+
+    origin = current_version(store)
+    if not first:
+        forget(store, "class2")
+    orphans = []
+    for n in range(1, 16):
+        path = tmp_path / f"{then}{n}"
+        killed_copy(store, path, n, lambda p: ModelService(p).forget(["class1"]))
+        newest = list_versions(path)[-1]
+        rid = service_extra(read_manifest(path, newest)).get("request_id")
+        records = ServedStore(path).check()  # readers accept the orphan
+        if rid is None or rid in {r["request_id"] for r in records}:
+            continue
+        orphans.append(n)
+        if then == "restore":
+            rec = ModelService(path).restore("origin")
+            assert rec["request_id"] == rid and rec["version_after"] == origin, n
+        elif then == "prune":
+            ModelService(path).prune()
+        else:
+            assert ModelService(path).forget(["class3"])["request_id"] == rid, n
+        assert newest not in list_versions(path), n  # removed, and its name never handed out again
+        records = ServedStore(path).check()
+        if records:  # (a prune of a store without a log logs nothing)
+            assert records[-1]["version_after"] == current_version(path), n
+            assert torch.equal(replay(path), load_model(path)[0].key_mask), n
+        rec = forget(path, "class4")  # and the store goes on serving requests
+        assert rec["version_after"] > newest and ServedStore(path).check()[-1]["request_id"] == rec["request_id"], n
+    assert orphans and (not first or {9, 10, 11} <= set(orphans)), orphans
+
+
 @pytest.mark.parametrize("head", [None, b"", b"garbage\n", b"999999\n"])
 def test_restore_works_with_head_missing_or_corrupt(store, head):
     r1 = forget(store, "class1")

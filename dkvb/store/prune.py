@@ -45,9 +45,31 @@ def prune(path: str | os.PathLike, keep: Iterable[str] = (), *, dry_run: bool = 
             before_delete(doomed)
         if not dry_run:
             for v in doomed:
-                gone = root / "versions" / f".tmp-pruned-{v}"
-                os.replace(root / "versions" / v, gone)
-                shutil.rmtree(gone)
+                _remove(root, v, "pruned")
             fsync_dir(root / "versions")
     return doomed
+
+
+def discard_orphan(path: str | os.PathLike, version: str) -> None:
+    """Remove ``version``, a version no logged request wrote and nothing rests on (the caller, holding
+    the writer lock, has checked that: the newest version, left by a writer killed before logging).
+    Renamed out of sight first, so a killed removal leaves only a ``.tmp-*`` leftover that the next
+    save or prune deletes, never a half-deleted version."""
+    root = Path(path)
+    with writer_lock(root):
+        if version in (served_version(root), current_version(root)):
+            raise StoreError(f"{root}: version {version} is served or HEAD's; refusing to discard it")
+        for v in list_versions(root):
+            info = read_manifest(root, v).get("shared") if v != version else None
+            if isinstance(info, dict) and info.get("version") == version:
+                raise StoreError(f"{root}: version {v} shares tensors with version {version}; refusing to discard it")
+        _remove(root, version, "orphan")
+        fsync_dir(root / "versions")
+
+
+def _remove(root: Path, version: str, why: str) -> None:
+    gone = root / "versions" / f".tmp-{why}-{version}"
+    shutil.rmtree(gone, ignore_errors=True)  # a killed removal's leftover of the same name
+    os.replace(root / "versions" / version, gone)
+    shutil.rmtree(gone)
 
