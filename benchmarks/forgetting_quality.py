@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--methods", default=None, help="comma-separated labels to keep (default: all)")
+    p.add_argument("--validation", action="store_true",
+                   help="score on a seeded 10%% holdout of the training set instead of the test split (for tuning)")
+    p.add_argument("--seeds", default=None, metavar="A:B",
+                   help="run only seed offsets A..B-1 (processes with disjoint ranges share --work); scores once all are done")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--work", default=None, help="folder for per-seed outputs (default: next to --out)")
     p.add_argument("--out", required=True)
@@ -55,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     train, test = load_embeddings(cfg, progress=False)
     if args.train_limit and args.train_limit < len(train):
         train = train.subset(torch.from_numpy(subset_indices(len(train), args.train_limit, cfg.seed)))
+    if args.validation:
+        train, test = train.holdout(0.1, cfg.seed)
     methods = list(DEFAULT_METHODS)
     if args.methods:
         keep = set(args.methods.split(","))
@@ -63,9 +69,14 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_suffix("")
     start = time.perf_counter()
-    result = measure_forgetting(cfg, train, test, fcfg, work)
+    only = range(*map(int, args.seeds.split(":"))) if args.seeds else None
+    result = measure_forgetting(cfg, train, test, fcfg, work, only=only)
+    if result is None:
+        print(f"seeds {args.seeds} done; scoring waits for the others")
+        return 0
     result.update({"argv": sys.argv[1:] if argv is None else argv, "train_rows": len(train), "test_rows": len(test),
-                   "wall_seconds": time.perf_counter() - start, "threads": args.threads})
+                   "wall_seconds": time.perf_counter() - start, "threads": args.threads,
+                   "scored_on": "validation (10% of the training set)" if args.validation else "test split"})
     atomic_write_json(out, result)
     print(table(result))
     print(f"N = {fcfg.num_models}, {len(result['requests'])} requests, {result['wall_seconds']:.0f} s")

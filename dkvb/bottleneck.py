@@ -149,7 +149,19 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         """Add ``delta`` (C, K, len(classes)) to the served values of ``classes``, without writing
         to ``values`` (a masking request shares them with the model it came from). The
         tensors are replaced, never written in place, so copies may share them too."""
-        self.delta_classes = torch.cat([self.delta_classes, classes.to(self.delta_classes)])
+        classes = classes.to(self.delta_classes)
+        held = [int((self.delta_classes == c).nonzero()[0]) if bool((self.delta_classes == c).any()) else -1
+                for c in classes.tolist()]
+        if any(h >= 0 for h in held):  # a class corrected before: its column grows by the new delta
+            old = self.value_delta.clone()
+            for i, h in enumerate(held):
+                if h >= 0:
+                    old[..., h] += delta[..., i]
+            new = [i for i, h in enumerate(held) if h < 0]
+            self.value_delta = torch.cat([old, delta[..., new]], -1) if new else old
+            self.delta_classes = torch.cat([self.delta_classes, classes[new]])
+            return
+        self.delta_classes = torch.cat([self.delta_classes, classes])
         self.value_delta = delta.clone() if not self.value_delta.numel() else torch.cat([self.value_delta, delta], -1)
 
     def check_start(self) -> None:

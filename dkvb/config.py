@@ -94,6 +94,10 @@ class ExperimentConfig:
         verify: relearning probe for every result (:class:`dkvb.verify.ProbeConfig` fields, e.g.
             ``{examples: 10, lr: 1.0, max_steps: 100}``); empty = no probe. Its step count is the
             ``relearn_steps`` metric; compare each method with the ``retrain`` row.
+        forgetting: forgetting quality against retraining after the run
+            (:class:`dkvb.forgetting_eval.ForgettingConfig` fields, e.g. ``{num_models: 8,
+            requests: 3}``; ``methods`` as in ``methods``); empty = not measured. Written to
+            ``<run>/forgetting/forgetting.json``.
         cache_dir: embedding cache folder.
         output_dir: results folder.
     """
@@ -109,6 +113,7 @@ class ExperimentConfig:
     forget: Any = "each"
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("dkvb-activations")])
     verify: dict[str, Any] = field(default_factory=dict)
+    forgetting: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = field(default_factory=lambda: os.environ.get("DKVB_CACHE", "~/.cache/dkvb/embeddings"))
     output_dir: str = "results"
 

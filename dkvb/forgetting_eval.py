@@ -45,6 +45,7 @@ DEFAULT_METHODS: tuple[MethodConfig, ...] = (
     MethodConfig("dkvb-activations"),
     MethodConfig("dkvb-activations", params={"drop_start": [False]}),
     MethodConfig("dkvb-activations", params={"mask_keys": [False]}),
+    MethodConfig("dkvb-activations", params={"floor_scores": [0.3]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2], "release_keys": [True]}),
     MethodConfig("dkvb-drop-output"),
@@ -59,7 +60,7 @@ DEFAULT_METHODS: tuple[MethodConfig, ...] = (
     MethodConfig("potion"),
 )
 ORIGINAL = "original"  # the floor: the trained model, unchanged
-MEMBER_ROWS = 4000  # training rows per class group the membership attack reads (its own cap)
+MEMBER_ROWS = 4000  # rows per group for utility and the membership attack (the attack's own cap)
 
 
 @dataclass
@@ -122,8 +123,8 @@ def _outputs(model: nn.Module, views: dict[str, EmbeddingSet]) -> dict[str, torc
 
 def _views(train: EmbeddingSet, test: EmbeddingSet, classes: tuple[int, ...], seed: int) -> dict[str, EmbeddingSet]:
     """The rows every model is evaluated on for one request: the forget classes' test images (scored),
-    the retain test images (utility), and at most :data:`MEMBER_ROWS` retain and forget training rows
-    (utility and the membership attack)."""
+    and at most :data:`MEMBER_ROWS` (seeded) of the retain test images (utility) and of the retain and
+    forget training rows (utility and the membership attack)."""
     f_tr, f_te = train.class_mask(classes), test.class_mask(classes)
 
     def capped(data: EmbeddingSet) -> EmbeddingSet:
@@ -131,7 +132,7 @@ def _views(train: EmbeddingSet, test: EmbeddingSet, classes: tuple[int, ...], se
             return data
         return data.subset(torch.from_numpy(subset_indices(len(data), MEMBER_ROWS, seed)))
 
-    return {"forget_test": test.subset(f_te), "retain_test": test.subset(~f_te),
+    return {"forget_test": test.subset(f_te), "retain_test": capped(test.subset(~f_te)),
             "retain_train": capped(train.subset(~f_tr)), "forget_train": capped(train.subset(f_tr))}
 
 
@@ -225,22 +226,27 @@ def _mia(unlearned: tuple[np.ndarray, ...], retrained: tuple[np.ndarray, ...]) -
 
 
 def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, fcfg: ForgettingConfig,
-                       out_dir: str | Path) -> dict[str, Any]:
+                       out_dir: str | Path, *, only: range | None = None) -> dict[str, Any] | None:
     """Run :func:`run_seed` for seeds ``cfg.seed .. cfg.seed + N - 1`` (resuming from ``out_dir``),
-    score every method (:func:`score`) and write ``out_dir/forgetting.json``; returns its content."""
+    score every method (:func:`score`) and write ``out_dir/forgetting.json``; returns its content.
+    ``only`` (offsets into the N seeds) runs just those seeds and scores nothing (returns ``None``)
+    unless every seed is then done: processes given disjoint ranges share the work."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     requests = forget_requests(cfg, train.class_names)[: fcfg.requests]
     methods = _expand(fcfg.methods or DEFAULT_METHODS)
     require(bool(requests), "measure_forgetting", "requests", "at least one forget request", fcfg.requests)
     runs, start = [], time.perf_counter()
-    for s in range(cfg.seed, cfg.seed + fcfg.num_models):
+    for offset in range(fcfg.num_models):
+        s = cfg.seed + offset
         path = out / f"seed-{s}.pt"
         if path.exists():
             run = torch.load(path, weights_only=False)
             if run.get("methods") == [m[0] for m in methods] and run.get("requests") == requests:
                 runs.append(run)
                 continue
+        if only is not None and offset not in only:
+            continue
         log.info("forgetting quality: seed %d of %d", s - cfg.seed + 1, fcfg.num_models)
         run = {**run_seed(cfg, train, test, requests, methods, s), "methods": [m[0] for m in methods],
                "requests": requests}
@@ -248,11 +254,15 @@ def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: Embeddi
         torch.save(run, tmp)
         tmp.replace(path)
         runs.append(run)
+    if len(runs) < fcfg.num_models:
+        return None
     result = score(runs, test, train, methods, seed=cfg.seed)
     result.update({
         "config": cfg.name, "num_models": fcfg.num_models, "requests": [list(r) for r in requests],
         "seconds_total": time.perf_counter() - start,
         "seconds": {k: float(np.mean([r["seconds"].get(k, 0.0) for r in runs])) for k in runs[0]["seconds"]},
+        # training, unlearning and retraining, summed over the seeds (evaluating the models excluded)
+        "compute_seconds": float(sum(sum(r["seconds"].values()) for r in runs)),
         "flops": {k: float(np.mean([np.mean(list(r["flops"][k].values())) for r in runs])) for k in runs[0]["flops"]},
     })
     atomic_write_json(out / "forgetting.json", result)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import EmbeddingSet
 from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
 from .validate import require, require_choice
-from .value_init import init_values, values_are_class_scores
+from .value_init import init_values
 
 
 @dataclass
@@ -59,19 +59,18 @@ class TrainConfig:
         require(self.probe_c is None or self.probe_c > 0, "TrainConfig", "probe_c", "> 0 or null", self.probe_c)
 
 
-# The recipes the shipped configs train with: a DKVB 30 epochs at lr 0.01 from the probe start
-# (trades training time against accuracy: 60 epochs gain nothing, 10 lose 0.8 on CIFAR-100;
-# docs/quality.md#dkvb-train), the linear head 10 epochs at lr 1e-3.
-DKVB_TRAIN = TrainConfig(epochs=30, lr=0.01, value_init="probe")
+# The recipes the shipped configs train with: a DKVB 30 epochs at lr 0.01 from zero values, so
+# masking a class's keys is what forgets it (a probe start gains accuracy but gives every key a
+# score for every class: docs/quality.md#value-init; 60 epochs gain nothing, 10 lose 0.8 on
+# CIFAR-100: docs/quality.md#dkvb-train), the linear head 10 epochs at lr 1e-3.
+DKVB_TRAIN = TrainConfig(epochs=30, lr=0.01, value_init="zeros")
 LINEAR_TRAIN = TrainConfig(epochs=10, lr=1e-3)
 
 
 def recipe(model: nn.Module) -> TrainConfig:
-    """The training this toolkit measured for ``model``: :data:`DKVB_TRAIN` for a DKVB (from zeros
-    with an MLP decoder, whose values are not class scores), :data:`LINEAR_TRAIN` otherwise."""
-    if getattr(model, "bottleneck", None) is None:
-        return replace(LINEAR_TRAIN)
-    return replace(DKVB_TRAIN, value_init=DKVB_TRAIN.value_init if values_are_class_scores(model) else "zeros")
+    """The training this toolkit measured for ``model``: :data:`DKVB_TRAIN` for a DKVB,
+    :data:`LINEAR_TRAIN` otherwise."""
+    return replace(DKVB_TRAIN if getattr(model, "bottleneck", None) is not None else LINEAR_TRAIN)
 
 
 class DivergenceError(RuntimeError):

@@ -79,3 +79,17 @@ def test_headline_columns_are_a_list(tmp_path):
                                   "| dkvb-activations | dkvb | 87.50 | 90.00 |"]
     assert mod.with_headline(f"a\n{mod.MARKERS[0]}\nold\n{mod.MARKERS[1]}\nb", table) == \
         f"a\n{mod.MARKERS[0]}\n{table}{mod.MARKERS[1]}\nb"
+
+
+def test_the_forgetting_table_shows_f_at_the_ceilings_n_beside_the_ceiling():
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from make_results import forgetting_page, forgetting_table
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    row = {"family": "dkvb", "F": 0.05, "F_at_ceiling_n": 0.1, "ceiling": 0.3, "final_score": 0.05, "agreement": 0.5,
+           "js": 0.01, "forget_test_acc": 0.0, "retain_test_acc": 0.9, "mia": 0.0, "mia_gap": 0.1}
+    sets = {"tiny": {"mean": {"dkvb-activations": row}, "num_models": 8, "requests": [[0]], "seconds_total": 3.0}}
+    table = forgetting_table(sets, [("dkvb-activations", "default"), ("drop-output", "drop-output")])
+    assert "| default | 0.100 (0.300) | 0.00 |" in table and "| drop-output | – | – |" in table
+    assert "| dkvb-activations | dkvb | 0.050 | 0.100 | 0.300 |" in forgetting_page(sets)

@@ -312,3 +312,21 @@ def test_the_ablations_change_only_their_part(probe_started):
         create_unlearner("dkvb-activations", mask_keys=False, drop_start=False)
     with pytest.raises(ValueError, match="mask_keys"):
         create_unlearner("dkvb-activations", mask_keys=False, refit_epochs=1, release_keys=True)
+
+
+def test_floor_scores_moves_the_class_towards_each_keys_lowest_served_score(probe_started):
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train, _ = probe_started
+    request = ForgetRequest((1,), train)
+    plain = create_unlearner("dkvb-activations").unlearn(model, request).model.bottleneck.value_table()
+    full = create_unlearner("dkvb-activations", floor_scores=1.0).unlearn(model, request).model.bottleneck
+    half = create_unlearner("dkvb-activations", floor_scores=0.5).unlearn(model, request).model.bottleneck
+    served = [0, 2, 3, 4]
+    assert torch.allclose(full.value_table()[..., 1], plain[..., served].amin(-1), atol=1e-5)
+    assert torch.allclose(half.value_table()[..., 1], (plain[..., 1] + plain[..., served].amin(-1)) / 2, atol=1e-5)
+    assert torch.equal(full.value_table()[..., served], plain[..., served])
+    assert full.delta_classes.tolist() == [1]  # one correction per class, the start's and the floor's summed
+    full.check_start()
+    with pytest.raises(ValueError, match="floor_scores"):
+        create_unlearner("dkvb-activations", floor_scores=1.5)

@@ -104,10 +104,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ValueError(f"--jobs must be a positive integer, got {args.jobs}")
     records = run_experiment(cfg, fresh=args.fresh, force=args.force, jobs=args.jobs)
     print(markdown_table(summarize(records)))
+    if cfg.forgetting:
+        _forgetting(cfg)
     print(f"\nWhere the time went:\n{(cfg.run_dir / 'phases.md').read_text()}")
     print(f"results: {cfg.run_dir / 'results.json'}  table: {cfg.run_dir / 'table.md'}  "
           f"plot: {cfg.run_dir / 'tradeoff.png'}  phases: {cfg.run_dir / 'phases.md'}")
     return 0
+
+
+def _forgetting(cfg) -> None:
+    """Forgetting quality against retraining (the config's ``forgetting`` section), printed and saved."""
+    from ..config import _method
+    from ..experiment import load_embeddings
+    from ..forgetting_eval import ForgettingConfig, measure_forgetting
+
+    section = dict(cfg.forgetting)
+    section["methods"] = [_method(m, "forgetting.methods") for m in section.get("methods", [])]
+    train, test = load_embeddings(cfg, progress=False)
+    result = measure_forgetting(cfg, train, test, ForgettingConfig(**section), cfg.run_dir / "forgetting")
+    print("\nForgetting quality against retraining (F at the ceiling's N; ceiling):")
+    for label, row in result["mean"].items():
+        print(f"  {label:60s} {row['F_at_ceiling_n']:.3f} ({row['ceiling']:.3f})")
+    print(f"forgetting: {cfg.run_dir / 'forgetting' / 'forgetting.json'}")
 
 
 def _unlearn_args(p: argparse.ArgumentParser) -> None:

@@ -53,6 +53,10 @@ class MaskingUnlearner(Unlearner):
         drop_start: take the forget classes out of a probe-started model's value start
             (:func:`remove_start`; default). ``False`` is the ablation in which the key mask alone
             forgets.
+        floor_scores: move the forget classes' score at every key this fraction (0..1) of the way
+            to the key's lowest score among the classes still served (:func:`floor_scores`); 0
+            (default) leaves the scores. A model that never trained on a class holds there what
+            training pushed it down to.
     """
 
     erase_values: bool = False
@@ -61,6 +65,7 @@ class MaskingUnlearner(Unlearner):
     release_keys: bool = False
     mask_keys: bool = True
     drop_start: bool = True
+    floor_scores: float = 0.0
 
     model_kind = "dkvb"
 
@@ -74,6 +79,7 @@ class MaskingUnlearner(Unlearner):
                     "False with release_keys (released keys are erased anyway)", self.erase_values)
             require(self.mask_keys, self.name, "mask_keys", "True with release_keys (the picked keys are released)",
                     self.mask_keys)
+        require(0 <= self.floor_scores <= 1, self.name, "floor_scores", "in [0, 1]", self.floor_scores)
         require(self.mask_keys or self.drop_start, self.name, "drop_start",
                 "True when mask_keys is False (the request would change nothing)", self.drop_start)
 
@@ -85,17 +91,45 @@ class MaskingUnlearner(Unlearner):
             flops, details = refit_released(model, out, new_mask & ~model.key_mask, request.train,
                                             request.retain_mask, epochs=self.refit_epochs, lr=self.refit_lr,
                                             seed=request.seed)
-            return out, removed + flops, details
+            return out, removed + flops + self._floor(out, request), details
         if not self.mask_keys:
             new_mask = torch.zeros_like(new_mask)
         out = masked_copy(model, new_mask, erase_values=self.erase_values,
                           share_values=not (self.erase_values or self.refit_epochs))
         removed = remove_start(out, request.forget_classes) if self.drop_start else 0
         if not self.refit_epochs:
-            return out, removed, {}
+            return out, removed + self._floor(out, request), {}
         flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,
                                         lr=self.refit_lr, seed=request.seed)
-        return out, removed + flops, details
+        return out, removed + flops + self._floor(out, request), details
+
+    def _floor(self, model: DKVBClassifier, request: ForgetRequest) -> int:
+        if not self.floor_scores:
+            return 0
+        return floor_scores(model, request.forget_classes, request.forgotten, fraction=self.floor_scores)
+
+
+def floor_scores(model: DKVBClassifier, classes: tuple[int, ...], forgotten: tuple[int, ...] = (), *,
+                 fraction: float = 1.0) -> int:
+    """Move ``classes``' score at every key of ``model`` (a copy, mean decoder) ``fraction`` of the
+    way to the key's lowest score over the classes still served (neither ``classes`` nor
+    ``forgotten``); returns its FLOPs.
+
+    A class a model never trained on holds, at each key, what training pushed it down to there,
+    like the other classes absent from that key; a forgotten class keeps instead what its own
+    examples pushed up, also at keys the mask leaves. The change is kept as ``value_delta``, so
+    the shared values are not written."""
+    b = model.bottleneck
+    if b.value_dim != model.num_classes:
+        raise ValueError("floor_scores needs the mean decoder (values are class scores)")
+    cols = torch.tensor(classes, dtype=torch.long)
+    live = torch.ones(b.value_dim, dtype=torch.bool)
+    live[list(classes) + list(forgotten)] = False
+    with torch.no_grad():
+        table = b.value_table().detach()
+        floor = table[..., live].amin(-1)
+        b.add_delta(cols, fraction * (floor.unsqueeze(-1) - table[..., cols]))
+    return table[..., live].numel() + 2 * floor.numel() * len(cols)
 
 
 def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
