@@ -7,12 +7,14 @@ models of the same family retrained without the forget set.
 
 ``--train-limit`` takes a seeded subset of the training set (the 4k sets); ``--set`` overrides
 config fields (``--set train.value_init=zeros``); ``--methods`` keeps the labels named (comma
-separated, as in the JSON). Per-seed outputs are kept in ``--work`` so an interrupted run resumes.
+separated, as in the JSON). Per-seed outputs are kept in ``--work`` so an interrupted run resumes,
+and a method added later runs on the saved seeds without retraining their reference models.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         train, test = train.holdout(0.1, cfg.seed)
     methods = list(DEFAULT_METHODS)
     if args.methods:
-        keep = set(args.methods.split(","))
+        keep = set(re.split(r",(?![^\[]*\])", args.methods))  # commas inside a label's [...] stay
         methods = [m for m in methods if any(lab in keep for lab, *_ in _expand([m]))]
     fcfg = ForgettingConfig(num_models=args.num_models, requests=args.requests, methods=methods)
     out = Path(args.out)

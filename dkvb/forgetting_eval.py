@@ -137,9 +137,9 @@ def _views(train: EmbeddingSet, test: EmbeddingSet, classes: tuple[int, ...], se
 
 
 def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, requests: list[tuple[int, ...]],
-             methods: list[tuple[str, str, str, dict[str, Any]]], seed: int) -> dict[str, Any]:
-    """Every family's original, unlearned and retrained outputs for one seed:
-    ``{"outputs": {request: {method: {view: logits}}}, "seconds": {...}}``."""
+             methods: list[tuple[str, str, str, dict[str, Any]]], seed: int, *, retrain: bool = True) -> dict[str, Any]:
+    """Every family's original, unlearned and (unless ``retrain`` is False) retrained outputs for
+    one seed: ``{"outputs": {request: {method: {view: logits}}}, "seconds": {...}, "flops": {...}}``."""
     outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     seconds: dict[str, float] = {}
     flops: dict[str, dict[str, int]] = {}
@@ -160,6 +160,8 @@ def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, req
                 out[label] = _outputs(report.model, views)
                 seconds[label] = seconds.get(label, 0.0) + report.seconds
                 flops.setdefault(label, {})[key] = report.flops
+            if not retrain:
+                continue
             start = time.perf_counter()
             out[f"retrained ({kind})"] = _outputs(train_family(cfg, kind, request.retain, seed), views)
             seconds[f"retrain {kind}"] = seconds.get(f"retrain {kind}", 0.0) + time.perf_counter() - start
@@ -225,6 +227,13 @@ def _mia(unlearned: tuple[np.ndarray, ...], retrained: tuple[np.ndarray, ...]) -
     return tuple(membership_attack(*(torch.from_numpy(a) for a in t)) for t in (unlearned, retrained))
 
 
+def _save(run: dict[str, Any], path: Path) -> None:
+    """Write a seed's outputs atomically (a killed run leaves the previous file or none)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(run, tmp)
+    tmp.replace(path)
+
+
 def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, fcfg: ForgettingConfig,
                        out_dir: str | Path, *, only: range | None = None) -> dict[str, Any] | None:
     """Run :func:`run_seed` for seeds ``cfg.seed .. cfg.seed + N - 1`` (resuming from ``out_dir``),
@@ -240,19 +249,31 @@ def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: Embeddi
     for offset in range(fcfg.num_models):
         s = cfg.seed + offset
         path = out / f"seed-{s}.pt"
-        if path.exists():
-            run = torch.load(path, weights_only=False)
-            if run.get("methods") == [m[0] for m in methods] and run.get("requests") == requests:
+        run = torch.load(path, weights_only=False) if path.exists() else None
+        if run is not None and run.get("requests") == requests:
+            missing = [m for m in methods if m[0] not in run["methods"]]
+            if not missing:
                 runs.append(run)
                 continue
+            if only is not None and offset not in only:
+                continue
+            # the seed's retrained models are saved: only the methods it lacks run (on the same originals)
+            log.info("forgetting quality: seed %d, adding %s", s, ", ".join(m[0] for m in missing))
+            extra = run_seed(cfg, train, test, requests, missing, s, retrain=False)
+            for key, outs in extra["outputs"].items():
+                run["outputs"][key].update(outs)
+            run["seconds"].update(extra["seconds"])
+            run["flops"].update(extra["flops"])
+            run["methods"] += [m[0] for m in missing]
+            _save(run, path)
+            runs.append(run)
+            continue
         if only is not None and offset not in only:
             continue
         log.info("forgetting quality: seed %d of %d", s - cfg.seed + 1, fcfg.num_models)
         run = {**run_seed(cfg, train, test, requests, methods, s), "methods": [m[0] for m in methods],
                "requests": requests}
-        tmp = path.with_suffix(".tmp")
-        torch.save(run, tmp)
-        tmp.replace(path)
+        _save(run, path)
         runs.append(run)
     if len(runs) < fcfg.num_models:
         return None

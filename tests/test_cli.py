@@ -228,3 +228,14 @@ def test_requests_in_parallel_workers_give_the_same_records(tmp_path, run_dir):
     assert strip(parallel) == strip(serial)
     phases = json.loads((tmp_path / "tiny_synthetic" / "phases.json").read_text())["rows"]
     assert {r["phase"] for r in phases} >= {"unlearn", "evaluate", "MIA", "total (wall)"}
+
+
+def test_run_scores_forgetting_quality_when_the_config_asks(run_dir, dirs, capsys):
+    """The config's forgetting section runs the competition's F after the comparison (resuming the run)."""
+    section = "forgetting={num_models: 4, requests: 1, methods: [dkvb-activations, drop-output]}"
+    assert main(["run", str(CONFIG), *dirs, "--set", section]) == 0
+    out = capsys.readouterr().out
+    assert "Forgetting quality against retraining" in out and "drop-output" in out
+    result = json.loads((run_dir / "forgetting" / "forgetting.json").read_text())
+    assert result["num_models"] == 4 and set(result["mean"]) == {"original (dkvb)", "original (linear)",
+                                                                  "dkvb-activations", "drop-output"}
