@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -76,7 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         print(f"seeds {args.seeds} done; scoring waits for the others")
         return 0
-    result.update({"argv": sys.argv[1:] if argv is None else argv, "train_rows": len(train), "test_rows": len(test),
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": commit or None,
+                   "date": time.strftime("%Y-%m-%d"), "train_rows": len(train), "test_rows": len(test),
                    "wall_seconds": time.perf_counter() - start, "threads": args.threads,
                    "scored_on": "validation (10% of the training set)" if args.validation else "test split"})
     atomic_write_json(out, result)

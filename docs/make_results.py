@@ -98,7 +98,7 @@ FORGETTING_ROWS: list[tuple[str, str]] = [
     ("original (linear)", "original (linear): the floor"), ("drop-output", "drop-output (linear)"),
     ("finetune", "finetune"), ("neggrad", "neggrad"), ("scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,"
                                                        "temperature=4.0]", "scrub"),
-    ("ssd", "ssd"), ("salun", "salun"),
+    ("rbm", "rbm"), ("potion", "potion"), ("ssd", "ssd"), ("salun", "salun"),
 ]
 
 
@@ -137,9 +137,11 @@ def forgetting_page(sets: dict[str, dict[str, Any]]) -> str:
            "Each method against models of its own family retrained without the forget classes, as the NeurIPS "
            "2023 unlearning competition scores it (docs/forgetting_quality.md). Means over the forget requests.", ""]
     for name, data in sets.items():
-        out += [f"## {name}", "", f"`{' '.join(data.get('argv', []))}`: N = {data['num_models']} seeds per family, "
+        out += [f"## {name}", "", f"`{' '.join(data.get('argv', []))}` (commit {data.get('commit', '?')}, "
+                f"{data.get('date', '?')}): N = {data['num_models']} seeds per family, "
                 f"requests {data['requests']}, scored on the {data.get('scored_on', 'test split')}, "
-                f"{data.get('wall_seconds', data['seconds_total']):.0f} s.", "",
+                f"{data.get('compute_seconds', data['seconds_total']):.0f} s of training, unlearning and retraining "
+                f"summed over the seeds.", "",
                 "| method | model | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
         for label, row in data["mean"].items():
             out.append(f"| {label} | {row['family']} | " + " | ".join(f"{row[k]:.3f}" for k, _ in cols) + " |")

@@ -172,7 +172,7 @@ def test_config_errors_exit_2(tmp_path, dirs, capsys):
 def test_a_bad_job_count_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(dkvb.experiment, "load_embeddings", lambda *a, **k: pytest.fail("work started"))
     assert main(["run", str(CONFIG), "--set", f"output_dir={tmp_path}", "--jobs", "0"]) == 2
-    assert "run_experiment: jobs must be >= 1, got 0" in capsys.readouterr().err
+    assert "--jobs must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_a_failing_method_is_recorded_and_the_run_goes_on(dirs, tmp_path):
