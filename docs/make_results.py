@@ -96,9 +96,8 @@ FORGETTING_ROWS: list[tuple[str, str]] = [
     ("original (dkvb)", "original (dkvb): the floor"), ("dkvb-activations", "dkvb-activations (default request)"),
     ("dkvb-drop-output", "drop-output (dkvb)"), ("dkvb-activations[refit_epochs=2]", "dkvb-activations[refit_epochs=2]"),
     ("original (linear)", "original (linear): the floor"), ("drop-output", "drop-output (linear)"),
-    ("finetune", "finetune"), ("neggrad", "neggrad"), ("scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,"
-                                                       "temperature=4.0]", "scrub"),
-    ("rbm", "rbm"), ("potion", "potion"), ("ssd", "ssd"), ("salun", "salun"),
+    ("finetune", "finetune"), ("scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,temperature=4.0]", "scrub"),
+    ("rbm", "rbm"), ("potion", "potion"),
 ]
 
 
