@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -164,8 +164,13 @@ def needed_models(cfg: ExperimentConfig) -> set[str]:
 
 
 def expand_methods(cfg: ExperimentConfig) -> Iterator[tuple[str, MethodConfig, dict[str, Any]]]:
-    """(label, method, params) for every run; list-valued params are swept."""
-    for m in cfg.methods:
+    """(label, method, params) for every run of the config; list-valued params are swept."""
+    return expand_method_list(cfg.methods)
+
+
+def expand_method_list(methods: Iterable[MethodConfig]) -> Iterator[tuple[str, MethodConfig, dict[str, Any]]]:
+    """(label, method, params) for every run of ``methods``; list-valued params are swept."""
+    for m in methods:
         sweep = {k: v for k, v in m.params.items() if isinstance(v, list)}
         fixed = {k: v for k, v in m.params.items() if not isinstance(v, list)}
         for values in itertools.product(*sweep.values()) if sweep else [()]:

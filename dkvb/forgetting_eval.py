@@ -29,7 +29,7 @@ from .cache import subset_indices
 from .config import ExperimentConfig, MethodConfig
 from .data import EmbeddingSet
 from .evaluate import accuracy, membership_attack, predict_logits
-from .experiment import forget_requests, method_label, method_model
+from .experiment import expand_method_list, forget_requests, method_model
 from .forgetting_quality import final_score, forgetting_report
 from .io import atomic_write_json
 from .models import build_model, resolve_config
@@ -87,19 +87,10 @@ class ForgettingConfig:
 
 
 def _expand(methods: list[MethodConfig] | tuple[MethodConfig, ...]) -> list[tuple[str, str, str, dict[str, Any]]]:
-    """(label, family, registered name, params) of every setting."""
-    out = []
-    for m in methods:
-        keys = list(m.params)
-        grids = [m.params[k] if isinstance(m.params[k], list) else [m.params[k]] for k in keys]
-        for combo in (np.array(np.meshgrid(*grids, indexing="ij"), dtype=object).reshape(len(keys), -1).T
-                      if keys else [()]):
-            params = dict(zip(keys, combo))
-            if m.name == "dkvb-drop-output":
-                out.append((method_label(m.name, params), "dkvb", "drop-output", params))
-            else:
-                out.append((method_label(m.name, params), method_model(m), m.name, params))
-    return out
+    """(label, family, registered name, params) of every setting (``dkvb-drop-output``: ``drop-output``
+    on the DKVB)."""
+    return [(label, "dkvb", "drop-output", params) if m.name == "dkvb-drop-output"
+            else (label, method_model(m), m.name, params) for label, m, params in expand_method_list(methods)]
 
 
 def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int) -> nn.Module:

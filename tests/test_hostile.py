@@ -517,19 +517,9 @@ def test_history_loss_is_detected_by_replay_and_refused_by_the_next_forget(store
 
 def _recompute_chain(store: Path) -> None:
     """What someone without the key can do: edit a record, then recompute every hash and the anchor."""
-    from dkvb.audit import encode, line_sha
-
     records = [json.loads(line) for line in (store / LOG).read_bytes().splitlines()]
     records[1]["classes"] = ["class3"]
-    prev, out = None, b""
-    for r in records:
-        r.pop("prev_sha256")
-        r.pop("mac", None)
-        line = encode(r, prev, None)
-        out += line + b"\n"
-        prev = line_sha(line)
-    (store / LOG).write_bytes(out)
-    (store / ANCHOR).write_text(json.dumps({"records": len(records), "last_sha256": prev}))
+    _rewrite_chain(store, records)
 
 
 def test_a_keyed_log_detects_a_recomputed_chain(store, monkeypatch, tmp_path):
@@ -872,6 +862,7 @@ def test_a_keyed_store_stays_keyed_when_every_mac_is_stripped(store, monkeypatch
 
 
 def _rewrite_chain(store: Path, records: list[dict]) -> None:
+    """Write ``records`` as the log, every hash, mac-less line and the anchor recomputed."""
     from dkvb.audit import encode, line_sha
 
     prev, out = None, b""

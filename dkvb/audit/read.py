@@ -74,17 +74,28 @@ def _lines(file: Path) -> list[bytes] | None:
     return None if data is None else data.split(b"\n")[:-1]
 
 
+def _read_json(file: Path, what: str, fields: tuple[str, ...]) -> dict[str, Any] | None:
+    """The JSON object in ``file`` holding ``fields``; ``None`` without the file; AuditError naming
+    ``what`` when it is unreadable, not an object or lacks a field."""
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+        for name in fields:
+            data[name]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise AuditError(f"{file}: corrupt {what} ({type(e).__name__}: {e})") from None
+    return data
+
+
 def _read_anchor(root: Path, key: bytes | None, keyed: bool) -> tuple[int, str | None] | None:
     """(records, last_sha256) of the anchor, its mac checked under ``key`` (and required when the
     log is ``keyed``); ``None`` without an anchor."""
     file = root / ANCHOR
-    if not file.is_file():
+    anchor = _read_json(file, "anchor", ("records", "last_sha256"))
+    if anchor is None:
         return None
-    try:
-        anchor = json.loads(file.read_text())
-        anchored, digest = anchor["records"], anchor["last_sha256"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AuditError(f"{file}: corrupt anchor ({type(e).__name__}: {e})") from None
+    anchored, digest = anchor["records"], anchor["last_sha256"]
     if type(anchored) is not int or anchored < 0:
         raise AuditError(f"{file}: field records must be a count, got {anchored!r}")
     mac = anchor.get("mac")
@@ -100,13 +111,10 @@ def _read_anchor(root: Path, key: bytes | None, keyed: bool) -> tuple[int, str |
 def read_marker(root: Path, key: bytes | None = None) -> dict[str, Any] | None:
     """The store's marker (it has served requests), its mac checked under ``key``; ``None`` without one."""
     file = root / MARKER
-    if not file.is_file():
+    marker = _read_json(file, "marker", ("first_sha256", "keyed"))
+    if marker is None:
         return None
-    try:
-        marker = json.loads(file.read_text())
-        first, keyed = marker["first_sha256"], marker["keyed"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise AuditError(f"{file}: corrupt marker ({type(e).__name__}: {e})") from None
+    first, keyed = marker["first_sha256"], marker["keyed"]
     if key is not None and keyed and not hmac.compare_digest(str(marker.get("mac")), _mac(key, _marker_body(first))):
         raise AuditError(f"{file}: field mac does not match under the audit key; the marker was replaced")
     return {"first_sha256": first, "keyed": bool(keyed)}
