@@ -6,8 +6,8 @@ models of the same family retrained without the forget set.
         --out benchmarks/results/forgetting_digits.json
 
 ``--train-limit`` takes a seeded subset of the training set (the 4k sets); ``--set`` overrides
-config fields (``--set train.value_init=zeros``); ``--methods`` keeps the labels named (comma
-separated, as in the JSON). Per-seed outputs are kept in ``--work`` so an interrupted run resumes,
+config fields (``--set train.value_init=zeros``); ``--methods`` names the runs (comma separated
+labels as in the JSON, any registered method with any parameters). Per-seed outputs are kept in ``--work`` so an interrupted run resumes,
 and a method added later runs on the saved seeds without retraining their reference models.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,9 +23,10 @@ import torch
 
 from dkvb.cache import subset_indices
 from dkvb.config import load_config
-from dkvb.experiment import load_embeddings
-from dkvb.forgetting_eval import DEFAULT_METHODS, ForgettingConfig, _expand, measure_forgetting
+from dkvb.experiment import load_embeddings, method_from_label
+from dkvb.forgetting_eval import DEFAULT_METHODS, ForgettingConfig, measure_forgetting
 from dkvb.io import atomic_write_json
+from dkvb.provenance import code_version, run_date
 from dkvb.threads import set_threads
 
 COLUMNS = ("F", "F_at_ceiling_n", "ceiling", "final_score", "agreement", "js", "forget_test_acc", "retain_test_acc",
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=None, help="score the first N forget requests (default: all)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--methods", default=None, help="comma-separated labels to keep (default: all)")
+    p.add_argument("--methods", default=None, help="comma-separated method labels to run, any registered method with any parameters, e.g. 'dkvb-activations[min_share=0],drop-output' (default: the package's DEFAULT_METHODS)")
     p.add_argument("--validation", action="store_true",
                    help="score on a seeded 10%% holdout of the training set instead of the test split (for tuning)")
     p.add_argument("--seeds", default=None, metavar="A:B",
@@ -65,9 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.validation:
         train, test = train.holdout(0.1, cfg.seed)
     methods = list(DEFAULT_METHODS)
-    if args.methods:
-        keep = set(re.split(r",(?![^\[]*\])", args.methods))  # commas inside a label's [...] stay
-        methods = [m for m in methods if any(lab in keep for lab, *_ in _expand([m]))]
+    if args.methods:  # commas inside a label's [...] stay
+        methods = [method_from_label(label) for label in re.split(r",(?![^\[]*\])", args.methods)]
     fcfg = ForgettingConfig(num_models=args.num_models, requests=args.requests, methods=methods)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_suffix("")
@@ -77,10 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         print(f"seeds {args.seeds} done; scoring waits for the others")
         return 0
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip()
-    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": commit or None,
-                   "date": time.strftime("%Y-%m-%d"), "train_rows": len(train), "test_rows": len(test),
+    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": code_version(), "date": run_date(), "train_rows": len(train), "test_rows": len(test),
                    "wall_seconds": time.perf_counter() - start, "threads": args.threads,
                    "scored_on": "validation (10% of the training set)" if args.validation else "test split"})
     atomic_write_json(out, result)

@@ -9,10 +9,12 @@ import hashlib
 import itertools
 import json
 import logging
+import re
 import time
 from typing import Any, Iterable, Iterator
 
 import torch
+import yaml
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -24,6 +26,7 @@ from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_f
 from .io import atomic_write_json, atomic_write_text
 from .selection import Candidates
 from .models import KeptLogits, build_model, resolve_config
+from .provenance import code_version, run_date
 from .store import StoreError, load_model, save_model
 from .timing import PhaseTimer
 from .train import DivergenceError, fit
@@ -183,6 +186,22 @@ def method_label(name: str, params: dict[str, Any]) -> str:
     return name + ("[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]" if params else "")
 
 
+def method_from_label(label: str) -> MethodConfig:
+    """The method run a label names (the inverse of :func:`method_label`): ``name[key=value,...]``,
+    each value read as YAML (``min_share=0`` is a number, ``release_keys=True`` a bool) and kept as a
+    one-value sweep, so :func:`expand_method_list` gives the run this label back."""
+    match = re.fullmatch(r"([\w-]+)(?:\[(.*)\])?", label.strip())
+    if not match:
+        raise ValueError(f"method label {label!r} is not of the form name or name[key=value,...]")
+    params: dict[str, Any] = {}
+    for item in filter(None, (match.group(2) or "").split(",")):
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method label {label!r}: {item!r} is not key=value")
+        params[key.strip()] = [yaml.safe_load(raw)]
+    return MethodConfig(match.group(1), params=params)
+
+
 def forget_requests(cfg: ExperimentConfig, class_names: tuple[str, ...]) -> list[tuple[int, ...]]:
     """The configured forget requests as tuples of class indices."""
     if cfg.forget == "each":
@@ -249,7 +268,9 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
         logits = {k: predict(m, k) for k, (m, _) in models.items()}
     runs = list(expand_methods(cfg))
     requests = forget_requests(cfg, train.class_names)
-    base = {"dataset": cfg.dataset.name, "encoder": cfg.encoder.name, "seed": cfg.seed}
+    # each record names the code and day that produced it, so a resumed run's page shows every version
+    base = {"dataset": cfg.dataset.name, "encoder": cfg.encoder.name, "seed": cfg.seed,
+            "code": code_version(), "date": run_date()}
 
     def save() -> None:
         atomic_write_json(results_path, {"fingerprint": _fingerprint(cfg), "records": records})

@@ -162,26 +162,33 @@ def title_of(name: str, records: list[dict[str, Any]]) -> str:
     return f"{name}: {first.get('dataset', '?')}, encoder {first.get('encoder', '?')}"
 
 
+def provenance(records: list[dict[str, Any]]) -> str:
+    """Which code produced ``records`` and when: every commit and date the records name."""
+    codes = sorted({r.get("code") or "not recorded" for r in records})
+    dates = sorted({r["date"] for r in records if r.get("date")})
+    return f"code {', '.join(codes)}; run {', '.join(dates) or 'on a date not recorded'}"
+
+
 def pages(results: Path) -> dict[str, str]:
     """File name -> markdown of every page generated from the results files in ``results``."""
     out: dict[str, str] = {}
     index = ["# Results", "", "Generated from the results JSON committed in `benchmarks/results/` by "
              "`python docs/make_results.py`; each page is a run's full table.", "",
-             "| page | dataset | encoder | forget requests | method runs | failed runs |", "|---|---|---|---|---|---|"]
+             "| page | dataset | encoder | forget requests | method runs | failed runs | produced by |",
+             "|---|---|---|---|---|---|---|"]
     for path in sorted(results.glob(f"*{SUFFIX}")):
         name = path.name[: -len(SUFFIX)]
         records = load_records(path)
         source = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
         note = path.with_name(f"{name}.note.md")
-        page = results_page(records, title=title_of(name, records))
-        if note.is_file():  # after the page's title line
-            title, _, rest = page.partition("\n")
-            page = f"{title}\n\n{note.read_text(encoding='utf-8').strip()}\n{rest}"
+        title, _, rest = results_page(records, title=title_of(name, records)).partition("\n")
+        extra = f"\n\n{note.read_text(encoding='utf-8').strip()}" if note.is_file() else ""
+        page = f"{title}\n\nProduced by {provenance(records)}.{extra}\n{rest}"
         out[f"{name}.md"] = NOTE.format(source=source) + page
         requests = {tuple(r["forget_class_ids"]) for r in records}
         failed = sum("error" in r for r in records)
         index.append(f"| [{name}]({name}.md) | {records[0].get('dataset', '?')} | {records[0].get('encoder', '?')} | "
-                     f"{len(requests)} | {len(records)} | {failed} |")
+                     f"{len(requests)} | {len(records)} | {failed} | {provenance(records)} |")
     sets = load_forgetting(results)
     if sets:
         out["forgetting.md"] = NOTE.format(source="benchmarks/results/forgetting_*.json") + forgetting_page(sets)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from dkvb.config import ExperimentConfig, MethodConfig
+from dkvb.experiment import expand_method_list, method_from_label
 from dkvb.forgetting_eval import ForgettingConfig, measure_forgetting
 from dkvb.models import ModelConfig
 from dkvb.train import TrainConfig
@@ -51,3 +52,17 @@ def test_scores_every_method_against_its_own_family_and_resumes(tmp_path, monkey
 def test_needs_four_models_for_a_ceiling():
     with pytest.raises(ValueError, match="num_models"):
         ForgettingConfig(num_models=3)
+
+
+@pytest.mark.parametrize("label", ["dkvb-activations[min_share=0,floor_scores=0.3]", "dkvb-drop-output", "rbm",
+                                   "scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,temperature=4.0]",
+                                   "dkvb-activations[refit_epochs=2,release_keys=True]"])
+def test_a_method_label_names_the_run_it_came_from(label):
+    method = method_from_label(label)
+    assert [run for run, *_ in expand_method_list([method])] == [label]
+
+
+@pytest.mark.parametrize("label", ["", "rbm[", "rbm[lr]", "a b"])
+def test_a_malformed_method_label_is_refused(label):
+    with pytest.raises(ValueError, match="method label"):
+        method_from_label(label)

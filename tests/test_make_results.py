@@ -47,7 +47,8 @@ def test_pages_from_a_tiny_records_file(tmp_path):
     (results / "tiny.note.md").write_text("**The config changed since this run.**\n")
     assert make_results("--results", str(results), "--out", str(out)).returncode == 0
     noted = (out / "tiny.md").read_text().split("\n")
-    assert noted[1] == "# tiny: tinyset, encoder tinyenc" and noted[3] == "**The config changed since this run.**"
+    assert noted[1] == "# tiny: tinyset, encoder tinyenc" and noted[5] == "**The config changed since this run.**"
+    assert noted[3] == "Produced by code not recorded; run on a date not recorded."  # the records name neither
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "tiny.md"]  # a note is not a page
 
 
@@ -93,3 +94,14 @@ def test_the_forgetting_table_shows_f_at_the_ceilings_n_beside_the_ceiling():
     table = forgetting_table(sets, [("dkvb-activations", "default"), ("drop-output", "drop-output")])
     assert "| default | 0.100 (0.300) | 0.00 |" in table and "| drop-output | – | – |" in table
     assert "| dkvb-activations | dkvb | 0.050 | 0.100 | 0.300 |" in forgetting_page(sets)
+
+
+def test_a_page_names_the_code_and_day_of_its_records():
+    sys.path.insert(0, str(REPO / "docs"))
+    try:
+        from make_results import provenance
+    finally:
+        sys.path.remove(str(REPO / "docs"))
+    records = [{"code": "abc1234", "date": "2026-12-06"}, {"code": "def5678+dirty", "date": "2026-12-07"}, {}]
+    assert provenance(records) == "code abc1234, def5678+dirty, not recorded; run 2026-12-06, 2026-12-07"
+

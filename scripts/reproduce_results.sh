@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Regenerate every committed result from the current code: the experiment runs behind the pages in
+# docs/results/ (copied to benchmarks/results/<name>.results.json), the forgetting-quality JSON,
+# then the pages and the README's tables (docs/make_results.py). Each results page then names the
+# commit and date that produced it. Runs are resumable: rerunning skips finished work.
+#
+#   scripts/reproduce_results.sh [small|all|forgetting|pages] ...   (default: small)
+#
+#   small       digits, Fashion-MNIST 4k, CIFAR-10 4k          ~25 min on 2 idle cores (+ encoding)
+#   all         small + Fashion-MNIST 60k, CIFAR-10, CIFAR-100  ~3-4 h on 2 cores (+ encoding, 8-12 min per set)
+#   forgetting  forgetting quality (N=12, 3 requests): digits, both 4k sets  ~20 min
+#   pages       only regenerate docs/results and the README tables from the committed JSON
+#
+# CIFAR needs ../shared/data (or $DKVB_SHARED_DATA); without it those runs stop with a message
+# naming the archive. Work goes to results/ and $WORK (default results/forgetting-work).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=benchmarks/results
+WORK=${WORK:-results/forgetting-work}
+SCRUB='scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,temperature=4.0]'
+
+experiment() {  # <config> <page name> [dkvb run options]: run one config and keep its results JSON
+  local config=$1 name=$2; shift 2
+  "$PY" -m dkvb run "experiments/$config.yaml" --set "name=$name" "$@"
+  cp "results/$name/results.json" "$OUT/$name.results.json"
+}
+
+forgetting() {  # <config> <json name> [benchmark options]
+  local config=$1 name=$2; shift 2
+  "$PY" benchmarks/forgetting_quality.py "experiments/$config.yaml" --num-models 12 --requests 3 \
+    --work "$WORK/$name" --out "$OUT/forgetting_$name.json" "$@"
+}
+
+small() {
+  experiment digits_effnet_lite0 digits_effnet_lite0
+  experiment fashion_mnist_effnet_lite0 fashion_mnist_4k_effnet_lite0 --set dataset.train_limit=4000
+  experiment cifar10_effnet_lite0 cifar10_4k_effnet_lite0 --set dataset.train_limit=4000
+}
+
+large() {
+  experiment fashion_mnist_effnet_lite0 fashion_mnist_effnet_lite0
+  experiment cifar10_effnet_lite0 cifar10_effnet_lite0
+  experiment cifar100_effnet_lite0 cifar100_effnet_lite0
+}
+
+forgetting_all() {
+  forgetting digits_effnet_lite0 digits
+  forgetting fashion_mnist_effnet_lite0 fashion_mnist_4k --train-limit 4000
+  forgetting cifar10_effnet_lite0 cifar10_4k --train-limit 4000
+}
+
+for what in "${@:-small}"; do
+  case $what in
+    small) small ;;
+    all) small; large; forgetting_all ;;
+    forgetting) forgetting_all ;;
+    pages) ;;
+    *) echo "reproduce_results.sh: unknown target '$what' (small, all, forgetting or pages)" >&2; exit 2 ;;
+  esac
+done
+"$PY" docs/make_results.py
