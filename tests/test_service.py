@@ -125,6 +125,16 @@ def test_restore_moves_head_back_and_is_logged(store):
     assert r2["version_after"] in list_versions(store)  # versions are never deleted
 
 
+@pytest.mark.parametrize("head", [None, "garbage\n"])
+def test_a_broken_head_of_a_served_store_is_reported_and_the_log_decides(store, head, caplog):
+    rec = forget(store, "class1")
+    (store / "HEAD").unlink() if head is None else (store / "HEAD").write_text(head)
+    with caplog.at_level("WARNING", logger="dkvb.store.layout"):
+        assert load_model(store)[1]["model_sha256"] == rec["model_sha256_after"]
+    assert "HEAD is " + ("missing" if head is None else "corrupt") in caplog.text
+    assert forget(store, "class2")["version_after"] == current_version(store)  # the next request rewrites HEAD
+
+
 def test_replay_reproduces_the_mask_bit_for_bit(store, clusters):
     train, _ = clusters
     svc = ModelService(store)

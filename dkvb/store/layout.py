@@ -7,12 +7,15 @@ that does not verify serves nothing.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 from .. import audit
 from ..errors import StoreError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 3  # what this dkvb writes; 2 adds per-tensor digests and shared tensors, 3 manifest_sha256
 READABLE_FORMATS = (1, 2, 3)
@@ -32,7 +35,19 @@ def served_version(path: str | os.PathLike) -> str | None:
     served store (the log is the commit point, see :mod:`dkvb.audit`), else ``HEAD``'s. Raises
     :class:`~dkvb.errors.AuditError` for a log that does not verify (:func:`dkvb.audit.served_state`)."""
     state = audit.served_state(path)
-    return state[0] if state is not None else current_version(path)
+    if state is None:
+        return current_version(path)
+    warn_broken_head(path, state[0])
+    return state[0]
+
+
+def warn_broken_head(path: str | os.PathLike, served: str) -> None:
+    """Log a warning when a served store's ``HEAD`` is missing or not a version name: the log
+    decides what is served, but a broken ``HEAD`` means something outside dkvb wrote the store."""
+    head = current_version(path)
+    if head is None or not VERSION_NAME.match(head):
+        log.warning("%s: HEAD is %s; serving version %s, which the audit log names (the next forget, restore "
+                    "or prune rewrites HEAD)", path, "missing" if head is None else f"corrupt ({head[:40]!r})", served)
 
 
 def list_versions(path: str | os.PathLike) -> list[str]:

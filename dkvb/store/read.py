@@ -23,7 +23,7 @@ from ..errors import AuditError, StoreError
 from ..io import sha256_file
 from ..models import build_model
 from .digests import manifest_sha256, state_sha256, tensor_sha256
-from .layout import CONFIG, MANIFEST, READABLE_FORMATS, TENSORS, VERSION_NAME, version_dir
+from .layout import CONFIG, MANIFEST, READABLE_FORMATS, TENSORS, VERSION_NAME, version_dir, warn_broken_head
 
 
 def read_manifest(path: str | os.PathLike, version: str | None = None) -> dict[str, Any]:
@@ -134,6 +134,7 @@ def load_model(
         state = audit.served_state(root) if root.is_dir() else None
         if state is not None:
             version, origin, last = state
+            warn_broken_head(root, version)
     vdir = version_dir(root, version)
     state, manifest = load_tensors(root, vdir.name, cache=cache)
     for field in ("encoder", "embedding_dim", "num_classes", "class_names"):
