@@ -171,13 +171,14 @@ def score(runs: list[dict[str, Any]], test: EmbeddingSet, train: EmbeddingSet,
     """Per request and method, the competition's scores against the same family's retrained
     models, from the seeds' outputs (:func:`run_seed`); then their means over the requests."""
     per_request: dict[str, dict[str, Any]] = {}
+    wanted = {label for label, *_ in methods}
     for key in runs[0]["outputs"]:
         classes, rows = tuple(int(c) for c in key.split(",")), {}
         views = _views(train, test, classes, seed)
         ys = {v: views[v].y.numpy() for v in views}
         for label in runs[0]["outputs"][key]:
-            if label.startswith("retrained"):
-                continue
+            if label.startswith("retrained") or not (label in wanted or label.startswith(ORIGINAL)):
+                continue  # the references, and methods saved by another run of the same seeds
             fam = _family(label, methods)
             stack, ref = ({v: np.stack([r["outputs"][key][name][v].float().numpy() for r in runs]) for v in views}
                           for name in (label, f"retrained ({fam})"))

@@ -47,6 +47,10 @@ def test_scores_every_method_against_its_own_family_and_resumes(tmp_path, monkey
     monkeypatch.setattr("dkvb.forgetting_eval.run_seed", no_training)
     again = measure_forgetting(_config(), train, test, fcfg, tmp_path)
     assert again["mean"] == result["mean"]
+    # fewer methods on the same seeds: only those (and the originals) are scored
+    fewer = measure_forgetting(_config(), train, test, ForgettingConfig(num_models=4, methods=methods[2:3]), tmp_path)
+    assert set(fewer["mean"]) == {"original (dkvb)", "original (linear)", "drop-output"}
+    assert fewer["mean"]["drop-output"] == result["mean"]["drop-output"]
 
 
 def test_needs_four_models_for_a_ceiling():
