@@ -70,13 +70,13 @@ def main(argv: list[str] | None = None) -> int:
     fcfg = ForgettingConfig(num_models=args.num_models, requests=args.requests, methods=methods)
     out = Path(args.out)
     work = Path(args.work) if args.work else out.with_suffix("")
-    start = time.perf_counter()
+    start, code = time.perf_counter(), code_version()  # the code that runs, named before anything can change it
     only = range(*map(int, args.seeds.split(":"))) if args.seeds else None
     result = measure_forgetting(cfg, train, test, fcfg, work, only=only)
     if result is None:
         print(f"seeds {args.seeds} done; scoring waits for the others")
         return 0
-    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": code_version(), "date": run_date(), "train_rows": len(train), "test_rows": len(test),
+    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": code, "date": run_date(), "train_rows": len(train), "test_rows": len(test),
                    "wall_seconds": time.perf_counter() - start, "threads": args.threads,
                    "scored_on": "validation (10% of the training set)" if args.validation else "test split"})
     atomic_write_json(out, result)

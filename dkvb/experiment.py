@@ -227,6 +227,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
 
     if jobs is not None:
         require(jobs >= 1, "run_experiment", "jobs", ">= 1", jobs)
+    code = code_version()  # the code that runs, named before anything can change it
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
@@ -270,7 +271,7 @@ def run_experiment(cfg: ExperimentConfig, *, progress: bool = True, fresh: bool 
     requests = forget_requests(cfg, train.class_names)
     # each record names the code and day that produced it, so a resumed run's page shows every version
     base = {"dataset": cfg.dataset.name, "encoder": cfg.encoder.name, "seed": cfg.seed,
-            "code": code_version(), "date": run_date()}
+            "code": code, "date": run_date()}
 
     def save() -> None:
         atomic_write_json(results_path, {"fingerprint": _fingerprint(cfg), "records": records})

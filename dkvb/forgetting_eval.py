@@ -4,11 +4,12 @@ measures it (:mod:`dkvb.forgetting_quality`).
 For each of N seeds the whole pipeline runs again: the model of each family is trained (a DKVB:
 keys, value start, values; a linear head: its weights), every method acts on it for every forget
 request, and a model of the same family is retrained with the same seed on the retain set with its
-own recipe (a DKVB's keys included). The methods' outputs on the forget classes' test images, over
-the N seeds, are then scored against the N retrained models: the per-example epsilon, the
-forgetting score F, its ceiling (retrained against retrained) and floor (the original model against
-retrained), the competition's final score, top-1 agreement and JS divergence with the retrained
-models, and the membership-inference gap.
+own recipe (a DKVB's keys included). The methods' outputs over the N seeds are then scored against
+the N retrained models: on the forget set as the competition defines it (the forget classes'
+training images, at most :data:`MEMBER_ROWS`) the per-example epsilon, the forgetting score F, its
+ceiling (retrained against retrained) and floor (the original model against retrained) and the
+competition's final score; on the forget classes' test images F again (``F_test``), top-1 agreement
+and JS divergence with the retrained models; and the membership-inference gap.
 
 Each seed's outputs are saved as they are computed (``<out>/seed-<s>.pt``, written atomically), so
 an interrupted run resumes from the seeds it finished.
@@ -45,7 +46,7 @@ DEFAULT_METHODS: tuple[MethodConfig, ...] = (
     MethodConfig("dkvb-activations"),
     MethodConfig("dkvb-activations", params={"drop_start": [False]}),
     MethodConfig("dkvb-activations", params={"mask_keys": [False]}),
-    MethodConfig("dkvb-activations", params={"floor_scores": [0.3]}),
+    MethodConfig("dkvb-activations", params={"floor_scores": [0.3, 1.0]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2], "release_keys": [True]}),
     MethodConfig("dkvb-drop-output"),
@@ -182,7 +183,10 @@ def score(runs: list[dict[str, Any]], test: EmbeddingSet, train: EmbeddingSet,
             fam = _family(label, methods)
             stack, ref = ({v: np.stack([r["outputs"][key][name][v].float().numpy() for r in runs]) for v in views}
                           for name in (label, f"retrained ({fam})"))
-            rep = forgetting_report(stack["forget_test"], ref["forget_test"], ys["forget_test"], rng_seed=seed)
+            # F on the forget set as the competition defines it (the class's training images), and
+            # on its unseen test images; agreement and JS on the test images
+            rep = forgetting_report(stack["forget_train"], ref["forget_train"], ys["forget_train"], rng_seed=seed)
+            rep_test = forgetting_report(stack["forget_test"], ref["forget_test"], ys["forget_test"], rng_seed=seed)
             acc = {f"{v}{suffix}": [float((s.argmax(1) == ys[v]).mean()) for s in arr[v]]
                    for v in ("retain_train", "retain_test") for suffix, arr in (("", stack), ("_retrained", ref))}
             mia = [_mia(s, ref_) for s, ref_ in zip(_triples(stack), _triples(ref))]
@@ -194,8 +198,11 @@ def score(runs: list[dict[str, Any]], test: EmbeddingSet, train: EmbeddingSet,
                 "final_score": final_score(rep["forgetting_score"], acc["retain_train"], acc["retain_test"],
                                            acc["retain_train_retrained"], acc["retain_test_retrained"]),
                 "epsilon_mean": rep["epsilon_mean"],
-                "agreement": rep["top1_agreement"],
-                "js": rep["js_divergence"],
+                "F_test": rep_test["forgetting_score"],
+                "ceiling_test": rep_test["ceiling"],
+                "F_test_at_ceiling_n": rep_test["forgetting_score_at_ceiling_n"],
+                "agreement": rep_test["top1_agreement"],
+                "js": rep_test["js_divergence"],
                 "forget_test_acc": float(np.mean([(s.argmax(1) == ys["forget_test"]).mean()
                                                   for s in stack["forget_test"]])),
                 "retain_test_acc": float(np.mean(acc["retain_test"])),

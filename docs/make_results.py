@@ -108,18 +108,21 @@ def load_forgetting(results: Path) -> dict[str, dict[str, Any]]:
 
 
 def forgetting_table(sets: dict[str, dict[str, Any]], rows: Sequence[tuple[str, str]] | None = None) -> str:
-    """F of each method against its own family's retrained models, per set, as ``F / ceiling`` at
-    the ceiling's N (half the models; the ceiling is retrained against retrained), and forget-test
-    accuracy; ``rows`` (label, shown as), or every method of the first set."""
+    """F of each method against its own family's retrained models, per set, at the ceiling's N (half
+    the models; the ceiling is retrained against retrained), on the forget classes' training images
+    (the competition's forget set) and on their test images, and forget-test accuracy; ``rows``
+    (label, shown as), or every method of the first set."""
     names = list(sets)
     rows = rows or [(label, label) for label in next(iter(sets.values()))["mean"]]
-    head = ["method"] + [f"F {n} (ceiling)" for n in names] + [f"forget-test {n}" for n in names]
+    head = (["method"] + [f"F {n}: train / test images (ceilings)" for n in names]
+            + [f"forget-test {n}" for n in names])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, shown in rows:
         cells = []
         for n in names:
             row = sets[n]["mean"].get(label)
-            cells.append("–" if row is None else f"{row['F_at_ceiling_n']:.3f} ({row['ceiling']:.3f})")
+            cells.append("–" if row is None else f"{row['F_at_ceiling_n']:.3f} / {_get(row, 'F_test_at_ceiling_n')} "
+                                                 f"({row['ceiling']:.3f} / {_get(row, 'ceiling_test')})")
         for n in names:
             row = sets[n]["mean"].get(label)
             cells.append("–" if row is None else f"{100 * row['forget_test_acc']:.2f}")
@@ -127,14 +130,21 @@ def forgetting_table(sets: dict[str, dict[str, Any]], rows: Sequence[tuple[str, 
     return "\n".join(lines) + "\n"
 
 
+def _get(row: dict[str, Any], key: str) -> str:
+    return f"{row[key]:.3f}" if key in row else "–"
+
+
 def forgetting_page(sets: dict[str, dict[str, Any]]) -> str:
     """docs/results/forgetting.md: every method's scores on every set."""
     cols = [("F", "F"), ("F_at_ceiling_n", "F at ceiling N"), ("ceiling", "ceiling"), ("final_score", "final score"),
+            ("F_test", "F test images"), ("F_test_at_ceiling_n", "F test at ceiling N"), ("ceiling_test", "ceiling test"),
             ("agreement", "top-1 agreement"), ("js", "JS (bits)"), ("forget_test_acc", "forget-test"),
             ("retain_test_acc", "retain-test"), ("mia", "MIA"), ("mia_gap", "MIA gap")]
     out = ["# Forgetting quality against retraining", "",
            "Each method against models of its own family retrained without the forget classes, as the NeurIPS "
-           "2023 unlearning competition scores it (docs/forgetting_quality.md). Means over the forget requests.", ""]
+           "2023 unlearning competition scores it (docs/forgetting_quality.md). Means over the forget requests. F, "
+           "its ceiling and the final score are on the forget set as the competition defines it (the forget "
+           "classes' training images); F test, top-1 agreement and JS on the forget classes' test images.", ""]
     for name, data in sets.items():
         out += [f"## {name}", "", f"`{' '.join(data.get('argv', []))}` (commit {data.get('commit', '?')}, "
                 f"{data.get('date', '?')}): N = {data['num_models']} seeds per family, "
@@ -143,7 +153,7 @@ def forgetting_page(sets: dict[str, dict[str, Any]]) -> str:
                 f"summed over the seeds.", "",
                 "| method | model | " + " | ".join(h for _, h in cols) + " |", "|---|---|" + "---|" * len(cols)]
         for label, row in data["mean"].items():
-            out.append(f"| {label} | {row['family']} | " + " | ".join(f"{row[k]:.3f}" for k, _ in cols) + " |")
+            out.append(f"| {label} | {row['family']} | " + " | ".join(_get(row, k) for k, _ in cols) + " |")
         out.append("")
     return "\n".join(out)
 
