@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .keys import PROJECTIONS, FrozenKeys, Projection, SearchBackend
 from .validate import require, require_choice
-from .value_start import ClassCorrections, ValueStart, save_flat
+from .value_start import ClassCorrections, ValueStart, restore_saved_names
 
 __all__ = ["DiscreteKeyValueBottleneck", "BottleneckOutput"]
 
@@ -67,7 +67,11 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         self.values = nn.Parameter(torch.zeros(num_codebooks, codebook_size, value_dim))
         self.start = ValueStart(num_codebooks, codebook_size, key_dim, value_dim)
         self.corrections = ClassCorrections(num_codebooks, codebook_size, value_dim)
-        save_flat(self)  # checkpoints hold the start and corrections as value_start, ..., value_delta
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """Loads the start and corrections, which are saved as this module's own tensors."""
+        restore_saved_names(self, state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, x: Tensor) -> BottleneckOutput:
         indices = self.lookup(x)

@@ -8,9 +8,9 @@ request takes a class's share out of the start, and a released key's value resta
 :class:`ClassCorrections` holds what requests added to some classes' served values, (C, K) per
 class, apart from the values, so a request need not copy them. Without them both hold empty tensors.
 
-Their tensors are replaced, never written in place, so copies of a model may share them. The
-bottleneck saves them under its own names (``value_start``, ``value_start_bias``, ``value_floor``,
-``delta_classes``, ``value_delta``: :func:`save_flat`); a state dict without them loads them empty.
+Their tensors are replaced, never written in place, so copies of a model may share them. They are
+saved as the bottleneck's own tensors (``value_start``, ``value_start_bias``, ``value_floor``,
+``delta_classes``, ``value_delta``: :class:`OptionalBuffers`); a state dict without them loads them empty.
 """
 from __future__ import annotations
 
@@ -22,16 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ValueStart", "ClassCorrections", "OptionalBuffers", "save_flat", "batched_matmul",
+__all__ = ["ValueStart", "ClassCorrections", "OptionalBuffers", "restore_saved_names", "batched_matmul",
            "gathered_start_scores"]
 
 
 class OptionalBuffers(nn.Module):
-    """Buffers only some models fill. Each loads at the shape the state dict stores it in, and
-    empty from a state dict without it (a model saved without that state). ``SAVED_AS``: the
-    name each buffer is saved under by the module holding this one (:func:`save_flat`)."""
+    """Buffers only some models fill, saved as tensors of the module holding this one: ``SAVED_AS``
+    names each buffer in the holder's state dict (the checkpoint format: ``value_start``, not
+    ``start.weight``), and the holder loads them back through :func:`restore_saved_names`. Each
+    buffer loads at the shape the state dict stores, and empty from a state dict without it."""
 
     SAVED_AS: ClassVar[dict[str, str]] = {}
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:  # noqa: D102 - see the class
+        holder = prefix[: prefix[:-1].rfind(".") + 1]  # ``prefix`` is the holder's, this module's name and "."
+        getattr(destination, "_metadata", {}).pop(prefix[:-1], None)
+        for name, saved in self.SAVED_AS.items():
+            buffer = getattr(self, name)
+            destination[holder + saved] = buffer if keep_vars else buffer.detach()
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:  # noqa: D102 - see the class
         for name in self.SAVED_AS:
@@ -42,34 +50,15 @@ class OptionalBuffers(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
 
-def save_flat(module: nn.Module) -> None:
-    """Have ``module`` save and load the buffers of its :class:`OptionalBuffers` children as its own,
-    under their ``SAVED_AS`` names (``value_start``, not ``start.weight``): the checkpoint format."""
-    module.register_state_dict_post_hook(_to_saved_names)
-    module.register_load_state_dict_pre_hook(_from_saved_names)
-
-
-def _saved_names(module: nn.Module) -> dict[str, str]:
-    """``{"start.weight": "value_start", ...}`` for ``module``'s :class:`OptionalBuffers` children."""
-    return {f"{child}.{name}": saved for child, part in module.named_children() if isinstance(part, OptionalBuffers)
-            for name, saved in part.SAVED_AS.items()}
-
-
-def _to_saved_names(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
-    """State-dict post-hook: the children's entries, the last ones written, renamed in order (so
-    they keep their place), and the children's own metadata entries dropped."""
-    for inner, saved in _saved_names(module).items():
-        state_dict[prefix + saved] = state_dict.pop(prefix + inner)
-    for child, part in module.named_children():
+def restore_saved_names(holder: nn.Module, state_dict: dict[str, Tensor], prefix: str) -> None:
+    """Rename, in the state dict ``holder`` loads from (at ``prefix``), its :class:`OptionalBuffers`
+    children's saved names to theirs (``value_start`` to ``start.weight``): ``load_state_dict``
+    hands each child only the entries under the child's own prefix."""
+    for child, part in holder.named_children():
         if isinstance(part, OptionalBuffers):
-            getattr(state_dict, "_metadata", {}).pop(prefix + child, None)
-
-
-def _from_saved_names(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """Load-state-dict pre-hook: the saved names back to the children's."""
-    for inner, saved in _saved_names(module).items():
-        if prefix + saved in state_dict:
-            state_dict[prefix + inner] = state_dict.pop(prefix + saved)
+            for name, saved in part.SAVED_AS.items():
+                if prefix + saved in state_dict:
+                    state_dict[f"{prefix}{child}.{name}"] = state_dict.pop(prefix + saved)
 
 
 def batched_matmul(a: Tensor, b: Tensor) -> Tensor:
