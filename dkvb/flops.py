@@ -120,8 +120,9 @@ def forward_flops(module: nn.Module, x: Tensor) -> int:
     Memoised on the module's class, its config, the batch shape and (a DKVB) how many forgotten
     classes' start corrections its pooling adds, since unlearning loops call it once per step.
     """
-    delta = getattr(getattr(module, "bottleneck", None), "delta_classes", ())  # forgotten classes' correction
-    key = (type(module).__name__, repr(getattr(module, "config", id(module))), tuple(x.shape), len(delta))
+    bottleneck = getattr(module, "bottleneck", None)
+    corrected = len(bottleneck.corrections.classes) if bottleneck is not None else 0
+    key = (type(module).__name__, repr(getattr(module, "config", id(module))), tuple(x.shape), corrected)
     if key not in _CACHE:
         was_training = module.training
         module.eval()

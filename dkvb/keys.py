@@ -32,8 +32,29 @@ PROJECTIONS = ("random", "pca", "whitened", "discriminant")
 
 class FrozenKeys(KeptSelection, nn.Module):
     """C codebooks of K frozen keys behind per-codebook projections, with a key mask and the
-    nearest-key search (the arguments are those of :class:`dkvb.bottleneck.DiscreteKeyValueBottleneck`,
-    which validates them)."""
+    nearest-key search. :class:`dkvb.bottleneck.DiscreteKeyValueBottleneck` adds the values, documents
+    the sizes and validates every argument.
+
+    Args:
+        projection: how each codebook sees the embedding, frozen once fitted:
+            ``"random"``: a fixed Gaussian matrix (scaled 1/sqrt(dim));
+            ``"pca"``: top principal directions of the k-means data, split across codebooks;
+            ``"whitened"``: the k-means data PCA-whitened to ``whiten_dim`` dimensions (every
+            direction at unit variance, so weak but discriminative directions are not drowned
+            by a few dominant ones), then a fixed Gaussian matrix per codebook;
+            ``"discriminant"``: like ``"whitened"``, but the first columns of the whitening are the
+            training data's class-discriminant (LDA) directions, scaled up by
+            ``discriminant_weight``: fitted with the labels (:meth:`init_keys` ``y``).
+        whiten_dim: dimensions kept by ``"whitened"``/``"discriminant"`` (at most ``dim``).
+        discriminant_weight: standard deviation of each LDA direction (whitened ones have 1).
+        discriminant_shrinkage: shrinkage (0..1) of the within-class covariance towards the identity;
+            ``"auto"``: from the number of examples per dimension (:func:`auto_shrinkage`).
+        search: ``"torch"`` (matmul distances; on the CPU one codebook at a time with numpy's
+            vectorised argmin) or ``"faiss"`` (``IndexFlatL2`` per codebook with masked ids
+            excluded by an ``IDSelector``).
+        chunk_rows: embeddings searched at once; ``None`` sizes chunks from available memory.
+        seed: seeds the projection and k-means.
+    """
 
     def __init__(self, dim: int, num_codebooks: int, codebook_size: int, *, key_dim: int, topk: int,
                  projection: Projection, whiten_dim: int, search: SearchBackend, chunk_rows: int | None,

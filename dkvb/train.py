@@ -197,8 +197,8 @@ def fit_values(
         if dense_opt is not None:
             dense_opt.step()
         if flops is not None:  # pooling (one add per selected value element) and decoder, forward + backward;
-            # a forgotten class's start correction (value_delta) is pooled too, forward only
-            flops.add(bags.numel() * ((1 + BACKWARD_FACTOR) * b.value_dim + len(b.delta_classes)))
+            # a forgotten class's correction is pooled too, forward only
+            flops.add(bags.numel() * ((1 + BACKWARD_FACTOR) * b.value_dim + len(b.corrections.classes)))
             flops.step(model.decoder, pooled)
         return loss
 

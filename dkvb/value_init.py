@@ -56,8 +56,8 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
         values = count_values(b.flat_indices(codes), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
     else:
         logits = probe_logits(data, probe_c=probe_c, seed=seed, flops=flops, chosen=chosen)
-        b.set_start(*linear_start(b.keys, codes, logits, flops=flops))
-        values = b.start_values()
+        b.start.set(*linear_start(b.keys, codes, logits, flops=flops), b.keys)
+        values = b.start.values(b.keys)
         if flops is not None:
             flops.add(2 * values.numel() * b.key_dim)
     with torch.no_grad():

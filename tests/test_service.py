@@ -513,8 +513,9 @@ def test_a_probe_started_model_is_served_its_start_changes_are_stored_and_replay
     assert {"bottleneck.key_mask", "bottleneck.value_delta", "bottleneck.value_start"} <= stored
     assert "bottleneck.values" not in stored
     served, _ = load_model(path)
-    assert served.bottleneck.delta_classes.tolist() == [1]
-    assert served.bottleneck.value_start[..., 1].abs().sum() == 0 and model.bottleneck.value_start[..., 1].abs().sum() > 0
+    assert served.bottleneck.corrections.classes.tolist() == [1]
+    assert served.bottleneck.start.weight[..., 1].abs().sum() == 0
+    assert model.bottleneck.start.weight[..., 1].abs().sum() > 0
     assert evaluate(served, train, test, [1])["forget_test_acc"] <= 0.01
     forget(path, "class2")
     assert torch.equal(replay(path), load_model(path)[0].key_mask)

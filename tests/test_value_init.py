@@ -79,15 +79,15 @@ def probe_started():
 def test_start_scores_at_some_keys_are_the_start_table_there(probe_started):
     b = probe_started[0].bottleneck
     rows = torch.tensor([0, 5, b.codebook_size + 3, b.num_codebooks * b.codebook_size - 1])
-    table = b.start_values().view(-1, b.value_dim)[rows]
-    assert torch.allclose(b.start_scores(rows), table, atol=1e-5)
-    from dkvb.bottleneck import gathered_start_scores  # the path of other devices, chunked
-    gathered = gathered_start_scores(b.keys.reshape(-1, b.key_dim), b.value_start, rows, b.codebook_size, chunk=3)
-    assert torch.allclose(b.num_codebooks * gathered + b.value_start_bias, table, atol=1e-5)
-    assert b.start_scores(rows[:0]).shape == (0, b.value_dim)
+    table = b.start.values(b.keys).view(-1, b.value_dim)[rows]
+    assert torch.allclose(b.start.scores(b.keys, rows), table, atol=1e-5)
+    from dkvb.value_start import gathered_start_scores  # the path of other devices, chunked
+    gathered = gathered_start_scores(b.keys.reshape(-1, b.key_dim), b.start.weight, rows, b.codebook_size, chunk=3)
+    assert torch.allclose(b.num_codebooks * gathered + b.start.bias, table, atol=1e-5)
+    assert b.start.scores(b.keys, rows[:0]).shape == (0, b.value_dim)
     for bad in (torch.tensor([-1]), torch.tensor([b.num_codebooks * b.codebook_size])):
         with pytest.raises(ValueError, match="key rows must lie in"):
-            b.start_scores(bad)
+            b.start.scores(b.keys, bad)
 
 
 @pytest.mark.parametrize("params", [{}, {"refit_epochs": 1}, {"refit_epochs": 1, "release_keys": True}])
@@ -97,19 +97,19 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
 
     model, train, test = probe_started
     b = model.bottleneck
-    assert b.has_start
-    values, start = b.values.detach().clone(), b.value_start.clone()
+    assert b.start.is_set
+    values, start = b.values.detach().clone(), b.start.weight.clone()
     report = create_unlearner("dkvb-activations", **params).unlearn(model, ForgetRequest((2,), train))
     out = report.model.bottleneck
-    assert torch.equal(b.values, values) and torch.equal(b.value_start, start)  # the input model is untouched
-    assert out.value_start[..., 2].abs().sum() == 0 and out.value_start_bias[2] == 0
-    assert torch.equal(out.value_start[..., [0, 1, 3, 4]], start[..., [0, 1, 3, 4]])
+    assert torch.equal(b.values, values) and torch.equal(b.start.weight, start)  # the input model is untouched
+    assert out.start.weight[..., 2].abs().sum() == 0 and out.start.bias[2] == 0
+    assert torch.equal(out.start.weight[..., [0, 1, 3, 4]], start[..., [0, 1, 3, 4]])
     if not params.get("refit_epochs"):  # masking only: the class's start is swapped for each key's lowest
-        start = b.start_values()
+        start = b.start.values(b.keys)
         floor = start[..., [0, 1, 3, 4]].amin(-1)
         assert torch.allclose(out.value_table()[..., 2], values[..., 2] - start[..., 2] + floor, atol=1e-5)
         assert torch.equal(out.value_table()[..., [0, 1, 3, 4]], values[..., [0, 1, 3, 4]])
-        assert out.values is b.values and out.delta_classes.tolist() == [2]  # kept apart: the values are shared
+        assert out.values is b.values and out.corrections.classes.tolist() == [2]  # kept apart: values shared
     assert evaluate(report.model, train, test, [2])["forget_test_acc"] <= 0.01
     assert report.flops > 0
     if params.get("release_keys"):  # a released key no retain row selects is back at its (class-free) start
@@ -118,15 +118,15 @@ def test_a_request_takes_the_forget_class_share_of_the_start_out_of_every_value(
         used[b.flat_indices(codes).flatten()] = True
         idle = (report.details["mask"].flatten() & ~used).nonzero().flatten()
         assert len(idle) > 0
-        assert torch.allclose(out.value_table().view(-1, 5)[idle], out.restart_values(idle), atol=1e-5)
-        assert torch.allclose(out.value_table().view(-1, 5)[idle][:, 2], out.value_floor.view(-1)[idle], atol=1e-5)
+        assert torch.allclose(out.value_table().view(-1, 5)[idle], out.start.restart(out.keys, idle), atol=1e-5)
+        assert torch.allclose(out.value_table().view(-1, 5)[idle][:, 2], out.start.floor.view(-1)[idle], atol=1e-5)
     again = create_unlearner("dkvb-activations").unlearn(report.model, ForgetRequest((3,), train, forgotten=(2,)))
     assert torch.equal(again.model.bottleneck.value_table()[..., 2], out.value_table()[..., 2])  # not taken out twice
     if not params.get("refit_epochs"):  # the second request's floor leaves out both removed classes
-        start = b.start_values()
+        start = b.start.values(b.keys)
         assert torch.allclose(again.model.bottleneck.value_table()[..., 3],
                               values[..., 3] - start[..., 3] + start[..., [0, 1, 4]].amin(-1), atol=1e-5)
-        assert torch.allclose(again.model.bottleneck.value_floor, start[..., [0, 1, 4]].amin(-1), atol=1e-5)
+        assert torch.allclose(again.model.bottleneck.start.floor, start[..., [0, 1, 4]].amin(-1), atol=1e-5)
 
 
 def test_a_probe_started_model_masks_where_the_class_holds_a_uniform_share_unless_releasing():
@@ -158,14 +158,14 @@ def test_the_start_survives_the_store_and_older_models_load_without_it(probe_sta
     model, train, _ = probe_started
     save_model(model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
     loaded, _ = load_model(tmp_path / "m")
-    assert torch.equal(loaded.bottleneck.value_start, model.bottleneck.value_start)
-    assert torch.equal(loaded.bottleneck.value_start_bias, model.bottleneck.value_start_bias)
+    assert torch.equal(loaded.bottleneck.start.weight, model.bottleneck.start.weight)
+    assert torch.equal(loaded.bottleneck.start.bias, model.bottleneck.start.bias)
     state = {k: v for k, v in model.state_dict().items()  # saved before the start and its delta
              if not any(n in k for n in ("value_start", "value_delta", "delta_classes"))}
     older = build_model(SMALL_DKVB, train.dim, 5, seed=0)
     older.activation_counts = torch.zeros_like(model.activation_counts)  # as the store does
     older.load_state_dict(state)
-    assert not older.bottleneck.has_start
+    assert not older.bottleneck.start.is_set
     assert torch.equal(older(train.x[:50]), model(train.x[:50]))  # the start only matters to unlearning
 
 
@@ -177,8 +177,8 @@ def test_a_forgotten_class_delta_survives_the_store(probe_started, tmp_path):
     out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
     version = save_model(out, tmp_path / "m", class_names=list(train.class_names), encoder="test")
     loaded, _ = load_model(tmp_path / "m", version)
-    assert loaded.bottleneck.delta_classes.tolist() == [1]
-    assert torch.equal(loaded.bottleneck.value_delta, out.bottleneck.value_delta)
+    assert loaded.bottleneck.corrections.classes.tolist() == [1]
+    assert torch.equal(loaded.bottleneck.corrections.delta, out.bottleneck.corrections.delta)
     assert torch.equal(loaded(train.x[:100]), out(train.x[:100]))
 
 
@@ -190,15 +190,15 @@ def test_a_start_stored_without_its_floor_gets_it_on_loading(probe_started, tmp_
     model, train, _ = probe_started
     save_model(model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
     loaded, _ = load_model(tmp_path / "m")
-    assert torch.equal(loaded.bottleneck.value_floor, model.bottleneck.value_floor)
-    floor = model.bottleneck.value_floor
-    model.bottleneck.value_floor = torch.zeros(0)  # as a model trained before the floor was kept
+    assert torch.equal(loaded.bottleneck.start.floor, model.bottleneck.start.floor)
+    floor = model.bottleneck.start.floor
+    model.bottleneck.start.floor = torch.zeros(0)  # as a model trained before the floor was kept
     try:
         save_model(model, tmp_path / "old", class_names=list(train.class_names), encoder="test")
     finally:
-        model.bottleneck.value_floor = floor
+        model.bottleneck.start.floor = floor
     older, _ = load_model(tmp_path / "old")
-    assert torch.allclose(older.bottleneck.value_floor, floor)
+    assert torch.allclose(older.bottleneck.start.floor, floor)
 
 
 def test_the_kept_correction_serves_what_folding_it_into_the_values_gives(probe_started):
@@ -210,8 +210,8 @@ def test_the_kept_correction_serves_what_folding_it_into_the_values_gives(probe_
     kept = model.keep_logits(test.x)
     out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((0, 3), train)).model
     folded = copy.deepcopy(out)
-    folded.bottleneck.fold_delta()
-    assert not folded.bottleneck.delta_classes.numel() and out.bottleneck.delta_classes.tolist() == [0, 3]
+    folded.bottleneck.corrections.fold_into(folded.bottleneck.values)
+    assert not folded.bottleneck.corrections.classes.numel() and out.bottleneck.corrections.classes.tolist() == [0, 3]
     assert torch.allclose(out(test.x), folded(test.x), atol=1e-5)
     assert torch.allclose(out.bottleneck.value_table(), folded.bottleneck.values, atol=1e-6)
     assert torch.allclose(out.predict_from(test.x, kept), out(test.x), atol=1e-5)  # kept logits see the change
@@ -237,11 +237,11 @@ def test_a_stored_correction_that_does_not_fit_is_refused_by_name(probe_started,
 
     model, train, _ = probe_started
     out = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((1,), train)).model
-    out.bottleneck.delta_classes = torch.tensor([1, 1])  # two columns named, one stored
+    out.bottleneck.corrections.classes = torch.tensor([1, 1])  # two columns named, one stored
     save_model(out, tmp_path / "m", class_names=list(train.class_names), encoder="test")
     with pytest.raises(StoreError, match="value_delta"):
         load_model(tmp_path / "m")
-    out.bottleneck.value_delta = torch.cat([out.bottleneck.value_delta] * 2, -1)  # now two, but the same class
+    out.bottleneck.corrections.delta = torch.cat([out.bottleneck.corrections.delta] * 2, -1)  # two, the same class
     save_model(out, tmp_path / "n", class_names=list(train.class_names), encoder="test")
     with pytest.raises(StoreError, match="delta_classes"):
         load_model(tmp_path / "n")
@@ -326,7 +326,8 @@ def test_floor_scores_moves_the_class_towards_each_keys_lowest_served_score(prob
     assert torch.allclose(full.value_table()[..., 1], plain[..., served].amin(-1), atol=1e-5)
     assert torch.allclose(half.value_table()[..., 1], (plain[..., 1] + plain[..., served].amin(-1)) / 2, atol=1e-5)
     assert torch.equal(full.value_table()[..., served], plain[..., served])
-    assert full.delta_classes.tolist() == [1]  # one correction per class, the start's and the floor's summed
-    full.check_start()
+    assert full.corrections.classes.tolist() == [1]  # one correction per class, the start's and the floor's summed
+    full.start.check()
+    full.corrections.check()
     with pytest.raises(ValueError, match="floor_scores"):
         create_unlearner("dkvb-activations", floor_scores=1.5)

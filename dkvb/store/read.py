@@ -183,11 +183,13 @@ def load_model(
     if getattr(model, "activation_counts", None) is not None and model.activation_counts.numel():
         model.activation_totals()  # summed with the counts on loading, so a request does not pay for it
     if hasattr(model, "bottleneck"):
+        b = model.bottleneck
         try:
-            model.bottleneck.check_start()
+            b.start.check()
+            b.corrections.check()
         except ValueError as e:
             raise StoreError(f"{vdir / TENSORS}: {e}") from e
-        model.bottleneck.start_floor()  # a start saved before its floor was: filled once, on loading
+        b.start.fill_floor(b.keys)  # a start saved without its floor: filled once, on loading
     if manifest["format_version"] >= 3 and manifest.get("manifest_sha256") != manifest_sha256(manifest):
         raise StoreError(f"{vdir / MANIFEST}: manifest field manifest_sha256 does not match the manifest; "
                          "it was edited (class names, extra, ...)")

@@ -57,7 +57,7 @@ def default_share(model: DKVBClassifier, num_forget: int, *, start_factor: bool 
     :data:`START_SHARE_FACTOR` times that share and at least
     :data:`START_MIN_SHARE` per forget class (at most 1)."""
     per_class = SHARE_FACTOR[model.bottleneck.projection_kind] / model.num_classes
-    if model.bottleneck.has_start and start_factor:
+    if model.bottleneck.start.is_set and start_factor:
         per_class = max(per_class, START_SHARE_FACTOR / model.num_classes, START_MIN_SHARE)
     return min(1.0, per_class * num_forget)
 

@@ -40,11 +40,9 @@ class DropOutput(Unlearner):
                 changed = len(cols) * (out.input_dim + 1)
             elif isinstance(out, DKVBClassifier) and isinstance(out.decoder, MeanDecoder):
                 b = out.bottleneck
-                b.fold_delta()
+                b.corrections.fold_into(b.values)
                 b.values[..., cols] = DELETED_LOGIT
-                if b.has_start:
-                    b.value_start[..., cols] = 0.0
-                    b.value_start_bias[cols] = 0.0
+                b.start.drop_classes(cols)
                 changed = b.num_codebooks * b.codebook_size * len(cols)
             elif isinstance(out, DKVBClassifier):
                 last = out.decoder.net[-1]

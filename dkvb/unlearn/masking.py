@@ -117,8 +117,8 @@ def floor_scores(model: DKVBClassifier, classes: tuple[int, ...], forgotten: tup
 
     A class a model never trained on holds, at each key, what training pushed it down to there,
     like the other classes absent from that key; a forgotten class keeps instead what its own
-    examples pushed up, also at keys the mask leaves. The change is kept as ``value_delta``, so
-    the shared values are not written."""
+    examples pushed up, also at keys the mask leaves. The change is kept as the bottleneck's
+    class correction, so the shared values are not written."""
     b = model.bottleneck
     if b.value_dim != model.num_classes:
         raise ValueError("floor_scores needs the mean decoder (values are class scores)")
@@ -128,7 +128,7 @@ def floor_scores(model: DKVBClassifier, classes: tuple[int, ...], forgotten: tup
     with torch.no_grad():
         table = b.value_table().detach()
         floor = table[..., live].amin(-1)
-        b.add_delta(cols, fraction * (floor.unsqueeze(-1) - table[..., cols]))
+        b.corrections.add(cols, fraction * (floor.unsqueeze(-1) - table[..., cols]))
     return table[..., live].numel() + 2 * floor.numel() * len(cols)
 
 
@@ -143,34 +143,31 @@ def remove_start(model: DKVBClassifier, classes: tuple[int, ...]) -> int:
     the classes still in the start: the class keeps only what training added, from the bottom,
     and that sits on the keys its examples selected, which the mask removes
     (docs/quality.md#start-removal). Merely subtracting the start would leave the class at 0 where every other class
-    starts below it. The change is kept as the bottleneck's ``value_delta`` (C, K) per class, not
+    starts below it. The change is kept as the bottleneck's class correction, (C, K) per class, not
     written into the values, so a masking request does not copy them (CIFAR-100: the copy took 33 ms
     of a 64 ms request).
     """
     b = model.bottleneck
-    if not b.has_start:
+    if not b.start.is_set:
         return 0
-    live = b.start_classes
+    live = b.start.classes
     cols = torch.tensor([c for c in classes if bool(live[c])], dtype=torch.long)
     if not len(cols):
         return 0
     with torch.no_grad():
-        removed = b.start_values(cols)  # (C, K, len(cols))
+        removed = b.start.values(b.keys, cols)  # (C, K, len(cols))
         live[cols] = False
         # the floor over the classes still in the start moves only where a removed class held it
-        floor = b.start_floor().clone()
+        floor = b.start.fill_floor(b.keys).clone()
         held = (removed <= (floor + 1e-4 * (1 + floor.abs())).unsqueeze(-1)).any(-1)
         flat = held.view(-1).nonzero().squeeze(1)  # held keys, as c * K + k
         if len(flat) and bool(live.any()):  # every class's start score at the held keys, the live ones' lowest
-            floor.view(-1)[flat] = b.start_scores(flat).masked_fill(~live, float("inf")).amin(-1)
+            floor.view(-1)[flat] = b.start.scores(b.keys, flat).masked_fill(~live, float("inf")).amin(-1)
         elif len(flat):
             floor.view(-1)[flat] = 0.0
-        b.add_delta(cols, floor.unsqueeze(-1) - removed)
-        b.value_start = b.value_start.clone()
-        b.value_start[..., cols] = 0.0
-        b.value_start_bias = b.value_start_bias.clone()
-        b.value_start_bias[cols] = 0.0
-        b.value_floor = floor
+        b.corrections.add(cols, floor.unsqueeze(-1) - removed)
+        b.start.drop_classes(cols)
+        b.start.floor = floor
     return (2 * b.key_dim + 2) * (removed.numel() + len(flat) * b.value_dim)
 
 
@@ -229,11 +226,11 @@ def refit_released(before: DKVBClassifier, after: DKVBClassifier, keys: Tensor, 
     b, counter = after.bottleneck, FlopCounter()
     _, codes = _current_codes(before, after, train, retain, counter)
     rows = keys.flatten().cpu().numpy()
-    b.fold_delta()  # the released rows restart from their start as served, with no delta on top
+    b.corrections.fold_into(b.values)  # released rows restart from their start as served, no correction on top
     with torch.no_grad():
         picked = torch.from_numpy(np.flatnonzero(rows))
-        b.values.view(-1, b.value_dim)[picked] = b.restart_values(picked)
-    if b.has_start:  # the start's scores at the picked keys (start_scores)
+        b.values.view(-1, b.value_dim)[picked] = b.start.restart(b.keys, picked)
+    if b.start.is_set:  # the start's scores at the picked keys (ValueStart.scores)
         counter.add(2 * len(picked) * b.key_dim * b.value_dim)
     kept = retain.numpy()
     now = codes.indices.numpy()[kept, :, :b.topk]
@@ -298,10 +295,9 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     mask = model.key_mask | new_mask.to(model.key_mask.device)
     check_selectable(mask, b.topk)
     totals = model._totals  # activation_totals' sum of the shared counts
-    # (the start buffers and the delta are replaced, never written in place: shared as well)
+    # (the start's and the corrections' tensors are replaced, never written in place: shared as well)
     shared = (b.keys, b.projection, b.whitening, model.activation_counts, getattr(model, "code_cache", None),
-              None if totals is None else totals[1], b.value_start, b.value_start_bias, b.value_floor,
-              b.delta_classes, b.value_delta)
+              None if totals is None else totals[1], *b.start.buffers(), *b.corrections.buffers())
     memo = {id(t): t for t in shared + ((b.values,) if share_values else ())}
     out = copy.deepcopy(model, memo)
     out.bottleneck.key_mask = mask
