@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "dkvb"
 
 # Lowest first. A name is a module (``dkvb.<name>``) or a subpackage with every module in it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing", "workers"}),
+    ("foundation", {"errors", "validate", "io", "distributed", "data", "datasets", "encoders", "flops", "cache", "threads", "timing", "workers", "provenance"}),
     ("models", {"keys", "selection", "value_start", "bottleneck", "classifier", "models"}),
     ("training", {"train", "value_init", "shards", "evaluate", "forgetting_quality"}),
     ("unlearning", {"unlearn"}),
