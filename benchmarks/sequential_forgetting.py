@@ -34,6 +34,7 @@ from dkvb.config import load_config, parse_assignments
 from dkvb.evaluate import accuracy, evaluate, predict_logits
 from dkvb.experiment import load_embeddings, method_label, train_models
 from dkvb.io import atomic_write_json
+from dkvb.provenance import code_version, run_date
 from dkvb.report import pyplot, save_figure
 from dkvb.request import needs_data
 from dkvb.service import ModelService, method_name
@@ -56,6 +57,7 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
     request the service refuses (it would mask every key of a codebook) ends that variant's
     series; the refusal is recorded and the other series go on.
     """
+    code = code_version()  # the code that runs, named before anything can change it
     cfg = load_config(config, list(overrides))
     if baseline == "retrain" and not baseline_params:
         t = cfg.linear_train  # retrain with the recipe the linear head was trained with
@@ -125,7 +127,7 @@ def run(config: str, *, overrides: Sequence[str] = (), limit: int | None = None,
     result = {
         "config": cfg.to_dict(), "order": [train.class_names[c] for c in order], "dkvb": series,
         "baseline_name": baseline, "baseline_params": baseline_params or {}, "baseline": base_rows,
-        "replay_matches": all(s["replay_matches"] is not False for s in series),
+        "replay_matches": all(s["replay_matches"] is not False for s in series), "code": code, "date": run_date(),
     }
     atomic_write_json(out / f"{cfg.name}.json", result)
     plot(result, out / f"{cfg.name}.png", title=cfg.name)

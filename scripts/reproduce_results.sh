@@ -20,10 +20,14 @@ OUT=benchmarks/results
 WORK=${WORK:-results/forgetting-work}
 SCRUB='scrub[lr=0.002,epochs=3,msteps=2,alpha=0.001,gamma=0.99,temperature=4.0]'
 
-experiment() {  # <config> <page name> [dkvb run options]: run one config and keep its results JSON
-  local config=$1 name=$2; shift 2
+experiment() {  # <config> <page name> <sequence name> [--set ...]: run one config, then its request sequence
+  local config=$1 name=$2 seq=$3; shift 3
   "$PY" -m dkvb run "experiments/$config.yaml" --set "name=$name" "$@"
   cp "results/$name/results.json" "$OUT/$name.results.json"
+  "$PY" benchmarks/sequential_forgetting.py "experiments/$config.yaml" --set "name=$name" "$@" --out results/sequential \
+    --dkvb activations --dkvb activations:refit_epochs=2 --dkvb activations:refit_epochs=2,release_keys=true
+  cp "results/sequential/$name.json" "$OUT/sequential_$seq.json"
+  cp "results/sequential/$name.png" "$OUT/sequential_$seq.png"
 }
 
 forgetting() {  # <config> <json name> [benchmark options]
@@ -33,15 +37,15 @@ forgetting() {  # <config> <json name> [benchmark options]
 }
 
 small() {
-  experiment digits_effnet_lite0 digits_effnet_lite0
-  experiment fashion_mnist_effnet_lite0 fashion_mnist_4k_effnet_lite0 --set dataset.train_limit=4000
-  experiment cifar10_effnet_lite0 cifar10_4k_effnet_lite0 --set dataset.train_limit=4000
+  experiment digits_effnet_lite0 digits_effnet_lite0 digits
+  experiment fashion_mnist_effnet_lite0 fashion_mnist_4k_effnet_lite0 fashion_mnist_4k --set dataset.train_limit=4000
+  experiment cifar10_effnet_lite0 cifar10_4k_effnet_lite0 cifar10_4k --set dataset.train_limit=4000
 }
 
 large() {
-  experiment fashion_mnist_effnet_lite0 fashion_mnist_effnet_lite0
-  experiment cifar10_effnet_lite0 cifar10_effnet_lite0
-  experiment cifar100_effnet_lite0 cifar100_effnet_lite0
+  experiment fashion_mnist_effnet_lite0 fashion_mnist_effnet_lite0 fashion_mnist
+  experiment cifar10_effnet_lite0 cifar10_effnet_lite0 cifar10
+  experiment cifar100_effnet_lite0 cifar100_effnet_lite0 cifar100
 }
 
 forgetting_all() {

@@ -89,11 +89,14 @@ def test_the_forgetting_table_shows_f_at_the_ceilings_n_beside_the_ceiling():
     finally:
         sys.path.remove(str(REPO / "docs"))
     row = {"family": "dkvb", "F": 0.05, "F_at_ceiling_n": 0.1, "ceiling": 0.3, "final_score": 0.05, "agreement": 0.5,
-           "js": 0.01, "forget_test_acc": 0.0, "retain_test_acc": 0.9, "mia": 0.0, "mia_gap": 0.1}
+           "js": 0.01, "forget_test_acc": 0.0, "retain_test_acc": 0.9, "mia": 0.0, "mia_gap": 0.1,
+           "F_test": 0.04, "F_test_at_ceiling_n": 0.08, "ceiling_test": 0.25}
     sets = {"tiny": {"mean": {"dkvb-activations": row}, "num_models": 8, "requests": [[0]], "seconds_total": 3.0}}
     table = forgetting_table(sets, [("dkvb-activations", "default"), ("drop-output", "drop-output")])
-    assert "| default | 0.100 (0.300) | 0.00 |" in table and "| drop-output | – | – |" in table
-    assert "| dkvb-activations | dkvb | 0.050 | 0.100 | 0.300 |" in forgetting_page(sets)
+    assert "| default | 0.100 / 0.080 (0.300 / 0.250) | 0.00 |" in table and "| drop-output | – | – |" in table
+    assert "| dkvb-activations | dkvb | 0.050 | 0.100 | 0.300 | 0.050 | 0.040 | 0.080 | 0.250 |" in forgetting_page(sets)
+    del row["F_test"]  # a file written without the test-image scores shows a dash there
+    assert "| dkvb-activations | dkvb | 0.050 | 0.100 | 0.300 | 0.050 | – |" in forgetting_page(sets)
 
 
 def test_a_page_names_the_code_and_day_of_its_records():
