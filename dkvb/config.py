@@ -147,7 +147,7 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
         if sub is list:
             if not isinstance(value, list):
                 raise invalid("config", f"{path}{key}", "a list", value)
-            kwargs[key] = [_method(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
+            kwargs[key] = [method_config(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
         elif sub is not None:
             default = fields[key].default_factory  # a section's own default (e.g. the DKVB's training)
             kwargs[key] = _build(sub, value, f"{path}{key}.", None if default is dataclasses.MISSING else default())
@@ -183,7 +183,9 @@ def check_run_name(name: str) -> str:
     return name
 
 
-def _method(value: Any, path: str) -> MethodConfig:
+def method_config(value: Any, path: str = "method") -> MethodConfig:
+    """A :class:`MethodConfig` from a config's entry: a registered name, or a mapping of its
+    fields (``{name: rbm, params: {...}}``); ``path`` names the entry in errors."""
     if isinstance(value, str):
         return MethodConfig(value)
     return _build(MethodConfig, value, path + ".")

@@ -114,12 +114,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _forgetting(cfg) -> None:
     """Forgetting quality against retraining (the config's ``forgetting`` section), printed and saved."""
-    from ..config import _method
+    from ..config import method_config
     from ..experiment import load_embeddings
     from ..forgetting_eval import ForgettingConfig, measure_forgetting
 
     section = dict(cfg.forgetting)
-    section["methods"] = [_method(m, "forgetting.methods") for m in section.get("methods", [])]
+    section["methods"] = [method_config(m, "forgetting.methods") for m in section.get("methods", [])]
     train, test = load_embeddings(cfg, progress=False)
     result = measure_forgetting(cfg, train, test, ForgettingConfig(**section), cfg.run_dir / "forgetting")
     print("\nForgetting quality against retraining (F at the ceiling's N; ceiling):")
