@@ -46,7 +46,7 @@ DEFAULT_METHODS: tuple[MethodConfig, ...] = (
     MethodConfig("dkvb-activations"),
     MethodConfig("dkvb-activations", params={"drop_start": [False]}),
     MethodConfig("dkvb-activations", params={"mask_keys": [False]}),
-    MethodConfig("dkvb-activations", params={"floor_scores": [0.3, 1.0]}),
+    MethodConfig("dkvb-activations", params={"floor_scores": [0.3, 0.5, 1.0]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2], "release_keys": [True]}),
     MethodConfig("dkvb-drop-output"),
