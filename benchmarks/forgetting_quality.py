@@ -7,8 +7,9 @@ models of the same family retrained without the forget set.
 
 ``--train-limit`` takes a seeded subset of the training set (the 4k sets); ``--set`` overrides
 config fields (``--set train.value_init=zeros``); ``--methods`` names the runs (comma separated
-labels as in the JSON, any registered method with any parameters). Per-seed outputs are kept in ``--work`` so an interrupted run resumes,
-and a method added later runs on the saved seeds without retraining their reference models.
+labels as in the JSON, any registered method with any parameters). Per-seed outputs are kept in
+``--work`` so an interrupted run resumes, and a method added later runs on the saved seeds
+without retraining their reference models.
 """
 from __future__ import annotations
 
@@ -48,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=None, help="score the first N forget requests (default: all)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--methods", default=None, help="comma-separated method labels to run, any registered method with any parameters, e.g. 'dkvb-activations[min_share=0],drop-output' (default: the package's DEFAULT_METHODS)")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated method labels to run, any registered method with any parameters, e.g. "
+                        "'dkvb-activations[min_share=0],drop-output' (default: the package's DEFAULT_METHODS)")
     p.add_argument("--validation", action="store_true",
                    help="score on a seeded 10%% holdout of the training set instead of the test split (for tuning)")
     p.add_argument("--seeds", default=None, metavar="A:B",
@@ -76,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     if result is None:
         print(f"seeds {args.seeds} done; scoring waits for the others")
         return 0
-    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": code, "date": run_date(), "train_rows": len(train), "test_rows": len(test),
+    result.update({"argv": sys.argv[1:] if argv is None else argv, "commit": code, "date": run_date(),
+                   "train_rows": len(train), "test_rows": len(test),
                    "wall_seconds": time.perf_counter() - start, "threads": args.threads,
                    "scored_on": "validation (10% of the training set)" if args.validation else "test split"})
     atomic_write_json(out, result)

@@ -1,5 +1,6 @@
 """Which code produced a result, so a results page can say it: the git commit of the checkout
-the package runs from (``+dirty`` when tracked files differ from it), else the package version."""
+the package runs from (``+dirty`` when tracked files under ``dkvb/`` differ from it), else the
+package version."""
 from __future__ import annotations
 
 import subprocess

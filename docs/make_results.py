@@ -52,7 +52,8 @@ HEADLINE_ROWS: list[tuple[str, str]] = [
     ("dkvb-activations[use_cached_counts=True]", "dkvb"), ("dkvb-activations[use_cached_counts=False]", "dkvb"),
     ("dkvb-activations[refit_epochs=2]", "dkvb"), ("dkvb-activations[refit_epochs=2,release_keys=True]", "dkvb"),
     ("dkvb-examples[num_examples=10]", "dkvb"),
-    ("drop-output", "dkvb"), ("retrain", "linear"), ("drop-output", "linear"), ("scrub", "linear"), ("finetune", "linear"), ("neggrad", "linear"), ("rbm", "linear"),
+    ("drop-output", "dkvb"), ("retrain", "linear"), ("drop-output", "linear"), ("scrub", "linear"),
+    ("finetune", "linear"), ("neggrad", "linear"), ("rbm", "linear"),
     ("salun", "linear"), ("ssd", "linear"), ("potion", "linear"), ("sharded", "sharded"),
 ]
 # The columns, in order: append a Column to add one.
@@ -84,7 +85,7 @@ def with_headline(readme: str, table: str, markers: tuple[str, str] = MARKERS) -
     """``readme`` with the text between ``markers`` replaced by ``table``."""
     start, end = (readme.find(m) for m in markers)
     if start < 0 or end < start:
-        raise ValueError(f"README.md lacks the markers {markers}")
+        raise ValueError(f"the page lacks the markers {markers}")
     return readme[: start + len(markers[0])] + "\n" + table + readme[end:]
 
 
@@ -96,27 +97,20 @@ DEFAULT_REQUEST = "dkvb-activations[use_cached_counts=True]"  # the default DKVB
 
 
 def summary_table(results: Path) -> str:
-    """One row per results page: the DKVB and the linear head before unlearning, the default
-    request and the DKVB's own output deletion (forget-test, retain-test), retraining, and the code
-    and date that produced the page (means over the page's forget requests, test split, %)."""
-    head = ["page", "DKVB retain-test / forget-test before", "linear head before",
-            "default request: forget-test / retain-test", "drop-output (dkvb)", "retrain (linear)", "produced by"]
+    """One row per results page: forget-test / retain-test of the DKVB and the linear head before
+    unlearning, of the default request, of the DKVB's own output deletion and of retraining, and
+    the code and date that produced the page (means over the page's forget requests, test split, %)."""
+    runs = [("original", "dkvb"), ("original", "linear"), (DEFAULT_REQUEST, "dkvb"), ("drop-output", "dkvb"),
+            ("retrain", "linear")]
+    head = ["page", "DKVB before", "linear head before", "default request", "drop-output (dkvb)", "retrain (linear)",
+            "produced by"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for path in sorted(results.glob(f"*{SUFFIX}")):
-        records = load_records(path)
+        name, records = path.name[: -len(SUFFIX)], load_records(path)
         rows = {(r["method"], r["model"]): r for r in summarize(records)}
-
-        def cell(method: str, model: str) -> str:
-            row = rows.get((method, model))
-            return "–" if row is None else f"{100 * row['forget_test_acc']:.2f} / {100 * row['retain_test_acc']:.2f}"
-
-        def before(model: str) -> str:
-            row = rows.get(("original", model))
-            return "–" if row is None else f"{100 * row['retain_test_acc']:.2f} / {100 * row['forget_test_acc']:.2f}"
-
-        lines.append(f"| [{path.name[: -len(SUFFIX)]}](results/{path.name[: -len(SUFFIX)]}.md) | {before('dkvb')} | "
-                     f"{before('linear')} | {cell(DEFAULT_REQUEST, 'dkvb')} | {cell('drop-output', 'dkvb')} | "
-                     f"{cell('retrain', 'linear')} | {provenance(records)} |")
+        cells = ["–" if (row := rows.get(run)) is None
+                 else f"{100 * row['forget_test_acc']:.2f} / {100 * row['retain_test_acc']:.2f}" for run in runs]
+        lines.append(f"| [{name}](results/{name}.md) | " + " | ".join(cells) + f" | {provenance(records)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -144,10 +138,9 @@ def sequence_table(results: Path) -> str:
             worst = max(100 * r["forget_test_acc"] for r in steps)
             refused = f", refused at request {series['refused']['forgotten']}" if series.get("refused") else ""
             cells.append(f"`{series['label']}` {gap:+.2f} / {worst:.2f}%{refused}")
-        code = f"code {data['code']}; run {data['date']}" if data.get("code") else "code not recorded"
         name = path.stem[len("sequential_"):]
-        lines.append(f"| [{name}](../benchmarks/results/{path.name[:-5]}.png) | {len(base) - 1} | {'<br>'.join(cells)} | "
-                     f"{'bit for bit' if data.get('replay_matches') else 'MISMATCH'} | {code} |")
+        lines.append(f"| [{name}](../benchmarks/results/{path.stem}.png) | {len(base) - 1} | {'<br>'.join(cells)} | "
+                     f"{'bit for bit' if data.get('replay_matches') else 'MISMATCH'} | {provenance([data])} |")
     return "\n".join(lines) + "\n"
 
 
