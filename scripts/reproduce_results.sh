@@ -6,10 +6,15 @@
 #
 #   scripts/reproduce_results.sh [small|all|forgetting|pages] ...   (default: small)
 #
-#   small       digits, Fashion-MNIST 4k, CIFAR-10 4k          ~25 min on 2 idle cores (+ encoding)
-#   all         small + Fashion-MNIST 60k, CIFAR-10, CIFAR-100  ~3-4 h on 2 cores (+ encoding, 8-12 min per set)
-#   forgetting  forgetting quality (N=12, 3 requests): digits, both 4k sets  ~20 min
+#   small       digits, Fashion-MNIST 4k, CIFAR-10 4k: pages and sequences
+#   all         small, then Fashion-MNIST, CIFAR-10 and CIFAR-100, then forgetting
+#   forgetting  forgetting quality (N=12, 3 requests): digits, both 4k sets
 #   pages       only regenerate docs/results and the README tables from the committed JSON
+#
+# Measured on the 2-core build machine with other jobs sharing the cores (one thread per job):
+# small 19 min (pages 158 / 458 / 420 s, sequences 27-57 s); the CIFAR-10 page 51 min and its
+# sequence 11 min, the Fashion-MNIST page 50 min; forgetting 13 / 47 / 48 min (digits, CIFAR-10 4k,
+# Fashion-MNIST 4k); encoding 10-20 min per 60,000-image set.
 #
 # CIFAR needs ../shared/data (or $DKVB_SHARED_DATA); without it those runs stop with a message
 # naming the archive. Work goes to results/ and $WORK (default results/forgetting-work).
