@@ -13,7 +13,8 @@
 #
 # Measured on the 2-core build machine with other jobs sharing the cores (one thread per job):
 # small 19 min (pages 158 / 458 / 420 s, sequences 27-57 s); the CIFAR-10 page 51 min and its
-# sequence 11 min, the Fashion-MNIST page 31 min (encoding included) and its sequence 4 min;
+# sequence 11 min, the Fashion-MNIST page 31 min (encoding included) and its sequence 4 min, the
+# CIFAR-100 page 109 min (encoding included) and its sequence 92 min with 4-5 jobs on the cores;
 # forgetting 13 / 47 / 48 / 70 min (digits, CIFAR-10 4k, Fashion-MNIST 4k, CIFAR-100 4k);
 # encoding 7-20 min per 60,000-image set.
 #
