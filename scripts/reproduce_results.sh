@@ -52,6 +52,7 @@ small() {
 
 large() {
   experiment fashion_mnist_effnet_lite0 fashion_mnist_effnet_lite0 fashion_mnist
+  cp results/fashion_mnist_effnet_lite0/forget_vs_{keys,examples}.png docs/results/figures/  # the README's figures
   experiment cifar10_effnet_lite0 cifar10_effnet_lite0 cifar10
   # 50 requests: masking alone and re-fitting (release_keys would add about 30 minutes)
   SERIES="activations activations:refit_epochs=2" experiment cifar100_effnet_lite0 cifar100_effnet_lite0 cifar100
