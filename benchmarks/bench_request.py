@@ -1,6 +1,6 @@
 """Latency of one cached-count forget request (``dkvb-activations``, the default rule, masking only).
 
-Issue 11's target 5: such a request stays under 10 ms and reports its FLOPs. Loads the DKVB an
+The target: such a request stays under 10 ms and reports its FLOPs. Loads the DKVB an
 experiment trained (``dkvb run``/``dkvb train``: its run folder; trained here if missing), then
 times one request per class (each from the trained model, as a single request), a few rounds
 over the classes, on ``--threads`` threads, after one untimed-in-the-stats first request (the

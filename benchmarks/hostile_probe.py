@@ -1,4 +1,5 @@
-"""Hostile probes (issues 12 and 31), end to end through the ``dkvb`` command line on a tiny synthetic store.
+"""Hostile probes of the audit log, the store and the service (tampering, bad input), end to end
+through the ``dkvb`` command line on a tiny synthetic store.
 
 Each probe does what a hostile or unlucky user would (odd class names, kill -9 mid-request, a
 missing HEAD, a retrain over a served store, a cut or edited audit log, a recomputed chain, deleted

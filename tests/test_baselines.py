@@ -1,4 +1,4 @@
-"""The issue-3 baselines on a linear head: reports, forgetting, FLOPs, validation, divergence, determinism."""
+"""The baselines on a linear head: reports, forgetting, FLOPs, validation, divergence, determinism."""
 import copy
 import json
 import math

@@ -312,7 +312,7 @@ def test_a_second_writer_process_fails_cleanly_with_store_locked_error(store):
     assert list_versions(store) == ["000001", "000002"] and not (store / "audit.jsonl").exists()
 
 
-# ------------------------------------------------------------------ issue 12: deletion requests that can be trusted
+# ------------------------------------------------------------------ deletion requests that can be trusted
 from dkvb.audit import ANCHOR, LOG, KEY_ENV  # noqa: E402
 from dkvb.errors import AuditError  # noqa: E402
 from dkvb.service import ServedStore, forget, read_log, replay, restore  # noqa: E402

@@ -1,4 +1,4 @@
-"""Machinery shared by the gradient-based baselines (issue 3).
+"""Machinery shared by the gradient-based baselines.
 
 Every gradient method works on a deep copy of the model and runs its steps through one
 :class:`GradientLoop`: an optimiser over ``model.trainable_parameters()`` whose steps
