@@ -40,11 +40,13 @@ from .validate import require, require_count
 
 log = logging.getLogger("dkvb")
 
-# The methods scored when a config names none: the default DKVB request and its parts alone, each
+# The methods scored when a config names none: the default DKVB request and its parts alone (the
+# key mask without the start removal or the recount, each of those without the mask), each
 # family's output deletion, and the linear-head baselines with their default settings.
 DEFAULT_METHODS: tuple[MethodConfig, ...] = (
     MethodConfig("dkvb-activations"),
     MethodConfig("dkvb-activations", params={"drop_start": [False]}),
+    MethodConfig("dkvb-activations", params={"recount_values": [False]}),
     MethodConfig("dkvb-activations", params={"mask_keys": [False]}),
     MethodConfig("dkvb-activations", params={"floor_scores": [0.3, 0.5, 1.0]}),
     MethodConfig("dkvb-activations", params={"refit_epochs": [2]}),

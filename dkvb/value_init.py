@@ -1,7 +1,9 @@
 """Where a DKVB's values start before training (mean decoder: values are class scores).
 
 * ``counts``: each key's value is the log of its smoothed class frequencies on the training
-  data, a naive-Bayes start.
+  data, a naive-Bayes start. Trained for no epochs, the values stay a function of the cached key
+  counts, so a forget request can recompute them without the class exactly
+  (:func:`values_without`; docs/quality.md#value-init).
 * ``probe``: a tuned logistic-regression probe on the embeddings, spread over the keys. The
   probe's logits on the training rows are regressed (ridge) on the quantised code, the
   concatenation of each row's selected key vectors, so every value starts linear in its key,
@@ -69,7 +71,39 @@ def count_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int) -> Te
     counts = torch.zeros(num_rows, num_classes)
     counts.index_put_((flat.flatten(), y.repeat_interleave(flat.shape[1])), torch.ones(flat.numel()),
                       accumulate=True)
-    return ((counts + 1.0) / (counts.sum(1, keepdim=True) + num_classes)).log()
+    return log_frequencies(counts)
+
+
+def log_frequencies(counts: Tensor) -> Tensor:
+    """(rows, classes) class counts per key -> their add-one smoothed log frequencies: a class no
+    row of a key belongs to gets ``log(1 / (n + classes))``, what a model never given it holds."""
+    counts = counts.float()
+    return ((counts + 1.0) / (counts.sum(1, keepdim=True) + counts.shape[1])).log()
+
+
+def values_without(activation_counts: Tensor, absent: Sequence[int] = ()) -> Tensor:
+    """(C * K, classes): the count start of a model whose cached per-class key counts
+    (``activation_counts``, (classes, C, K)) are ``activation_counts`` without the classes ``absent``:
+    exactly the values a count-valued model built on the training set without them, with the same
+    keys, would hold."""
+    table = activation_counts.permute(1, 2, 0).reshape(-1, activation_counts.shape[0]).clone()
+    if len(absent):
+        table[:, list(absent)] = 0
+    return log_frequencies(table)
+
+
+def values_are_counts(model: nn.Module, absent: Sequence[int] = ()) -> bool:
+    """Whether ``model``'s values are its cached key counts without the classes ``absent``
+    (:func:`values_without`): a DKVB started from ``counts`` and trained for no epochs, after
+    requests that recounted them. Needs the mean decoder, no probe start and the counts cached."""
+    b = getattr(model, "bottleneck", None)
+    counts = getattr(model, "activation_counts", None)
+    if (b is None or not values_are_class_scores(model) or b.start.is_set or counts is None or counts.ndim != 3
+            or counts.shape[0] != b.value_dim or not bool(counts.any())):
+        return False
+    values = b.values.detach().reshape(-1, b.value_dim)
+    return values.shape[0] == counts.shape[1] * counts.shape[2] and torch.allclose(
+        values, values_without(counts, absent), rtol=1e-5, atol=1e-5)
 
 
 def probe_logits(data: EmbeddingSet, *, probe_c: float | None = None, grid: Sequence[float] = PROBE_GRID,

@@ -521,6 +521,26 @@ def test_a_probe_started_model_is_served_its_start_changes_are_stored_and_replay
     assert torch.equal(replay(path), load_model(path)[0].key_mask)
 
 
+def test_a_count_valued_model_is_served_its_recounted_values_are_stored_and_replay(clusters, tmp_path):
+    from dkvb.value_init import values_are_counts
+
+    train, test = clusters
+    model = build_model(ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="random"), train.dim,
+                        train.num_classes)
+    fit(model, train, TrainConfig(epochs=0, value_init="counts"))
+    model.compute_activation_counts(train.x, train.y)
+    path = tmp_path / "model"
+    save_model(model, path, class_names=list(train.class_names), encoder="synthetic")
+    rec = forget(path, "class1")
+    assert "bottleneck.values" in set(load_file(str(path / f"versions/{rec['version_after']}/tensors.safetensors")))
+    served, _ = load_model(path)
+    assert values_are_counts(served, (1,)) and not values_are_counts(served)
+    assert evaluate(served, train, test, [1])["forget_test_acc"] <= 0.01
+    forget(path, "class2")
+    assert values_are_counts(load_model(path)[0], (1, 2))
+    assert torch.equal(replay(path), load_model(path)[0].key_mask)
+
+
 def test_the_log_holds_the_share_the_default_resolved_to_and_older_records_replay_with_the_old_default(tmp_path):
     from conftest import make_clusters
 

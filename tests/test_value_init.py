@@ -331,3 +331,78 @@ def test_floor_scores_moves_the_class_towards_each_keys_lowest_served_score(prob
     full.corrections.check()
     with pytest.raises(ValueError, match="floor_scores"):
         create_unlearner("dkvb-activations", floor_scores=1.5)
+
+
+# ------------------------------------------------------------------ count-valued models
+
+
+@pytest.fixture(scope="module")
+def count_valued():
+    train = make_clusters(1500, num_classes=5, spread=1.0, seed=0)
+    model = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train, TrainConfig(epochs=0, value_init="counts"))
+    model.compute_activation_counts(train.x, train.y)
+    return model, train
+
+
+def _counted_on(model, data):
+    """The count start of ``model``'s keys on ``data`` alone: the values retraining them there gives."""
+    from dkvb.value_init import count_values
+
+    b = model.bottleneck
+    return count_values(b.flat_indices(b.lookup(data.x)), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
+
+
+def test_a_request_recounts_a_count_valued_model_as_if_built_without_the_class(count_valued, tmp_path):
+    from dkvb.store import load_model, save_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+    from dkvb.value_init import values_are_counts
+
+    model, train = count_valued
+    before = model.bottleneck.values.clone()
+    assert values_are_counts(model) and not values_are_counts(model, (2,))
+    first = create_unlearner("dkvb-activations").unlearn(model, ForgetRequest((2,), train))
+    values = first.model.bottleneck.values.view(-1, 5)
+    retain = train.subset(~train.class_mask((2,)))
+    assert torch.allclose(values, _counted_on(model, retain), atol=1e-6)  # exact: no step, no data read
+    assert torch.equal(model.bottleneck.values, before)  # the served model is untouched
+    assert 0 < first.flops < 10 * values.numel()
+    with torch.no_grad():
+        assert accuracy(first.model(train.x[train.y == 2]), train.y[train.y == 2]) == 0.0
+    assert values_are_counts(first.model, (2,))  # so the next request recounts as well
+    second = create_unlearner("dkvb-activations").unlearn(first.model, ForgetRequest((4,), train, forgotten=(2,)))
+    assert torch.allclose(second.model.bottleneck.values.view(-1, 5),
+                          _counted_on(model, train.subset(~train.class_mask((2, 4)))), atol=1e-6)
+    save_model(second.model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m")
+    assert values_are_counts(loaded, (2, 4))  # the stored model is still recounted by later requests
+
+
+def test_the_key_mask_alone_and_the_recount_alone_are_ablations(count_valued):
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train = count_valued
+    request = ForgetRequest((1,), train)
+    default = create_unlearner("dkvb-activations").unlearn(model, request).model
+    mask_only = create_unlearner("dkvb-activations", recount_values=False).unlearn(model, request).model
+    values_only = create_unlearner("dkvb-activations", mask_keys=False).unlearn(model, request).model
+    assert torch.equal(mask_only.key_mask, default.key_mask)
+    assert torch.equal(mask_only.bottleneck.values, model.bottleneck.values)
+    assert not values_only.key_mask.any()
+    assert torch.equal(values_only.bottleneck.values, default.bottleneck.values)
+
+
+def test_recounting_is_refused_where_the_values_are_not_counts(count_valued):
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    model, train = count_valued
+    trained = fit(build_model(SMALL_DKVB, train.dim, 5, seed=0), train, TrainConfig(epochs=1, lr=1e-2))
+    trained.compute_activation_counts(train.x, train.y)
+    request = ForgetRequest((1,), train)
+    kept = create_unlearner("dkvb-activations").unlearn(trained, request).model
+    assert kept.bottleneck.values is trained.bottleneck.values  # trained values: the mask alone, values shared
+    with pytest.raises(ValueError, match="recount_values needs a model whose values are its cached key counts"):
+        create_unlearner("dkvb-activations", recount_values=True).unlearn(trained, request)
+    with pytest.raises(ValueError, match="recount_values"):
+        create_unlearner("dkvb-activations", recount_values=True, refit_epochs=2)
+    refit = create_unlearner("dkvb-activations", refit_epochs=1).unlearn(model, request).model
+    assert not torch.allclose(refit.bottleneck.values.view(-1, 5), _counted_on(model, request.retain))

@@ -19,6 +19,7 @@ from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
 from ..selection import Candidates
 from ..train import TrainConfig, fit_values
 from ..validate import require, require_count
+from ..value_init import values_are_counts, values_without
 from .base import ForgetRequest, Unlearner
 
 
@@ -57,6 +58,13 @@ class MaskingUnlearner(Unlearner):
             to the key's lowest score among the classes still served (:func:`floor_scores`); 0
             (default) leaves the scores. A model that never trained on a class holds there what
             training pushed it down to.
+        recount_values: for a model whose values are its cached key counts (``value_init: counts``
+            trained for no epochs, :func:`~dkvb.value_init.values_are_counts`): recompute every
+            value from the counts without the forget classes (:func:`recount`), exactly the values
+            that model built without them would hold on the same keys. No gradient, no data: a
+            few operations per count. ``None`` (default): whenever the model's values are its
+            counts and nothing re-fits them; ``True`` raises for any other model; ``False`` leaves
+            the values (the key mask alone).
     """
 
     erase_values: bool = False
@@ -66,6 +74,7 @@ class MaskingUnlearner(Unlearner):
     mask_keys: bool = True
     drop_start: bool = True
     floor_scores: float = 0.0
+    recount_values: bool | None = None
 
     model_kind = "dkvb"
 
@@ -80,8 +89,22 @@ class MaskingUnlearner(Unlearner):
             require(self.mask_keys, self.name, "mask_keys", "True with release_keys (the picked keys are released)",
                     self.mask_keys)
         require(0 <= self.floor_scores <= 1, self.name, "floor_scores", "in [0, 1]", self.floor_scores)
-        require(self.mask_keys or self.drop_start, self.name, "drop_start",
-                "True when mask_keys is False (the request would change nothing)", self.drop_start)
+        require(self.mask_keys or self.drop_start or bool(self.recount_values), self.name, "drop_start",
+                "True when mask_keys is False and values are not recounted (the request would change nothing)",
+                self.drop_start)
+        require(not (self.recount_values and self.refit_epochs), self.name, "recount_values",
+                "unset or False with refit_epochs (re-fitting trains the values away from their counts)",
+                self.recount_values)
+
+    def _recounts(self, model: DKVBClassifier, request: ForgetRequest) -> bool:
+        """Whether this request recomputes ``model``'s values from its counts (``recount_values``)."""
+        if self.recount_values is False or self.refit_epochs:
+            return False
+        counted = values_are_counts(model, request.forgotten)
+        if self.recount_values and not counted:
+            raise ValueError(f"{self.name}: recount_values needs a model whose values are its cached key counts "
+                             "(built with value_init=counts and trained for 0 epochs); this model's values are not")
+        return counted
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         """The masked copy of ``model`` with the options applied: (copy, FLOPs, details)."""
@@ -94,9 +117,13 @@ class MaskingUnlearner(Unlearner):
             return out, removed + flops + self._floor(out, request), details
         if not self.mask_keys:
             new_mask = torch.zeros_like(new_mask)
+        counted = self._recounts(model, request)
         out = masked_copy(model, new_mask, erase_values=self.erase_values,
-                          share_values=not (self.erase_values or self.refit_epochs))
+                          share_values=not (self.erase_values or self.refit_epochs or counted))
         removed = remove_start(out, request.forget_classes) if self.drop_start else 0
+        if counted:
+            removed += recount(out, request.forget_classes + request.forgotten,
+                               erase=new_mask if self.erase_values else None)
         if not self.refit_epochs:
             return out, removed + self._floor(out, request), {}
         flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,
@@ -107,6 +134,23 @@ class MaskingUnlearner(Unlearner):
         if not self.floor_scores:
             return 0
         return floor_scores(model, request.forget_classes, request.forgotten, fraction=self.floor_scores)
+
+
+def recount(model: DKVBClassifier, absent: tuple[int, ...], *, erase: Tensor | None = None) -> int:
+    """Set the values of ``model`` (a copy with its own values) to its cached key counts without the
+    classes ``absent`` (:func:`~dkvb.value_init.values_without`); ``erase``: keys whose values are
+    zeroed afterwards. Returns its FLOPs.
+
+    A count-valued model's value for a class at a key is the smoothed log frequency of the class
+    among the training rows selecting the key. Without the class's rows, every key holds what it
+    would have held had the class never been seen: the class gets ``log(1 / (n + classes))``, the
+    classes sharing the key move up by what its rows took from them."""
+    b = model.bottleneck
+    with torch.no_grad():
+        b.values.copy_(values_without(model.activation_counts, absent).view_as(b.values))
+        if erase is not None:
+            b.values[erase.to(b.values.device)] = 0.0
+    return 4 * b.values.numel()
 
 
 def floor_scores(model: DKVBClassifier, classes: tuple[int, ...], forgotten: tuple[int, ...] = (), *,
