@@ -19,7 +19,7 @@ from ..models import CODE_EXTRA, CodeCache, DKVBClassifier
 from ..selection import Candidates
 from ..train import TrainConfig, fit_values
 from ..validate import require, require_count
-from ..value_init import values_are_counts, values_without
+from ..value_init import recounted_values
 from .base import ForgetRequest, Unlearner
 
 
@@ -96,15 +96,15 @@ class MaskingUnlearner(Unlearner):
                 "unset or False with refit_epochs (re-fitting trains the values away from their counts)",
                 self.recount_values)
 
-    def _recounts(self, model: DKVBClassifier, request: ForgetRequest) -> bool:
-        """Whether this request recomputes ``model``'s values from its counts (``recount_values``)."""
+    def _recounted(self, model: DKVBClassifier, request: ForgetRequest) -> Tensor | None:
+        """The values this request gives ``model`` by recounting (``recount_values``), or ``None``."""
         if self.recount_values is False or self.refit_epochs:
-            return False
-        counted = values_are_counts(model, request.forgotten)
-        if self.recount_values and not counted:
+            return None
+        values = recounted_values(model, request.forgotten, request.forget_classes)
+        if self.recount_values and values is None:
             raise ValueError(f"{self.name}: recount_values needs a model whose values are its cached key counts "
                              "(built with value_init=counts and trained for 0 epochs); this model's values are not")
-        return counted
+        return values
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
         """The masked copy of ``model`` with the options applied: (copy, FLOPs, details)."""
@@ -117,13 +117,12 @@ class MaskingUnlearner(Unlearner):
             return out, removed + flops + self._floor(out, request), details
         if not self.mask_keys:
             new_mask = torch.zeros_like(new_mask)
-        counted = self._recounts(model, request)
-        out = masked_copy(model, new_mask, erase_values=self.erase_values,
-                          share_values=not (self.erase_values or self.refit_epochs or counted))
+        values = self._recounted(model, request)  # recounted values replace the shared ones, erased after
+        erase = self.erase_values and values is None
+        out = masked_copy(model, new_mask, erase_values=erase, share_values=not (erase or self.refit_epochs))
         removed = remove_start(out, request.forget_classes) if self.drop_start else 0
-        if counted:
-            removed += recount(out, request.forget_classes + request.forgotten,
-                               erase=new_mask if self.erase_values else None)
+        if values is not None:
+            removed += recount(out, values, erase=new_mask if self.erase_values else None)
         if not self.refit_epochs:
             return out, removed + self._floor(out, request), {}
         flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,
@@ -136,21 +135,21 @@ class MaskingUnlearner(Unlearner):
         return floor_scores(model, request.forget_classes, request.forgotten, fraction=self.floor_scores)
 
 
-def recount(model: DKVBClassifier, absent: tuple[int, ...], *, erase: Tensor | None = None) -> int:
-    """Set the values of ``model`` (a copy with its own values) to its cached key counts without the
-    classes ``absent`` (:func:`~dkvb.value_init.values_without`); ``erase``: keys whose values are
-    zeroed afterwards. Returns its FLOPs.
+def recount(model: DKVBClassifier, values: Tensor, *, erase: Tensor | None = None) -> int:
+    """Give ``model`` (a copy) ``values`` ((C, K, classes), from
+    :func:`~dkvb.value_init.recounted_values`) as its own tensor; ``erase``: keys whose values are
+    zeroed. Returns the FLOPs of recounting (the check and the new values, at most 6 per value).
 
     A count-valued model's value for a class at a key is the smoothed log frequency of the class
     among the training rows selecting the key. Without the class's rows, every key holds what it
     would have held had the class never been seen: the class gets ``log(1 / (n + classes))``, the
     classes sharing the key move up by what its rows took from them."""
     b = model.bottleneck
-    with torch.no_grad():
-        b.values.copy_(values_without(model.activation_counts, absent).view_as(b.values))
-        if erase is not None:
+    b.values = torch.nn.Parameter(values.view_as(b.values), requires_grad=b.values.requires_grad)
+    if erase is not None:
+        with torch.no_grad():
             b.values[erase.to(b.values.device)] = 0.0
-    return 4 * b.values.numel()
+    return 6 * values.numel()
 
 
 def floor_scores(model: DKVBClassifier, classes: tuple[int, ...], forgotten: tuple[int, ...] = (), *,
