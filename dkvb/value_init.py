@@ -106,8 +106,7 @@ def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequenc
 
     Only the keys a ``forget`` class selected change: there the class's value becomes
     ``log(1 / (n + classes))`` and every other class's moves up by ``log((n + classes) / (n' + classes))``,
-    ``n'`` the key's rows without the class (CIFAR-10, 512 x 256 keys: a copy and a few operations on
-    the touched keys rather than a pass over every count)."""
+    ``n'`` the key's rows without the class: one pass over the values, none over the count table."""
     b = getattr(model, "bottleneck", None)
     counts = getattr(model, "activation_counts", None)
     if (b is None or not values_are_class_scores(model) or b.start.is_set or counts is None or counts.ndim != 3
@@ -125,11 +124,9 @@ def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequenc
     held = counts[f].permute(1, 2, 0).float()  # (C, K, len(f))
     if float((values[..., f] - (held.log1p() - log_rows.unsqueeze(-1))).abs().max()) > COUNT_TOLERANCE:
         return None
-    left = rows - held.sum(-1)
-    touched = held.sum(-1) > 0
-    out = values.clone()
-    out[touched] += (log_rows - (left + n).log())[touched].unsqueeze(-1)
-    out[..., f] = -(left + n).log().unsqueeze(-1)
+    log_left = (rows - held.sum(-1) + n).log()  # equal to log_rows, bit for bit, where no forget row is
+    out = values + (log_rows - log_left).unsqueeze(-1)
+    out[..., f] = -log_left.unsqueeze(-1)
     return out
 
 
