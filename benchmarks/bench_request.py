@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from dkvb.config import load_config
+from dkvb.provenance import code_version, run_date
 from dkvb.experiment import load_embeddings, train_models
 from dkvb.io import atomic_write_json
 from dkvb.request import make_request
@@ -54,11 +55,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="passes over the classes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/request_latency.json"))
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every config, e.g. train.value_init=counts")
     args = p.parse_args(argv)
+    code = code_version()  # the code that runs, named before anything can change it
     torch.set_num_threads(args.threads)
     rows = []
     for path in args.configs:
-        cfg = load_config(path, [])
+        cfg = load_config(path, args.overrides)
         train, _ = load_embeddings(cfg, progress=False)
         model, _ = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]
         b = model.bottleneck
@@ -74,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{r['median_ms']:.2f} | "
               f"{r['p90_ms']:.2f} | {r['max_ms']:.2f} | {', '.join(f'{f:.3g}' for f in r['flops'])} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(args.out, {"runs": rows})
+    atomic_write_json(args.out, {"runs": rows, "argv": sys.argv[1:] if argv is None else list(argv), "commit": code,
+                                 "date": run_date()})
     return 0
 
 

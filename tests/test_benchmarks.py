@@ -148,3 +148,15 @@ def test_bench_request_times_one_cached_count_request_per_class(tmp_path, tiny_c
     assert row["first_request_ms"] > 0  # the cold start, apart from the timed requests
     assert row["flops"] and all(f > 0 for f in row["flops"])
     assert "| tiny |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["commit"] and result["date"] and "--rounds" in result["argv"]
+
+
+def test_bench_request_recounts_a_count_valued_model(tmp_path, tiny_config):
+    out = tmp_path / "latency.json"
+    _run("bench_request.py", str(tiny_config), "--rounds", "1", "--set", "train.value_init=counts",
+         "--set", "train.epochs=0", "--set", "name=tiny_counts", "--out", str(out))
+    row = json.loads(out.read_text())["runs"][0]
+    assert row["config"] == "tiny_counts" and row["requests"] == row["classes"]
+    # the recount's operations on top of the mask's (the same share rule on the same counts)
+    assert all(f > 6 * row["codebooks"] * row["keys"] * row["classes"] for f in row["flops"])
