@@ -22,9 +22,9 @@ from typing import Any, Sequence
 import torch
 
 from dkvb.config import load_config
-from dkvb.provenance import code_version, run_date
 from dkvb.experiment import load_embeddings, train_models
 from dkvb.io import atomic_write_json
+from dkvb.provenance import code_version, run_date
 from dkvb.request import make_request
 from dkvb.unlearn import create_unlearner
 

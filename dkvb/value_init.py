@@ -113,14 +113,13 @@ def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequenc
             or counts.shape[0] != b.value_dim or counts.shape[1:] != b.values.shape[:2] or not bool(counts.any())):
         return None
     n, f = counts.shape[0], list(forget)
-    totals = model.activation_totals()[0] if hasattr(model, "activation_totals") else counts.sum(0)
-    rows = (totals - counts[list(forgotten)].sum(0)).float() if len(forgotten) else totals.float()
-    log_rows = (rows + n).log()  # (C, K)
     values = b.values.detach()
     if not f:  # nothing to recount: the check alone, over every class
-        expected = counts.permute(1, 2, 0).float().log1p() - log_rows.unsqueeze(-1)
-        expected[..., list(forgotten)] = -log_rows.unsqueeze(-1)
+        expected = values_without(counts, forgotten).view_as(values)
         return values.clone() if float((values - expected).abs().max()) <= COUNT_TOLERANCE else None
+    totals = model.activation_totals()[0]
+    rows = (totals - counts[list(forgotten)].sum(0)).float() if len(forgotten) else totals.float()
+    log_rows = (rows + n).log()  # (C, K)
     held = counts[f].permute(1, 2, 0).float()  # (C, K, len(f))
     if float((values[..., f] - (held.log1p() - log_rows.unsqueeze(-1))).abs().max()) > COUNT_TOLERANCE:
         return None
