@@ -96,11 +96,15 @@ def _expand(methods: list[MethodConfig] | tuple[MethodConfig, ...]) -> list[tupl
             else (label, method_model(m), m.name, params) for label, m, params in expand_method_list(methods)]
 
 
-def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int) -> nn.Module:
+def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int, *,
+                 size_from: int | None = None) -> nn.Module:
     """A model of ``kind`` (``"dkvb"`` or ``"linear"``) trained on ``data`` with the config's recipe and
-    ``seed`` for everything (a DKVB's keys fitted on ``data``: a retrained DKVB never saw the forget set)."""
+    ``seed`` for everything (a DKVB's keys fitted on ``data``: a retrained DKVB never saw the forget set).
+    ``size_from``: the training set size that resolves ``"auto"`` codebook sizes (default ``len(data)``);
+    a retrained model passes the original's, so both have the same architecture."""
     if kind == "dkvb":
-        model = build_model(resolve_config(cfg.model, len(data)), data.dim, data.num_classes, seed=seed)
+        model = build_model(resolve_config(cfg.model, size_from or len(data)), data.dim, data.num_classes,
+                            seed=seed)
     else:
         model = build_model({"kind": "linear"}, data.dim, data.num_classes, seed=seed)
     model.prepare(data.x, data.y)
@@ -157,7 +161,8 @@ def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, req
             if not retrain:
                 continue
             start = time.perf_counter()
-            out[f"retrained ({kind})"] = _outputs(train_family(cfg, kind, request.retain, seed), views)
+            retrained = train_family(cfg, kind, request.retain, seed, size_from=len(train))
+            out[f"retrained ({kind})"] = _outputs(retrained, views)
             seconds[f"retrain {kind}"] = seconds.get(f"retrain {kind}", 0.0) + time.perf_counter() - start
     return {"outputs": outputs, "seconds": seconds, "flops": flops}
 

@@ -1,12 +1,14 @@
 """The forgetting-quality benchmark's runner (dkvb.forgetting_eval) on a tiny synthetic problem."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
 from dkvb.config import ExperimentConfig, MethodConfig
 from dkvb.experiment import expand_method_list, method_from_label
-from dkvb.forgetting_eval import ForgettingConfig, measure_forgetting
+from dkvb.forgetting_eval import ForgettingConfig, measure_forgetting, train_family
 from dkvb.models import ModelConfig
 from dkvb.train import TrainConfig
 
@@ -51,6 +53,19 @@ def test_scores_every_method_against_its_own_family_and_resumes(tmp_path, monkey
     fewer = measure_forgetting(_config(), train, test, ForgettingConfig(num_models=4, methods=methods[2:3]), tmp_path)
     assert set(fewer["mean"]) == {"original (dkvb)", "original (linear)", "drop-output"}
     assert fewer["mean"]["drop-output"] == result["mean"]["drop-output"]
+
+
+def test_a_retrained_dkvb_has_the_originals_codebook_size():
+    """``auto`` sizes resolve from the original training set, also for a model retrained on fewer rows
+    (1,300 rows give 64 keys per codebook; the 975 retain rows alone would give 32)."""
+    cfg = replace(_config(), model=ModelConfig(num_codebooks=8, codebook_size="auto", key_dim=4, projection="random"))
+    train = make_clusters(1300, dim=16, num_classes=4, seed=0)
+    retain = train.subset(~train.class_mask((1,)))
+    assert len(retain) < 1280
+    original = train_family(cfg, "dkvb", train, 0)
+    retrained = train_family(cfg, "dkvb", retain, 0, size_from=len(train))
+    assert original.bottleneck.codebook_size == retrained.bottleneck.codebook_size == 64
+    assert train_family(cfg, "dkvb", retain, 0).bottleneck.codebook_size == 32
 
 
 def test_needs_four_models_for_a_ceiling():
