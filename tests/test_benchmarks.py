@@ -160,3 +160,32 @@ def test_bench_request_recounts_a_count_valued_model(tmp_path, tiny_config):
     assert row["config"] == "tiny_counts" and row["requests"] == row["classes"]
     # the recount's operations on top of the mask's (the same share rule on the same counts)
     assert all(f > 6 * row["codebooks"] * row["keys"] * row["classes"] for f in row["flops"])
+
+
+def _forgetting_json(path: Path, before: float, f_train: float, f_test: float) -> Path:
+    row = {"F_at_ceiling_n": f_train, "ceiling": 0.3, "F_test_at_ceiling_n": f_test, "ceiling_test": 0.25}
+    path.write_text(json.dumps({"num_models": 12, "commit": "abc1234", "mean": {
+        "original (dkvb)": {**row, "F_at_ceiling_n": 0.0, "F_test_at_ceiling_n": 0.0, "retain_test_acc": before},
+        "dkvb-activations": row, "dkvb-drop-output": {**row, "F_at_ceiling_n": 0.0, "F_test_at_ceiling_n": 0.0}}}))
+    return path
+
+
+def test_forgetting_frontier_plots_each_request_as_a_share_of_its_ceiling(tmp_path):
+    a = _forgetting_json(tmp_path / "a.json", 0.9, 0.15, 0.2)
+    b = _forgetting_json(tmp_path / "b.json", 0.8, 0.3, 0.25)
+    out = tmp_path / "fig" / "frontier.png"
+    proc = _run("forgetting_frontier.py", f"set A|trained={a}", f"set A|counts={b}", "--out", str(out))
+    assert out.stat().st_size > 0
+    points = json.loads(out.with_suffix(".json").read_text())["points"]
+    assert [(p["model"], p["request"]) for p in points] == [("trained", "default request"), ("trained", "output deleted"),
+                                                            ("counts", "default request"), ("counts", "output deleted")]
+    assert points[0]["share_train"] == pytest.approx(0.5) and points[0]["share_test"] == pytest.approx(0.8)
+    assert points[2]["retain_test_before"] == pytest.approx(80.0) and points[2]["share_train"] == pytest.approx(1.0)
+    assert "| set A | counts | default request | 80.00 | 0.300 (100%) | 0.250 (100%) |" in proc.stdout
+
+
+def test_forgetting_frontier_refuses_an_unnamed_source(tmp_path):
+    a = _forgetting_json(tmp_path / "a.json", 0.9, 0.15, 0.2)
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forgetting_frontier.py"), str(a), "--out",
+                           str(tmp_path / "f.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "SET|MODEL=PATH" in proc.stderr

@@ -203,9 +203,8 @@ def test_trained_models_record_the_full_encoder_setting_and_refuse_another(run_d
 
 
 def test_parallel_workers_of_a_multithreaded_parent_finish(tmp_path, run_dir):
-    """``dkvb run --jobs 2`` with 4 torch threads in the parent. Its workers used to get 2 threads
-    each and hung in their first parallel op (GNU OpenMP does not survive a fork; found on a
-    16-core machine); they now run on one thread each and the run finishes."""
+    """``dkvb run --jobs 2`` with 4 torch threads in the parent. Forked workers run on one thread
+    each: with more, GNU OpenMP (which does not survive a fork) hangs in their first parallel op."""
     dirs = ["--set", f"cache_dir={run_dir.parent.parent / 'cache'}", "--set", f"output_dir={tmp_path}"]
     env = {**os.environ, "DKVB_THREADS": "4"}
     done = subprocess.run([sys.executable, "-m", "dkvb", "run", str(CONFIG), *dirs, "--jobs", "2"], env=env,
