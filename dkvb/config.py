@@ -94,6 +94,11 @@ class ExperimentConfig:
         verify: relearning probe for every result (:class:`dkvb.verify.ProbeConfig` fields, e.g.
             ``{examples: 10, lr: 1.0, max_steps: 100}``); empty = no probe. Its step count is the
             ``relearn_steps`` metric; compare each method with the ``retrain`` row.
+        key_pool: a dataset the DKVB's keys and projection are fitted on instead of the training
+            set (its training split, ``train_limit`` images of it), encoded by the same encoder;
+            ``None`` fits them on the training set. Another dataset than ``dataset``: no forget
+            request touches it, so a retrained DKVB gets the same keys, and a request on count
+            values (``train.value_init: counts``, ``train.epochs: 0``) reproduces retraining exactly.
         forgetting: forgetting quality against retraining after the run
             (:class:`dkvb.forgetting_eval.ForgettingConfig` fields, e.g. ``{num_models: 8,
             requests: 3}``; ``methods`` as in ``methods``); empty = not measured. Written to
@@ -114,6 +119,7 @@ class ExperimentConfig:
     methods: list[MethodConfig] = field(default_factory=lambda: [MethodConfig("dkvb-activations")])
     verify: dict[str, Any] = field(default_factory=dict)
     forgetting: dict[str, Any] = field(default_factory=dict)
+    key_pool: DatasetConfig | None = None
     cache_dir: str = field(default_factory=lambda: os.environ.get("DKVB_CACHE", "~/.cache/dkvb/embeddings"))
     output_dir: str = "results"
 
@@ -148,6 +154,8 @@ def _build(cls: type, data: Any, path: str, base: Any = None) -> Any:
             if not isinstance(value, list):
                 raise invalid("config", f"{path}{key}", "a list", value)
             kwargs[key] = [method_config(v, f"{path}{key}[{i}]") for i, v in enumerate(value)]
+        elif sub is not None and value is None and fields[key].default is None:
+            kwargs[key] = None  # an optional section left out
         elif sub is not None:
             default = fields[key].default_factory  # a section's own default (e.g. the DKVB's training)
             kwargs[key] = _build(sub, value, f"{path}{key}.", None if default is dataclasses.MISSING else default())
@@ -194,6 +202,7 @@ def method_config(value: Any, path: str = "method") -> MethodConfig:
 _NESTED: dict[tuple[type, str], Any] = {
     (ExperimentConfig, "dataset"): DatasetConfig,
     (ExperimentConfig, "encoder"): EncoderConfig,
+    (ExperimentConfig, "key_pool"): DatasetConfig,
     (ExperimentConfig, "model"): ModelConfig,
     (ExperimentConfig, "train"): TrainConfig,
     (ExperimentConfig, "linear_train"): TrainConfig,
@@ -245,6 +254,9 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     prefix, colon, arg = config.dataset.name.partition(":")
     if prefix == "imagefolder" and not arg.strip():
         raise invalid("config", "dataset.name", "'imagefolder:<path>' with a folder", config.dataset.name)
+    if config.key_pool is not None and config.key_pool.name == config.dataset.name:
+        raise invalid("config", "key_pool.name", "another dataset than dataset.name (forget requests would "
+                      "touch a pool drawn from the training data)", config.key_pool.name)
     return config
 
 

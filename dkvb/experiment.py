@@ -56,9 +56,25 @@ def load_embeddings(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[Em
     return out[0], out[1]
 
 
+def load_key_pool(cfg: ExperimentConfig, *, progress: bool = True) -> EmbeddingSet | None:
+    """Embeddings of the config's ``key_pool`` (training split, same encoder), from the cache when
+    present; ``None`` when the keys are fitted on the training set."""
+    from .cache import embed_split
+
+    pool = cfg.key_pool
+    if pool is None:
+        return None
+    return embed_split(
+        cfg.encoder.name, pool.name, "train", cache_dir=cfg.cache_dir, image_size=cfg.encoder.image_size,
+        dataset_kwargs={"root": pool.root, "download": pool.download}, batch_size=cfg.encoder.batch_size,
+        num_workers=cfg.encoder.num_workers, dtype=cfg.encoder.dtype, limit=pool.train_limit, seed=cfg.seed,
+        device=cfg.encoder.device, amp=cfg.encoder.amp, pretrained=cfg.encoder.pretrained, progress=progress,
+    )
+
+
 def _fingerprint(cfg: ExperimentConfig) -> str:
     """Hash of everything that determines the trained models (not the methods or requests)."""
-    keys = ("seed", "dataset", "encoder", "model", "train", "linear_train", "sharded")
+    keys = ("seed", "dataset", "encoder", "model", "train", "linear_train", "sharded", "key_pool")
     blob = json.dumps({k: cfg.to_dict()[k] for k in keys}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -83,6 +99,8 @@ def train_models(
 
     kinds = kinds or needed_models(cfg)
     timer = timer or PhaseTimer()
+    pool = load_key_pool(cfg, progress=progress) if "dkvb" in kinds else None
+    keys_on = train if pool is None else pool
     out: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     setting = _encoder_setting(cfg)
     for kind in sorted(kinds):
@@ -108,7 +126,7 @@ def train_models(
             model = build_model(resolve_config(cfg.model, len(train)) if kind == "dkvb" else {"kind": "linear"},
                                 train.dim, train.num_classes, seed=cfg.seed)
             with timer.track("k-means", kind):
-                model.prepare(train.x, train.y)
+                model.prepare(keys_on.x, keys_on.y)
             start = time.perf_counter()
             codes = found = None
             if hasattr(model, "bottleneck"):  # one search: training codes, activation counts, candidates

@@ -30,7 +30,7 @@ from .cache import subset_indices
 from .config import ExperimentConfig, MethodConfig
 from .data import EmbeddingSet
 from .evaluate import accuracy, membership_attack, predict_logits
-from .experiment import expand_method_list, forget_requests, method_model
+from .experiment import expand_method_list, forget_requests, load_key_pool, method_model
 from .forgetting_quality import final_score, forgetting_report
 from .io import atomic_write_json
 from .models import build_model, resolve_config
@@ -97,9 +97,10 @@ def _expand(methods: list[MethodConfig] | tuple[MethodConfig, ...]) -> list[tupl
 
 
 def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int, *,
-                 size_from: int | None = None) -> nn.Module:
+                 size_from: int | None = None, key_pool: EmbeddingSet | None = None) -> nn.Module:
     """A model of ``kind`` (``"dkvb"`` or ``"linear"``) trained on ``data`` with the config's recipe and
-    ``seed`` for everything (a DKVB's keys fitted on ``data``: a retrained DKVB never saw the forget set).
+    ``seed`` for everything (a DKVB's keys fitted on ``data``, so a retrained DKVB never saw the forget
+    set, or on ``key_pool``, the config's :func:`~dkvb.experiment.load_key_pool`, when it has one).
     ``size_from``: the training set size that resolves ``"auto"`` codebook sizes (default ``len(data)``);
     a retrained model passes the original's, so both have the same architecture."""
     if kind == "dkvb":
@@ -107,7 +108,8 @@ def train_family(cfg: ExperimentConfig, kind: str, data: EmbeddingSet, seed: int
                             seed=seed)
     else:
         model = build_model({"kind": "linear"}, data.dim, data.num_classes, seed=seed)
-    model.prepare(data.x, data.y)
+    keys_on = data if key_pool is None or kind != "dkvb" else key_pool
+    model.prepare(keys_on.x, keys_on.y)
     recipe = cfg.train if kind == "dkvb" else cfg.linear_train
     fit(model, data, replace(recipe, seed=seed))
     if kind == "dkvb":
@@ -135,15 +137,17 @@ def _views(train: EmbeddingSet, test: EmbeddingSet, classes: tuple[int, ...], se
 
 
 def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, requests: list[tuple[int, ...]],
-             methods: list[tuple[str, str, str, dict[str, Any]]], seed: int, *, retrain: bool = True) -> dict[str, Any]:
+             methods: list[tuple[str, str, str, dict[str, Any]]], seed: int, *, retrain: bool = True,
+             key_pool: EmbeddingSet | None = None) -> dict[str, Any]:
     """Every family's original, unlearned and (unless ``retrain`` is False) retrained outputs for
-    one seed: ``{"outputs": {request: {method: {view: logits}}}, "seconds": {...}, "flops": {...}}``."""
+    one seed: ``{"outputs": {request: {method: {view: logits}}}, "seconds": {...}, "flops": {...}}``;
+    ``key_pool``: what DKVB keys are fitted on (:func:`train_family`)."""
     outputs: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     seconds: dict[str, float] = {}
     flops: dict[str, dict[str, int]] = {}
     for kind in sorted({fam for _, fam, _, _ in methods}):
         start = time.perf_counter()
-        model = train_family(cfg, kind, train, seed)
+        model = train_family(cfg, kind, train, seed, key_pool=key_pool)
         seconds[f"train {kind}"] = time.perf_counter() - start
         for classes in requests:
             key = ",".join(map(str, classes))
@@ -161,7 +165,7 @@ def run_seed(cfg: ExperimentConfig, train: EmbeddingSet, test: EmbeddingSet, req
             if not retrain:
                 continue
             start = time.perf_counter()
-            retrained = train_family(cfg, kind, request.retain, seed, size_from=len(train))
+            retrained = train_family(cfg, kind, request.retain, seed, size_from=len(train), key_pool=key_pool)
             out[f"retrained ({kind})"] = _outputs(retrained, views)
             seconds[f"retrain {kind}"] = seconds.get(f"retrain {kind}", 0.0) + time.perf_counter() - start
     return {"outputs": outputs, "seconds": seconds, "flops": flops}
@@ -192,8 +196,10 @@ def score(runs: list[dict[str, Any]], test: EmbeddingSet, train: EmbeddingSet,
                           for name in (label, f"retrained ({fam})"))
             # F on the forget set as the competition defines it (the class's training images), and
             # on its unseen test images; agreement and JS on the test images
-            rep = forgetting_report(stack["forget_train"], ref["forget_train"], ys["forget_train"], rng_seed=seed)
-            rep_test = forgetting_report(stack["forget_test"], ref["forget_test"], ys["forget_test"], rng_seed=seed)
+            rep = forgetting_report(stack["forget_train"], ref["forget_train"], ys["forget_train"], rng_seed=seed,
+                                    paired=True)
+            rep_test = forgetting_report(stack["forget_test"], ref["forget_test"], ys["forget_test"], rng_seed=seed,
+                                         paired=True)
             acc = {f"{v}{suffix}": [float((s.argmax(1) == ys[v]).mean()) for s in arr[v]]
                    for v in ("retain_train", "retain_test") for suffix, arr in (("", stack), ("_retrained", ref))}
             mia = [_mia(s, ref_) for s, ref_ in zip(_triples(stack), _triples(ref))]
@@ -251,6 +257,7 @@ def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: Embeddi
     requests = forget_requests(cfg, train.class_names)[: fcfg.requests]
     methods = _expand(fcfg.methods or DEFAULT_METHODS)
     require(bool(requests), "measure_forgetting", "requests", "at least one forget request", fcfg.requests)
+    pool = load_key_pool(cfg, progress=False)
     runs, start = [], time.perf_counter()
     for offset in range(fcfg.num_models):
         s = cfg.seed + offset
@@ -265,7 +272,7 @@ def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: Embeddi
                 continue
             # the seed's retrained models are saved: only the methods it lacks run (on the same originals)
             log.info("forgetting quality: seed %d, adding %s", s, ", ".join(m[0] for m in missing))
-            extra = run_seed(cfg, train, test, requests, missing, s, retrain=False)
+            extra = run_seed(cfg, train, test, requests, missing, s, retrain=False, key_pool=pool)
             for key, outs in extra["outputs"].items():
                 run["outputs"][key].update(outs)
             run["seconds"].update(extra["seconds"])
@@ -277,7 +284,7 @@ def measure_forgetting(cfg: ExperimentConfig, train: EmbeddingSet, test: Embeddi
         if only is not None and offset not in only:
             continue
         log.info("forgetting quality: seed %d of %d", s - cfg.seed + 1, fcfg.num_models)
-        run = {**run_seed(cfg, train, test, requests, methods, s), "methods": [m[0] for m in methods],
+        run = {**run_seed(cfg, train, test, requests, methods, s, key_pool=pool), "methods": [m[0] for m in methods],
                "requests": requests}
         _save(run, path)
         runs.append(run)

@@ -342,12 +342,13 @@ def final_score(F: float, retain_acc: Any, test_acc: Any, retain_acc_retrained: 
     return float(F) * (ra / rr) * (ta / tr)
 
 
-def _halves(retrained: np.ndarray, rng: Any) -> tuple[np.ndarray, np.ndarray]:
-    if retrained.shape[0] < 4:
-        raise ValueError(f"ceiling: needs at least 4 retrained models (two halves of 2), got {retrained.shape[0]}")
-    perm = np.random.default_rng(rng).permutation(retrained.shape[0])
-    h = retrained.shape[0] // 2
-    return retrained[perm[:h]], retrained[perm[h:2 * h]]
+def _halves(n: int, rng: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Row indices of two disjoint random halves of ``n`` models (an odd one left out)."""
+    if n < 4:
+        raise ValueError(f"ceiling: needs at least 4 retrained models (two halves of 2), got {n}")
+    perm = np.random.default_rng(rng).permutation(n)
+    h = n // 2
+    return perm[:h], perm[h:2 * h]
 
 
 def ceiling(retrained_scalars: Any, rng: Any, *, delta: float = DELTA) -> float:
@@ -358,8 +359,8 @@ def ceiling(retrained_scalars: Any, rng: Any, *, delta: float = DELTA) -> float:
     is F of the original models vs the retrained ones.
     """
     r = _model_set(retrained_scalars, "retrained_scalars", "ceiling")
-    a, b = _halves(r, rng)
-    return forgetting_score(per_example_epsilon(a, b, delta=delta), num_models=a.shape[0])
+    a, b = _halves(r.shape[0], rng)
+    return forgetting_score(per_example_epsilon(r[a], r[b], delta=delta), num_models=len(a))
 
 
 # --------------------------------------------------------------------------------------------
@@ -406,7 +407,7 @@ def js_divergence(logits_a: Any, logits_b: Any) -> float:
 
 
 def forgetting_report(unlearned_logits: Any, retrained_logits: Any, labels: Any, *, rng_seed: int = 0,
-                      delta: float = DELTA) -> dict[str, float | int]:
+                      paired: bool = False, delta: float = DELTA) -> dict[str, float | int]:
     """Everything at once, from (N_u, n, K) and (N_r, n, K) logits on the forget set.
 
     Keys: set sizes and n; ``epsilon_mean``/``epsilon_median``/``epsilon_capped_fraction`` and
@@ -414,6 +415,11 @@ def forgetting_report(unlearned_logits: Any, retrained_logits: Any, labels: Any,
     its ``ceiling_n`` (= N_r // 2) and epsilon mean/median; ``forgetting_score_at_ceiling_n``
     (N_r // 2 unlearned models vs the ceiling's first half, so F and ceiling share N); and
     ``top1_agreement`` and ``js_divergence`` between the unlearned and retrained sets.
+
+    ``paired``: unlearned row i and retrained row i come from the same seed (N_u == N_r). The
+    matched score then takes the unlearned models of the ceiling's second half's seeds, so no
+    model meets its own retrained twin and a method that reproduces retraining exactly scores
+    the ceiling exactly; unpaired, N_r // 2 unlearned models are drawn at random.
     """
     u_logits, r_logits = _logit_sets(unlearned_logits, retrained_logits, "forgetting_report")
     cu = true_class_confidence(u_logits, labels)
@@ -422,13 +428,16 @@ def forgetting_report(unlearned_logits: Any, retrained_logits: Any, labels: Any,
     n_models = min(cu.shape[0], cr.shape[0])
 
     rng = np.random.default_rng(rng_seed)
-    half_a, half_b = _halves(cr, rng)
-    h = half_a.shape[0]
+    a, b = _halves(cr.shape[0], rng)
+    h = len(a)
+    if paired and cu.shape[0] != cr.shape[0]:
+        raise ValueError(f"forgetting_report: paired sets need as many unlearned as retrained models, "
+                         f"got {cu.shape[0]} and {cr.shape[0]}")
     if cu.shape[0] < h:
         raise ValueError(f"forgetting_report: needs at least N_r // 2 = {h} unlearned models, got {cu.shape[0]}")
-    eps_ceiling = per_example_epsilon(half_a, half_b, delta=delta)
-    u_half = cu[rng.permutation(cu.shape[0])[:h]]
-    eps_matched = per_example_epsilon(u_half, half_a, delta=delta)
+    eps_ceiling = per_example_epsilon(cr[a], cr[b], delta=delta)
+    u_half = cu[b] if paired else cu[rng.permutation(cu.shape[0])[:h]]
+    eps_matched = per_example_epsilon(u_half, cr[a], delta=delta)
 
     return {
         "n_unlearned": int(cu.shape[0]),

@@ -238,3 +238,22 @@ def test_run_scores_forgetting_quality_when_the_config_asks(run_dir, dirs, capsy
     result = json.loads((run_dir / "forgetting" / "forgetting.json").read_text())
     assert result["num_models"] == 4 and set(result["mean"]) == {"original (dkvb)", "original (linear)",
                                                                   "dkvb-activations", "drop-output"}
+
+
+def test_a_key_pool_is_what_the_keys_are_fitted_on(tiny_config):
+    """``key_pool``: the DKVB's keys come from k-means on the pool's embeddings (same encoder), not the
+    training set's; the stored model is retrained when the pool changes."""
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings, load_key_pool, train_models
+    from dkvb.models import build_model, resolve_config
+
+    cfg = load_config(tiny_config, ["key_pool.name=sklearn-digits", "key_pool.train_limit=200"])
+    train, _ = load_embeddings(cfg, progress=False)
+    pool = load_key_pool(cfg, progress=False)
+    assert len(pool) == 200 and pool.dim == train.dim
+    model = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"][0]
+    expected = build_model(resolve_config(cfg.model, len(train)), train.dim, train.num_classes, seed=cfg.seed)
+    expected.prepare(pool.x, pool.y)
+    assert torch.equal(model.bottleneck.keys, expected.bottleneck.keys)
+    own = train_models(load_config(tiny_config), train, kinds={"dkvb"}, progress=False)["dkvb"][0]
+    assert not torch.equal(own.bottleneck.keys, model.bottleneck.keys)

@@ -98,3 +98,15 @@ def test_scrub_defaults_are_the_cross_dataset_choice():
         pytest.skip("no setting forgot on every tuned config")
     defaults = {f.name: f.default for f in dataclasses.fields(SCRUB)}
     assert {k: defaults[k] for k in common} == common
+
+
+def test_a_key_pool_is_another_dataset():
+    """``key_pool`` is optional (keys on the training set), a dataset section when given, and may not
+    be the training dataset itself (forget requests would touch it)."""
+    assert load_config(None, []).key_pool is None
+    cfg = load_config(None, ["dataset.name=cifar10", "key_pool.name=cifar100", "key_pool.train_limit=5000"])
+    assert (cfg.key_pool.name, cfg.key_pool.train_limit) == ("cifar100", 5000)
+    with pytest.raises(ValueError, match="key_pool.name"):
+        load_config(None, ["dataset.name=cifar10", "key_pool.name=cifar10"])
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['key_pool.size'\]"):
+        load_config(None, ["key_pool.size=3"])

@@ -85,3 +85,25 @@ def test_a_method_label_names_the_run_it_came_from(label):
 def test_a_malformed_method_label_is_refused(label):
     with pytest.raises(ValueError, match="method label"):
         method_from_label(label)
+
+
+def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
+    """Keys and projection fitted on a pool no request touches, count values: the request's recount
+    (no mask) gives bit for bit the model retrained without the class, on every input."""
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    cfg = replace(_config(), model=ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="whitened"),
+                  train=TrainConfig(epochs=0, value_init="counts"))
+    train, test = make_clusters(600, dim=16, num_classes=4, seed=0), make_clusters(200, dim=16, num_classes=4, seed=1)
+    pool = make_clusters(500, dim=16, num_classes=6, seed=2)
+    original = train_family(cfg, "dkvb", train, 0, key_pool=pool)
+    request = ForgetRequest((1,), train, seed=0)
+    unlearned = create_unlearner("dkvb-activations", mask_keys=False).unlearn(original, request).model
+    retrained = train_family(cfg, "dkvb", request.retain, 0, size_from=len(train), key_pool=pool)
+    assert torch.equal(unlearned.bottleneck.keys, retrained.bottleneck.keys)
+    assert torch.equal(unlearned(test.x), retrained(test.x))
+    # keys fitted on the training set differ once the class is gone: the recount is then not retraining
+    own = train_family(cfg, "dkvb", train, 0)
+    own_unlearned = create_unlearner("dkvb-activations", mask_keys=False).unlearn(own, request).model
+    own_retrained = train_family(cfg, "dkvb", request.retain, 0, size_from=len(train))
+    assert not torch.equal(own_unlearned(test.x), own_retrained(test.x))

@@ -175,6 +175,24 @@ def test_report_floor_and_identical():
     assert set(rep2) >= {"epsilon_mean", "epsilon_median", "ceiling", "forgetting_score_at_ceiling_n"}
 
 
+def test_paired_report_scores_exact_retraining_at_the_ceiling():
+    """Unlearned models equal to their own seed's retrained twin (exact unlearning): the matched
+    score meets only the other seeds' retrained models, so it is the ceiling, to the last bit; the
+    full-N score compares identical sets (epsilon 0, F = 1)."""
+    rng = np.random.default_rng(1)
+    retrained = rng.normal(size=(12, 30, 4)) + np.array([-2.0, 1, 0, 0])
+    labels = np.zeros(30, dtype=int)
+    for seed in range(3):
+        rep = fq.forgetting_report(retrained.copy(), retrained, labels, rng_seed=seed, paired=True)
+        assert rep["forgetting_score_at_ceiling_n"] == rep["ceiling"]
+        assert rep["forgetting_score"] == 1.0 and rep["epsilon_mean"] == 0.0
+    shifted = retrained + np.array([1.5, 0, 0, 0])
+    rep = fq.forgetting_report(shifted, retrained, labels, paired=True)
+    assert rep["forgetting_score_at_ceiling_n"] < rep["ceiling"]
+    with pytest.raises(ValueError, match="paired sets need as many"):
+        fq.forgetting_report(retrained[:8], retrained, labels, paired=True)
+
+
 @pytest.mark.parametrize("u, r, match", [
     (np.zeros((4, 3)), np.zeros((4, 2)), "same number of examples"),
     (np.zeros((1, 3)), np.zeros((4, 3)), "at least 2 models"),
