@@ -89,7 +89,7 @@ def test_a_malformed_method_label_is_refused(label):
 
 def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
     """Keys and projection fitted on a pool no request touches, count values: the request's recount
-    (no mask) gives bit for bit the model retrained without the class, on every input."""
+    (no mask) gives the model retrained without the class, to float32 rounding, on every input."""
     from dkvb.unlearn import ForgetRequest, create_unlearner
 
     cfg = replace(_config(), model=ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="whitened"),
@@ -101,7 +101,7 @@ def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
     unlearned = create_unlearner("dkvb-activations", mask_keys=False).unlearn(original, request).model
     retrained = train_family(cfg, "dkvb", request.retain, 0, size_from=len(train), key_pool=pool)
     assert torch.equal(unlearned.bottleneck.keys, retrained.bottleneck.keys)
-    assert torch.equal(unlearned(test.x), retrained(test.x))
+    assert (unlearned(test.x) - retrained(test.x)).abs().max() <= 1e-6
     # keys fitted on the training set differ once the class is gone: the recount is then not retraining
     own = train_family(cfg, "dkvb", train, 0)
     own_unlearned = create_unlearner("dkvb-activations", mask_keys=False).unlearn(own, request).model

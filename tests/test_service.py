@@ -570,3 +570,32 @@ def test_the_log_holds_the_share_the_default_resolved_to_and_older_records_repla
     mask, how = _replay_forget(legacy, model, list(train.class_names), model.key_mask.clone(), None)
     assert how == "recomputed" and torch.equal(mask, old)
     assert int(old.sum()) > int(load_model(path)[0].key_mask.sum())  # the old default masked more
+
+
+def test_a_served_model_with_keys_from_a_pool_forgets_like_retraining(clusters, tmp_path):
+    """Keys fitted on a pool, count values, the recount alone: after two logged requests the served
+    model is the model built without those classes, to float32 rounding of the recount."""
+    from conftest import make_clusters
+
+    train, test = clusters
+    pool = make_clusters(400, dim=train.dim, num_classes=3, seed=7)
+    config = ModelConfig(num_codebooks=8, codebook_size=32, key_dim=4, projection="whitened")
+
+    def built(data):
+        model = build_model(config, train.dim, train.num_classes)
+        model.prepare(pool.x, pool.y)
+        fit(model, data, TrainConfig(epochs=0, value_init="counts"))
+        model.compute_activation_counts(data.x, data.y)
+        return model
+
+    path = tmp_path / "model"
+    save_model(built(train), path, class_names=list(train.class_names), encoder="synthetic")
+    for name in ("class1", "class2"):
+        assert forget(path, name, params={"mask_keys": False})["keys_masked"] == 0
+    served, _ = load_model(path)
+    retrained = built(train.subset(~train.class_mask((1, 2))))
+    assert torch.equal(served.bottleneck.keys, retrained.bottleneck.keys)
+    assert (served.bottleneck.values - retrained.bottleneck.values).abs().max() <= 1e-6
+    assert (served(test.x) - retrained(test.x)).abs().max() <= 1e-6
+    assert torch.equal(served(test.x).argmax(1), retrained(test.x).argmax(1))
+    assert torch.equal(replay(path), served.key_mask)
