@@ -107,3 +107,21 @@ def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
     own_unlearned = create_unlearner("dkvb-activations", mask_keys=False).unlearn(own, request).model
     own_retrained = train_family(cfg, "dkvb", request.retain, 0, size_from=len(train))
     assert not torch.equal(own_unlearned(test.x), own_retrained(test.x))
+
+
+def test_the_benchmark_scores_exact_unlearning_at_its_ceiling(tiny_config, tmp_path):
+    """A config with a key pool and count values, end to end from images: the recount alone is the
+    retrained model, so F at the full N is 1 and F at the ceiling's N is the ceiling itself."""
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings
+
+    cfg = load_config(tiny_config, ["key_pool.name=sklearn-digits", "key_pool.train_limit=300",
+                                    "model.projection=whitened", "train.value_init=counts", "train.epochs=0",
+                                    "forget=[[class1]]"])
+    train, test = load_embeddings(cfg, progress=False)
+    methods = [MethodConfig("dkvb-activations", params={"mask_keys": [False]}), MethodConfig("dkvb-activations")]
+    result = measure_forgetting(cfg, train, test, ForgettingConfig(num_models=4, methods=methods), tmp_path)
+    exact = result["mean"]["dkvb-activations[mask_keys=False]"]
+    assert exact["F"] == 1.0 and exact["F_test"] == 1.0
+    assert exact["F_at_ceiling_n"] == exact["ceiling"] and exact["F_test_at_ceiling_n"] == exact["ceiling_test"]
+    assert exact["forget_test_acc"] == 0.0
