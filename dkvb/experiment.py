@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .audit import is_served
-from .config import ExperimentConfig, MethodConfig, save_config
+from .config import DatasetConfig, ExperimentConfig, MethodConfig, save_config
 from .data import EmbeddingSet, resolve_classes
 from .flops import count_images, encoder_flops_per_image
 from .evaluate import METRICS, accuracies_from_logits, accuracy, evaluate, mia_from_logits, predict_logits
@@ -39,37 +39,30 @@ log = logging.getLogger("dkvb")
 
 
 # ------------------------------------------------------------------ stages
-def load_embeddings(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[EmbeddingSet, EmbeddingSet]:
-    """(train, test) embeddings of the configured dataset and encoder, from the cache when present."""
+def _embed(cfg: ExperimentConfig, data: DatasetConfig, split: str, limit: int | None, progress: bool) -> EmbeddingSet:
+    """One split of ``data`` encoded with the config's encoder setting, from the cache when present."""
     from .cache import embed_split
 
-    out = []
-    for split, limit in (("train", cfg.dataset.train_limit), ("test", cfg.dataset.test_limit)):
-        out.append(embed_split(
-            cfg.encoder.name, cfg.dataset.name, split, cache_dir=cfg.cache_dir,
-            image_size=cfg.encoder.image_size,
-            dataset_kwargs={"root": cfg.dataset.root, "download": cfg.dataset.download},
-            batch_size=cfg.encoder.batch_size, num_workers=cfg.encoder.num_workers, dtype=cfg.encoder.dtype,
-            limit=limit, seed=cfg.seed, device=cfg.encoder.device, amp=cfg.encoder.amp, pretrained=cfg.encoder.pretrained,
-            progress=progress,
-        ))
-    return out[0], out[1]
+    return embed_split(
+        cfg.encoder.name, data.name, split, cache_dir=cfg.cache_dir, image_size=cfg.encoder.image_size,
+        dataset_kwargs={"root": data.root, "download": data.download}, batch_size=cfg.encoder.batch_size,
+        num_workers=cfg.encoder.num_workers, dtype=cfg.encoder.dtype, limit=limit, seed=cfg.seed,
+        device=cfg.encoder.device, amp=cfg.encoder.amp, pretrained=cfg.encoder.pretrained, progress=progress,
+    )
+
+
+def load_embeddings(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(train, test) embeddings of the configured dataset and encoder, from the cache when present."""
+    return (_embed(cfg, cfg.dataset, "train", cfg.dataset.train_limit, progress),
+            _embed(cfg, cfg.dataset, "test", cfg.dataset.test_limit, progress))
 
 
 def load_key_pool(cfg: ExperimentConfig, *, progress: bool = True) -> EmbeddingSet | None:
     """Embeddings of the config's ``key_pool`` (training split, same encoder), from the cache when
     present; ``None`` when the keys are fitted on the training set."""
-    from .cache import embed_split
-
-    pool = cfg.key_pool
-    if pool is None:
+    if cfg.key_pool is None:
         return None
-    return embed_split(
-        cfg.encoder.name, pool.name, "train", cache_dir=cfg.cache_dir, image_size=cfg.encoder.image_size,
-        dataset_kwargs={"root": pool.root, "download": pool.download}, batch_size=cfg.encoder.batch_size,
-        num_workers=cfg.encoder.num_workers, dtype=cfg.encoder.dtype, limit=pool.train_limit, seed=cfg.seed,
-        device=cfg.encoder.device, amp=cfg.encoder.amp, pretrained=cfg.encoder.pretrained, progress=progress,
-    )
+    return _embed(cfg, cfg.key_pool, "train", cfg.key_pool.train_limit, progress)
 
 
 def _fingerprint(cfg: ExperimentConfig) -> str:
@@ -99,8 +92,6 @@ def train_models(
 
     kinds = kinds or needed_models(cfg)
     timer = timer or PhaseTimer()
-    pool = load_key_pool(cfg, progress=progress) if "dkvb" in kinds else None
-    keys_on = train if pool is None else pool
     out: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
     setting = _encoder_setting(cfg)
     for kind in sorted(kinds):
@@ -125,6 +116,8 @@ def train_models(
         else:
             model = build_model(resolve_config(cfg.model, len(train)) if kind == "dkvb" else {"kind": "linear"},
                                 train.dim, train.num_classes, seed=cfg.seed)
+            pool = load_key_pool(cfg, progress=progress) if kind == "dkvb" else None  # only when a DKVB is trained
+            keys_on = train if pool is None else pool
             with timer.track("k-means", kind):
                 model.prepare(keys_on.x, keys_on.y)
             start = time.perf_counter()
