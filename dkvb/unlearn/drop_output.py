@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models import DKVBClassifier, LinearHead, MeanDecoder
 from .base import ForgetRequest, Unlearner, register
+from .masking import frozen_shared_copy
 
 # The logit a deleted output is pinned to: exp(-1e4) is 0 in float32, so the class gets no
 # probability, while every loss and score stays finite.
@@ -32,7 +33,7 @@ class DropOutput(Unlearner):
 
     def _unlearn(self, model: nn.Module, request: ForgetRequest) -> tuple[nn.Module, int, dict[str, Any]]:
         cols = list(request.forget_classes)
-        out = copy.deepcopy(model)
+        out = frozen_shared_copy(model) if isinstance(model, DKVBClassifier) else copy.deepcopy(model)
         with torch.no_grad():
             if isinstance(out, LinearHead):
                 out.fc.weight[cols] = 0.0

@@ -319,12 +319,26 @@ def _fit_rows(model: DKVBClassifier, train: EmbeddingSet, kept: np.ndarray, keys
     return int(users.sum())
 
 
+def frozen_shared_copy(model: DKVBClassifier, *, share_values: bool = False) -> DKVBClassifier:
+    """A copy of ``model`` that shares its frozen tensors (keys, projection, cached activation
+    counts and training codes) with the original, which is safe because nothing writes to them
+    after key initialisation; the start's and the corrections' tensors are shared too (they are
+    replaced, never written in place). Values and decoder are copied unless ``share_values``.
+    For a model of CIFAR-10's size (512 x 256 keys, 50,000 cached training codes) on one thread
+    this copy takes 3 ms, a full ``copy.deepcopy`` 0.3-0.7 s."""
+    b = model.bottleneck
+    totals = model._totals  # activation_totals' sum of the shared counts
+    shared = (b.keys, b.projection, b.whitening, model.activation_counts, getattr(model, "code_cache", None),
+              None if totals is None else totals[1], *b.start.buffers(), *b.corrections.buffers())
+    memo = {id(t): t for t in shared + ((b.values,) if share_values else ())}
+    return copy.deepcopy(model, memo)
+
+
 def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool = False,
                 share_values: bool = False) -> DKVBClassifier:
     """A copy of ``model`` whose key mask is ``model.key_mask | new_mask``.
 
-    The frozen tensors (keys, projection, cached activation counts) are shared with the
-    original, which is safe because nothing writes to them after key initialisation; values
+    The frozen tensors are shared with the original (:func:`frozen_shared_copy`); values
     and decoder are copied so later training of the copy cannot touch the original, unless
     ``share_values``: then the values are shared too (a masking-only request, whose copy nobody
     trains: copying CIFAR-100's 512 x 256 x 100 values took 35 ms of a 50 ms request; anything
@@ -334,15 +348,9 @@ def masked_copy(model: DKVBClassifier, new_mask: Tensor, *, erase_values: bool =
     """
     if share_values and erase_values:
         raise ValueError("masked_copy: erase_values writes to the values, so they cannot be shared")
-    b = model.bottleneck
     mask = model.key_mask | new_mask.to(model.key_mask.device)
-    check_selectable(mask, b.topk)
-    totals = model._totals  # activation_totals' sum of the shared counts
-    # (the start's and the corrections' tensors are replaced, never written in place: shared as well)
-    shared = (b.keys, b.projection, b.whitening, model.activation_counts, getattr(model, "code_cache", None),
-              None if totals is None else totals[1], *b.start.buffers(), *b.corrections.buffers())
-    memo = {id(t): t for t in shared + ((b.values,) if share_values else ())}
-    out = copy.deepcopy(model, memo)
+    check_selectable(mask, model.bottleneck.topk)
+    out = frozen_shared_copy(model, share_values=share_values)
     out.bottleneck.key_mask = mask
     if erase_values:
         with torch.no_grad():
