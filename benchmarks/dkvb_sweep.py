@@ -12,7 +12,10 @@ never on the test split:
   memory (values, Adam moments, gradient buffer and codes).
 
 Settings are given as JSON objects of :class:`dkvb.ModelConfig` / :class:`dkvb.TrainConfig`
-fields over a base, e.g. ``--grid '[{"num_codebooks": 256}, {"topk": 4}]'``. The base is the
+fields, and ``key_pool`` (where the keys are fitted: ``{"name": "cifar100", "train_limit": 10000}``,
+another dataset's training images with the config's encoder, as an experiment's ``key_pool``;
+or ``{"holdout": 10000}``, that many seeded rows of the training part that the values never
+train on: unlabelled images of the training set's own kind), over a base, e.g. ``--grid '[{"num_codebooks": 256}, {"topk": 4}]'``. The base is the
 config's own ``model`` and ``train`` sections (the fields where they differ from the dataclass
 defaults), then ``--base``; ``--no-config-base`` starts from the dataclass defaults instead
 (``TrainConfig``'s are the linear head's: 10 epochs at lr 1e-3). Each result records its whole
@@ -30,7 +33,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -39,7 +42,7 @@ import torch
 from torch import Tensor
 
 from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
-from dkvb.config import load_config
+from dkvb.config import DatasetConfig, load_config
 from dkvb.evaluate import accuracy
 from dkvb.io import atomic_write_json
 from dkvb.models import resolve_config
@@ -123,16 +126,37 @@ def forget_each_class(model, fit_part: EmbeddingSet, val: EmbeddingSet, cands, b
 
 def config_base(cfg) -> dict[str, Any]:
     """The fields of ``cfg.model`` and ``cfg.train`` that differ from the dataclass defaults (seed
-    aside: the sweep's ``--seed`` seeds every run): the setting a config ships."""
+    aside: the sweep's ``--seed`` seeds every run), and the config's ``key_pool``: the setting a
+    config ships."""
     out: dict[str, Any] = {}
     for given, default in ((cfg.model, ModelConfig()), (cfg.train, TrainConfig())):
         out.update({k: v for k, v in asdict(given).items() if k != "seed" and v != getattr(default, k)})
+    if cfg.key_pool is not None:
+        out["key_pool"] = {k: v for k, v in asdict(cfg.key_pool).items() if v != getattr(DatasetConfig(), k)}
     return out
 
 
+def key_rows(setting: dict[str, Any], fit_part: EmbeddingSet, cfg, seed: int) -> tuple[EmbeddingSet, EmbeddingSet]:
+    """(rows the keys are fitted on, rows the values train on) under the setting's ``key_pool``
+    (the module docstring); without one, ``fit_part`` for both."""
+    pool = setting.get("key_pool")
+    if pool is None:
+        return fit_part, fit_part
+    if set(pool) == {"holdout"}:
+        n = int(pool["holdout"])
+        if not 0 < n < len(fit_part):
+            raise ValueError(f"key_pool holdout: {n} rows of a {len(fit_part)}-row training part")
+        perm = torch.randperm(len(fit_part), generator=torch.Generator().manual_seed(seed))
+        return fit_part.subset(perm[:n]), fit_part.subset(perm[n:])
+    from dkvb.experiment import load_key_pool
+
+    return load_key_pool(replace(cfg, key_pool=DatasetConfig(**pool)), progress=False), fit_part
+
+
 def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
-                  models: Path | None = None) -> tuple[Any, dict[str, Any]]:
-    """(model, training info) of one setting trained on ``fit_part``: k-means and training seconds
+                  models: Path | None = None, keys_on: EmbeddingSet | None = None) -> tuple[Any, dict[str, Any]]:
+    """(model, training info) of one setting trained on ``fit_part``, its keys fitted on
+    ``keys_on`` (default ``fit_part``): k-means and training seconds
     and what training chose itself (a probe start's C and holdout accuracies). With a ``models``
     folder, a model trained before on the same rows, setting and seed is loaded from it (with its
     training info) and a new one is saved there, so rule sweeps reuse it."""
@@ -148,7 +172,8 @@ def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
     train_cfg = TrainConfig(**{k: v for k, v in setting.items() if k in TRAIN_FIELDS}, seed=seed)
     model = build_model(model_cfg, fit_part.dim, fit_part.num_classes, seed=seed)
     start = time.perf_counter()
-    model.prepare(fit_part.x, fit_part.y)
+    keys_on = fit_part if keys_on is None else keys_on
+    model.prepare(keys_on.x, keys_on.y)
     kmeans_s = time.perf_counter() - start
     start, chosen = time.perf_counter(), {}
     fit(model, fit_part, train_cfg, info=chosen)
@@ -162,11 +187,13 @@ def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
 
 def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: EmbeddingSet, seed: int,
                      rules: list[dict[str, Any]], models: Path | None = None,
-                     input_grid: Sequence[float] = ()) -> dict[str, Any]:
-    """Train (or load, see :func:`train_setting`) one DKVB setting on ``fit_part``; validation
-    accuracy, per forget rule one forget request per class, and with ``input_grid`` (probe C
-    values) the :func:`input_probe` accuracy."""
-    model, info = train_setting(setting, fit_part, seed, models)
+                     input_grid: Sequence[float] = (), cfg=None) -> dict[str, Any]:
+    """Train (or load, see :func:`train_setting`) one DKVB setting on ``fit_part`` (less a
+    ``key_pool`` holdout, :func:`key_rows`; ``cfg``: the experiment config a pool dataset is
+    read with); validation accuracy, per forget rule one forget request per class, and with
+    ``input_grid`` (probe C values) the :func:`input_probe` accuracy."""
+    keys_on, fit_part = key_rows(setting, fit_part, cfg, seed)
+    model, info = train_setting(setting, fit_part, seed, models, keys_on)
     b = model.bottleneck
     cands = b.candidates(val.x)
     before = model.predict_from(val.x, cands)
@@ -174,6 +201,8 @@ def evaluate_setting(setting: dict[str, Any], fit_part: EmbeddingSet, val: Embed
         "setting": setting, "codebook_size": b.codebook_size, "val_acc": accuracy(before, val.y), **info,
         "state_mib": (4 * b.values.numel() * 4 + 8 * len(fit_part) * b.num_codebooks * b.topk) / 2**20,
     }
+    if keys_on is not fit_part:
+        out.update(key_rows=len(keys_on), value_rows=len(fit_part))
     if input_grid:
         out["input_probe_val_acc"] = input_probe(model, fit_part, val, input_grid)
     out["rules"] = [forget_each_class(model, fit_part, val, cands, before, seed, rule) for rule in rules]
@@ -260,7 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     base, rules = {**base, **json.loads(args.base)}, json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
-        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models, grid if args.input_probe else ())
+        r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models, grid if args.input_probe else (),
+                             cfg=load_config(cfg_path, []))
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)

@@ -140,6 +140,20 @@ def test_dkvb_sweep_reuses_saved_models_for_new_rules(tmp_path, tiny_config):
     assert second["rules"][0]["rule"] == {"min_share": 0.5}
 
 
+def test_dkvb_sweep_fits_keys_on_a_key_pool_the_values_never_train_on(tmp_path, tiny_config):
+    out = tmp_path / "sweep.json"
+    _run("dkvb_sweep.py", str(tiny_config), "--out", str(out), "--no-probe",
+         "--base", '{"num_codebooks": 8, "codebook_size": 16, "key_dim": 4, "epochs": 0, "value_init": "counts"}',
+         "--grid", '[{}, {"key_pool": {"holdout": 100}}, {"key_pool": {"name": "synthetic", "train_limit": 64}}]')
+    entry = json.loads(out.read_text())["datasets"]["tiny"]
+    own, held, other = entry["runs"]
+    fit_rows = entry["train"] - entry["val"]
+    assert "key_rows" not in own
+    assert (held["key_rows"], held["value_rows"]) == (100, fit_rows - 100)  # carved out of the training part
+    assert (other["key_rows"], other["value_rows"]) == (64, fit_rows)  # another set's images
+    assert held["setting"]["key_pool"] == {"holdout": 100} and all(0 <= r["val_acc"] <= 1 for r in entry["runs"])
+
+
 def test_bench_request_times_one_cached_count_request_per_class(tmp_path, tiny_config):
     out = tmp_path / "latency.json"
     proc = _run("bench_request.py", str(tiny_config), "--rounds", "2", "--out", str(out))
