@@ -78,6 +78,18 @@ def test_overrides_win_over_the_file():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
+def test_a_benchmark_table_carries_output_deletion_in_both_families(path):
+    """Every config beside the tiny demo compares with the one-line baseline that forget accuracy
+    alone cannot tell from unlearning: each family's output deleted."""
+    from dkvb.experiment import method_model
+
+    cfg = load_config(path)
+    if cfg.name == "tiny_synthetic":
+        pytest.skip("the tiny demo runs four methods")
+    assert {method_model(m) for m in cfg.methods if m.name == "drop-output"} == {"linear", "dkvb"}
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
 def test_scrub_runs_the_setting_tune_scrub_chose(path):
     """Every config that runs SCRUB ships benchmarks/tune_scrub.py's choice: the cross-dataset one
     where there is one (configs without cached embeddings always), else the config's own."""
