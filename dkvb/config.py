@@ -96,9 +96,12 @@ class ExperimentConfig:
             ``relearn_steps`` metric; compare each method with the ``retrain`` row.
         key_pool: a dataset the DKVB's keys and projection are fitted on instead of the training
             set (its training split, ``train_limit`` images of it), encoded by the same encoder;
-            ``None`` fits them on the training set. Another dataset than ``dataset``: no forget
-            request touches it, so a retrained DKVB gets the same keys, and a request on count
-            values (``train.value_init: counts``, ``train.epochs: 0``) reproduces retraining exactly.
+            ``None`` fits them on the training set. Either another dataset than ``dataset``, or
+            ``dataset`` itself when that is a subset (``dataset.train_limit``): then the pool is
+            drawn from the training split's rows outside the subset (images of the task's own
+            kind that no model trains on). No forget request touches the pool, so a retrained
+            DKVB gets the same keys, and a request on count values (``train.value_init: counts``,
+            ``train.epochs: 0``) reproduces retraining exactly.
         forgetting: forgetting quality against retraining after the run
             (:class:`dkvb.forgetting_eval.ForgettingConfig` fields, e.g. ``{num_models: 8,
             requests: 3}``; ``methods`` as in ``methods``); empty = not measured. Written to
@@ -254,9 +257,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     prefix, colon, arg = config.dataset.name.partition(":")
     if prefix == "imagefolder" and not arg.strip():
         raise invalid("config", "dataset.name", "'imagefolder:<path>' with a folder", config.dataset.name)
-    if config.key_pool is not None and config.key_pool.name == config.dataset.name:
-        raise invalid("config", "key_pool.name", "another dataset than dataset.name (forget requests would "
-                      "touch a pool drawn from the training data)", config.key_pool.name)
+    if config.key_pool is not None and config.key_pool.name == config.dataset.name and not config.dataset.train_limit:
+        raise invalid("config", "key_pool.name", "another dataset than dataset.name, or dataset.train_limit set so "
+                      "that the pool is drawn from the rows outside the training subset (a pool of training "
+                      "rows would be touched by forget requests)", config.key_pool.name)
     return config
 
 

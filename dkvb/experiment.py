@@ -13,6 +13,7 @@ import re
 import time
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -59,10 +60,22 @@ def load_embeddings(cfg: ExperimentConfig, *, progress: bool = True) -> tuple[Em
 
 def load_key_pool(cfg: ExperimentConfig, *, progress: bool = True) -> EmbeddingSet | None:
     """Embeddings of the config's ``key_pool`` (training split, same encoder), from the cache when
-    present; ``None`` when the keys are fitted on the training set."""
-    if cfg.key_pool is None:
+    present; ``None`` when the keys are fitted on the training set. A pool of the training dataset
+    itself is a seeded sample of ``key_pool.train_limit`` rows (all when ``None``) of the training
+    split outside the training subset (``dataset.train_limit`` rows, the ones
+    :func:`load_embeddings` reads), so it needs the whole split encoded."""
+    pool = cfg.key_pool
+    if pool is None:
         return None
-    return _embed(cfg, cfg.key_pool, "train", cfg.key_pool.train_limit, progress)
+    if pool.name != cfg.dataset.name:
+        return _embed(cfg, pool, "train", pool.train_limit, progress)
+    from .cache import subset_indices
+
+    full = _embed(cfg, pool, "train", None, progress)
+    rest = np.setdiff1d(np.arange(len(full)), subset_indices(len(full), cfg.dataset.train_limit, cfg.seed))
+    require(len(rest) > 0, "key_pool", "rows", "training rows outside dataset.train_limit's subset", 0)
+    rows = rest[subset_indices(len(rest), pool.train_limit, cfg.seed)]
+    return full.subset(torch.from_numpy(rows))
 
 
 def _fingerprint(cfg: ExperimentConfig) -> str:

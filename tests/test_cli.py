@@ -240,6 +240,27 @@ def test_run_scores_forgetting_quality_when_the_config_asks(run_dir, dirs, capsy
                                                                   "dkvb-activations", "drop-output"}
 
 
+def test_a_key_pool_of_the_training_dataset_is_drawn_from_the_rows_outside_the_subset(tiny_config):
+    """A pool of the training dataset itself (allowed when the training set is a subset) holds only
+    rows of the training split that the subset leaves out: no training image, no forget request's."""
+    from dkvb.cache import subset_indices
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings, load_key_pool
+
+    full, _ = load_embeddings(load_config(tiny_config), progress=False)
+    cfg = load_config(tiny_config, ["dataset.train_limit=150", "key_pool.name=synthetic", "key_pool.train_limit=60"])
+    train, _ = load_embeddings(cfg, progress=False)
+    pool = load_key_pool(cfg, progress=False)
+    assert len(train) == 150 and len(pool) == 60
+    inside = set(subset_indices(len(full), 150, cfg.seed).tolist())
+    rows = [i for i in range(len(full)) if any(torch.allclose(full.x[i], p, atol=1e-5) for p in pool.x)]
+    assert len(rows) == 60 and not inside & set(rows)
+    assert torch.equal(load_key_pool(cfg, progress=False).x, pool.x)  # seeded: the same rows every time
+    everything = load_key_pool(load_config(tiny_config, ["dataset.train_limit=150", "key_pool.name=synthetic"]),
+                               progress=False)
+    assert len(everything) == len(full) - 150
+
+
 def test_a_key_pool_is_what_the_keys_are_fitted_on(tiny_config):
     """``key_pool``: the DKVB's keys come from k-means on the pool's embeddings (same encoder), not the
     training set's; the stored model is retrained when the pool changes."""

@@ -112,13 +112,16 @@ def test_scrub_defaults_are_the_cross_dataset_choice():
     assert {k: defaults[k] for k in common} == common
 
 
-def test_a_key_pool_is_another_dataset():
-    """``key_pool`` is optional (keys on the training set), a dataset section when given, and may not
-    be the training dataset itself (forget requests would touch it)."""
+def test_a_key_pool_is_another_dataset_or_the_rows_a_subset_leaves_out():
+    """``key_pool`` is optional (keys on the training set), a dataset section when given, and may be
+    the training dataset itself only when that is a subset (forget requests would touch a pool of
+    training rows)."""
     assert load_config(None, []).key_pool is None
     cfg = load_config(None, ["dataset.name=cifar10", "key_pool.name=cifar100", "key_pool.train_limit=5000"])
     assert (cfg.key_pool.name, cfg.key_pool.train_limit) == ("cifar100", 5000)
-    with pytest.raises(ValueError, match="key_pool.name"):
+    with pytest.raises(ValueError, match="key_pool.name.*dataset.train_limit"):
         load_config(None, ["dataset.name=cifar10", "key_pool.name=cifar10"])
+    cfg = load_config(None, ["dataset.name=cifar10", "dataset.train_limit=4000", "key_pool.name=cifar10"])
+    assert cfg.key_pool.name == cfg.dataset.name
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['key_pool.size'\]"):
         load_config(None, ["key_pool.size=3"])
