@@ -59,6 +59,10 @@ def markdown(points: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# Accuracy points (x axis) one label spans at the figure's size and font
+LABEL_SPAN = 10.0
+
+
 def plot(points: list[dict[str, Any]], path: Path) -> None:
     """Two panels (training / test images); colour = set, marker = request, text = model (above zero)."""
     plt = pyplot()
@@ -68,12 +72,15 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5), sharey=True)
     for ax, part, title in ((axes[0], "train", "forget classes' training images"),
                             (axes[1], "test", "forget classes' test images")):
+        placed: list[tuple[float, float]] = []
         for p in points:
-            ax.scatter(p["retain_test_before"], 100 * p[f"share_{part}"], color=colours[p["set"]],
-                       marker=markers[p["request"]], s=45)
+            x, y = p["retain_test_before"], 100 * p[f"share_{part}"]
+            ax.scatter(x, y, color=colours[p["set"]], marker=markers[p["request"]], s=45)
             if p[f"share_{part}"] >= 0.005:  # the points at zero would bury each other's labels
-                ax.annotate(p["model"], (p["retain_test_before"], 100 * p[f"share_{part}"]), fontsize=6,
-                            xytext=(3, 3), textcoords="offset points")
+                # a label that would overlap an earlier one (close in both axes) goes a line lower
+                line = sum(abs(x - a) < LABEL_SPAN and abs(y - b) < 3 for a, b in placed)
+                placed.append((x, y))
+                ax.annotate(p["model"], (x, y), fontsize=6, xytext=(3, 3 - 7 * line), textcoords="offset points")
         ax.axhline(90, color="grey", ls="--", lw=0.8)
         ax.set_title(title)
         ax.set_xlabel("retain-test accuracy before unlearning (%)")

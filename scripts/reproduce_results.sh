@@ -70,10 +70,19 @@ frontier_set() {  # <config> <name> <key pool dataset> [benchmark options]
     --methods "$EXACT" --work "$WORK/${name}_key_pool" --out "$OUT/frontier/forgetting_${name}_key_pool.json"
 }
 
+frontier_own_kind() {  # <config> <name> <dataset>: keys from 10,000 training images outside the 4,000-image subset
+  local config=$1 name=$2 data=$3
+  forgetting "$config" "$name" "${COUNTS[@]}" "${WHITENED[@]}" "${POOL[@]}" --set dataset.train_limit=4000 \
+    --set "key_pool.name=$data" --methods "$EXACT" --work "$WORK/${name}_key_pool_own_kind" \
+    --out "$OUT/frontier/forgetting_${name}_key_pool_own_kind.json"
+}
+
 frontier() {
   frontier_set digits_effnet_lite0 digits cifar10
   frontier_set fashion_mnist_effnet_lite0 fashion_mnist_4k cifar100 --train-limit 4000
   frontier_set cifar10_effnet_lite0 cifar10_4k cifar100 --train-limit 4000
+  frontier_own_kind fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist
+  frontier_own_kind cifar10_effnet_lite0 cifar10_4k cifar10
   local figure=() set model file
   while IFS='|' read -r set model file; do figure+=("$set|$model=$OUT/$file"); done <<'LIST'
 digits|trained values|forgetting_digits.json
@@ -84,10 +93,12 @@ CIFAR-10 4k|trained values|forgetting_cifar10_4k.json
 CIFAR-10 4k|count values|frontier/forgetting_cifar10_4k_counts.json
 CIFAR-10 4k|count values, whitened|frontier/forgetting_cifar10_4k_counts_whitened.json
 CIFAR-10 4k|exact: keys from a pool|frontier/forgetting_cifar10_4k_key_pool.json
+CIFAR-10 4k|exact: own kind|frontier/forgetting_cifar10_4k_key_pool_own_kind.json
 Fashion-MNIST 4k|trained values|forgetting_fashion_mnist_4k.json
 Fashion-MNIST 4k|count values|frontier/forgetting_fashion_mnist_4k_counts.json
 Fashion-MNIST 4k|count values, whitened|frontier/forgetting_fashion_mnist_4k_counts_whitened.json
 Fashion-MNIST 4k|exact: keys from a pool|frontier/forgetting_fashion_mnist_4k_key_pool.json
+Fashion-MNIST 4k|exact: own kind|frontier/forgetting_fashion_mnist_4k_key_pool_own_kind.json
 CIFAR-100 4k|trained values (probe start)|forgetting_cifar100_4k.json
 CIFAR-10|trained values|forgetting_cifar10.json
 Fashion-MNIST|trained values|forgetting_fashion_mnist.json
