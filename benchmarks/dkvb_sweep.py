@@ -150,6 +150,9 @@ def key_rows(setting: dict[str, Any], fit_part: EmbeddingSet, cfg, seed: int) ->
         return fit_part.subset(perm[:n]), fit_part.subset(perm[n:])
     from dkvb.experiment import load_key_pool
 
+    if pool.get("name") == cfg.dataset.name:
+        raise ValueError(f"key_pool {pool}: the training dataset's own images are a holdout here "
+                         '({"holdout": n}), drawn from the training part')
     return load_key_pool(replace(cfg, key_pool=DatasetConfig(**pool)), progress=False), fit_part
 
 

@@ -144,7 +144,7 @@ def test_dkvb_sweep_fits_keys_on_a_key_pool_the_values_never_train_on(tmp_path, 
     out = tmp_path / "sweep.json"
     _run("dkvb_sweep.py", str(tiny_config), "--out", str(out), "--no-probe",
          "--base", '{"num_codebooks": 8, "codebook_size": 16, "key_dim": 4, "epochs": 0, "value_init": "counts"}',
-         "--grid", '[{}, {"key_pool": {"holdout": 100}}, {"key_pool": {"name": "synthetic", "train_limit": 64}}]')
+         "--grid", '[{}, {"key_pool": {"holdout": 100}}, {"key_pool": {"name": "sklearn-digits", "train_limit": 64}}]')
     entry = json.loads(out.read_text())["datasets"]["tiny"]
     own, held, other = entry["runs"]
     fit_rows = entry["train"] - entry["val"]
