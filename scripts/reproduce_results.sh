@@ -6,12 +6,13 @@
 #
 #   scripts/reproduce_results.sh [small|all|forgetting|frontier|pages] ...   (default: small)
 #
-#   small       digits, Fashion-MNIST 4k, CIFAR-10 4k: pages and sequences
+#   small       digits, Fashion-MNIST 4k, CIFAR-10 4k: pages and sequences; the exact Fashion-MNIST 4k page
 #   all         small, then Fashion-MNIST, CIFAR-10 and CIFAR-100, then forgetting and frontier
 #   forgetting  forgetting quality (N=12, 3 requests): digits and the 4k subsets of Fashion-MNIST, CIFAR-10,
 #               CIFAR-100; then (N=8, class 0) the full Fashion-MNIST and CIFAR-10 training sets
 #   frontier    forgetting quality of count values, count values with the whitened projection, and
-#               exact unlearning (keys from a pool) on digits and the 4k subsets (benchmarks/results/frontier/),
+#               exact unlearning (keys from a pool: another dataset, or the 4k subsets' unused training
+#               images) on digits and the 4k subsets (benchmarks/results/frontier/),
 #               then docs/results/figures/forgetting_frontier.png
 #   pages       only regenerate docs/results and the README tables from the committed JSON
 #
@@ -21,7 +22,7 @@
 # CIFAR-100 page 109 min (encoding included) and its sequence 92 min with 4-5 jobs on the cores;
 # forgetting 13 / 47 / 48 / 70 min (digits, CIFAR-10 4k, Fashion-MNIST 4k, CIFAR-100 4k), 24 / 36 min
 # (Fashion-MNIST, CIFAR-10; two jobs on the cores); frontier 2-11 min per count-value run, 30-40 min per
-# key-pool run (three jobs on the cores);
+# key-pool run (three jobs on the cores), 24 min per own-kind run (two jobs);
 # encoding 7-20 min per 60,000-image set.
 #
 # CIFAR needs ../shared/data (or $DKVB_SHARED_DATA); without it those runs stop with a message
@@ -110,6 +111,7 @@ small() {
   experiment digits_effnet_lite0 digits_effnet_lite0 digits
   experiment fashion_mnist_effnet_lite0 fashion_mnist_4k_effnet_lite0 fashion_mnist_4k --set dataset.train_limit=4000
   experiment cifar10_effnet_lite0 cifar10_4k_effnet_lite0 cifar10_4k --set dataset.train_limit=4000
+  page fashion_mnist_4k_exact_effnet_lite0 fashion_mnist_4k_exact_effnet_lite0  # exact: keys of its own kind
 }
 
 large() {
