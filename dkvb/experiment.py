@@ -73,7 +73,9 @@ def load_key_pool(cfg: ExperimentConfig, *, progress: bool = True) -> EmbeddingS
 
     full = _embed(cfg, pool, "train", None, progress)
     rest = np.setdiff1d(np.arange(len(full)), subset_indices(len(full), cfg.dataset.train_limit, cfg.seed))
-    require(len(rest) > 0, "key_pool", "rows", "training rows outside dataset.train_limit's subset", 0)
+    if not len(rest):
+        raise ValueError(f"key_pool {pool.name!r}: dataset.train_limit={cfg.dataset.train_limit} takes all {len(full)} "
+                         "training rows, so none is left for the key pool; lower train_limit or pool another dataset")
     rows = rest[subset_indices(len(rest), pool.train_limit, cfg.seed)]
     return full.subset(torch.from_numpy(rows))
 

@@ -259,6 +259,9 @@ def test_a_key_pool_of_the_training_dataset_is_drawn_from_the_rows_outside_the_s
     everything = load_key_pool(load_config(tiny_config, ["dataset.train_limit=150", "key_pool.name=synthetic"]),
                                progress=False)
     assert len(everything) == len(full) - 150
+    with pytest.raises(ValueError, match=f"takes all {len(full)} training rows, so none is left for the key pool"):
+        load_key_pool(load_config(tiny_config, [f"dataset.train_limit={len(full)}", "key_pool.name=synthetic"]),
+                      progress=False)
 
 
 def test_a_key_pool_is_what_the_keys_are_fitted_on(tiny_config):
