@@ -71,9 +71,9 @@ frontier_set() {  # <config> <name> <key pool dataset> [benchmark options]
     --methods "$EXACT" --work "$WORK/${name}_key_pool" --out "$OUT/frontier/forgetting_${name}_key_pool.json"
 }
 
-frontier_own_kind() {  # <config> <name> <dataset>: keys from 10,000 training images outside the 4,000-image subset
-  local config=$1 name=$2 data=$3
-  forgetting "$config" "$name" "${COUNTS[@]}" "${WHITENED[@]}" "${POOL[@]}" --set dataset.train_limit=4000 \
+frontier_own_kind() {  # <config> <name> <dataset> [options]: keys from 10,000 training images outside the 4,000-image subset
+  local config=$1 name=$2 data=$3; shift 3
+  forgetting "$config" "$name" "$@" "${COUNTS[@]}" "${WHITENED[@]}" "${POOL[@]}" --set dataset.train_limit=4000 \
     --set "key_pool.name=$data" --methods "$EXACT" --work "$WORK/${name}_key_pool_own_kind" \
     --out "$OUT/frontier/forgetting_${name}_key_pool_own_kind.json"
 }
@@ -84,6 +84,7 @@ frontier() {
   frontier_set cifar10_effnet_lite0 cifar10_4k cifar100 --train-limit 4000
   frontier_own_kind fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist
   frontier_own_kind cifar10_effnet_lite0 cifar10_4k cifar10
+  frontier_own_kind cifar100_effnet_lite0 cifar100_4k cifar100 --set model.topk=1  # the exact recipe selects one key
   local figure=() set model file
   while IFS='|' read -r set model file; do figure+=("$set|$model=$OUT/$file"); done <<'LIST'
 digits|trained values|forgetting_digits.json
@@ -101,6 +102,7 @@ Fashion-MNIST 4k|count values, whitened|frontier/forgetting_fashion_mnist_4k_cou
 Fashion-MNIST 4k|exact: keys from a pool|frontier/forgetting_fashion_mnist_4k_key_pool.json
 Fashion-MNIST 4k|exact: own kind|frontier/forgetting_fashion_mnist_4k_key_pool_own_kind.json
 CIFAR-100 4k|trained values (probe start)|forgetting_cifar100_4k.json
+CIFAR-100 4k|exact: own kind|frontier/forgetting_cifar100_4k_key_pool_own_kind.json
 CIFAR-10|trained values|forgetting_cifar10.json
 Fashion-MNIST|trained values|forgetting_fashion_mnist.json
 LIST
