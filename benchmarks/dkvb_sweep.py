@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from dkvb import EmbeddingSet, ModelConfig, TrainConfig, build_model, fit
-from dkvb.config import DatasetConfig, load_config
+from dkvb.config import DatasetConfig, check_key_pool, load_config
 from dkvb.evaluate import accuracy
 from dkvb.io import atomic_write_json
 from dkvb.models import resolve_config
@@ -150,10 +150,9 @@ def key_rows(setting: dict[str, Any], fit_part: EmbeddingSet, cfg, seed: int) ->
         return fit_part.subset(perm[:n]), fit_part.subset(perm[n:])
     from dkvb.experiment import load_key_pool
 
-    if pool.get("name") == cfg.dataset.name:
-        raise ValueError(f"key_pool {pool}: the training dataset's own images are a holdout here "
-                         '({"holdout": n}), drawn from the training part')
-    return load_key_pool(replace(cfg, key_pool=DatasetConfig(**pool)), progress=False), fit_part
+    cfg = replace(cfg, key_pool=DatasetConfig(**pool))
+    check_key_pool(cfg)
+    return load_key_pool(cfg, progress=False), fit_part
 
 
 def train_setting(setting: dict[str, Any], fit_part: EmbeddingSet, seed: int,
@@ -288,12 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         entry["probe"] = probe(fit_part, val, train, test, grid)
         print(f"{name}: probe {json.dumps(entry['probe'])}", flush=True)
         atomic_write_json(out_path, results)
-    base = {} if args.no_config_base else config_base(load_config(cfg_path, []))
+    cfg = load_config(cfg_path, [])
+    base = {} if args.no_config_base else config_base(cfg)
     base, rules = {**base, **json.loads(args.base)}, json.loads(args.rules)
     for point in json.loads(args.grid):
         setting = {**base, **point}
         r = evaluate_setting(setting, fit_part, val, args.seed, rules, args.models, grid if args.input_probe else (),
-                             cfg=load_config(cfg_path, []))
+                             cfg=cfg)
         r["load_avg_1min"] = os.getloadavg()[0]
         entry["runs"].append(r)
         atomic_write_json(out_path, results)

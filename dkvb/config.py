@@ -257,11 +257,17 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     prefix, colon, arg = config.dataset.name.partition(":")
     if prefix == "imagefolder" and not arg.strip():
         raise invalid("config", "dataset.name", "'imagefolder:<path>' with a folder", config.dataset.name)
+    check_key_pool(config)
+    return config
+
+
+def check_key_pool(config: ExperimentConfig) -> None:
+    """ValueError unless ``config.key_pool`` (when set) is another dataset, or the training dataset
+    itself with ``dataset.train_limit`` set, so that the pool is drawn from rows no model trains on."""
     if config.key_pool is not None and config.key_pool.name == config.dataset.name and not config.dataset.train_limit:
         raise invalid("config", "key_pool.name", "another dataset than dataset.name, or dataset.train_limit set so "
                       "that the pool is drawn from the rows outside the training subset (a pool of training "
                       "rows would be touched by forget requests)", config.key_pool.name)
-    return config
 
 
 def parse_assignments(items: Sequence[str], *, what: str = "parameter", form: str = "key=value"

@@ -154,6 +154,22 @@ def test_dkvb_sweep_fits_keys_on_a_key_pool_the_values_never_train_on(tmp_path, 
     assert held["setting"]["key_pool"] == {"holdout": 100} and all(0 <= r["val_acc"] <= 1 for r in entry["runs"])
 
 
+def test_dkvb_sweep_pools_the_training_dataset_only_outside_its_subset(tmp_path, tiny_config):
+    """A pool naming the training dataset follows the experiment's rule: allowed when the config's
+    training set is a subset (the pool is the rows outside it), refused otherwise."""
+    grid = '[{"key_pool": {"name": "synthetic", "train_limit": 40}}]'
+    base = '{"num_codebooks": 8, "codebook_size": 16, "key_dim": 4, "epochs": 0, "value_init": "counts"}'
+    out = tmp_path / "sweep.json"
+    _run("dkvb_sweep.py", str(tiny_config), "--set", "dataset.train_limit=150", "--out", str(out), "--no-probe",
+         "--base", base, "--grid", grid)
+    (run,) = json.loads(out.read_text())["datasets"]["tiny"]["runs"]
+    assert run["key_rows"] == 40
+    refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dkvb_sweep.py"), str(tiny_config),
+                              "--out", str(tmp_path / "refused.json"), "--no-probe", "--base", base, "--grid", grid],
+                             capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "key_pool.name" in refused.stderr and "dataset.train_limit" in refused.stderr
+
+
 def test_bench_request_times_one_cached_count_request_per_class(tmp_path, tiny_config):
     out = tmp_path / "latency.json"
     proc = _run("bench_request.py", str(tiny_config), "--rounds", "2", "--out", str(out))
