@@ -140,8 +140,15 @@ class DKVBClassifier(nn.Module):
         self.decoder = (MeanDecoder() if config.decoder == "mean"
                         else MLPDecoder(value_dim, num_classes, hidden_dim=config.hidden_dim))
         self.register_buffer("activation_counts", torch.zeros(0, dtype=torch.long))
+        # the ridge penalty when the values are a ridge fit (value_init=ridge, no epochs), else 0
+        self.register_buffer("value_ridge", torch.zeros((), dtype=torch.float64))
         self.code_cache: CodeCache | None = None
         self._totals: tuple[Tensor, Tensor] | None = None  # (count table, its sum over classes): activation_totals
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        """A checkpoint saved without ``value_ridge`` holds values that are no ridge fit."""
+        state_dict.setdefault(prefix + "value_ridge", torch.zeros((), dtype=torch.float64))
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property
     def config(self) -> dict:

@@ -100,8 +100,8 @@ class ExperimentConfig:
             ``dataset`` itself when that is a subset (``dataset.train_limit``): then the pool is
             drawn from the training split's rows outside the subset (images of the task's own
             kind that no model trains on). No forget request touches the pool, so a retrained
-            DKVB gets the same keys, and a request on count values (``train.value_init: counts``,
-            ``train.epochs: 0``) reproduces retraining exactly.
+            DKVB gets the same keys, and a request on count or ridge values (``train.value_init:
+            counts`` or ``ridge``, ``train.epochs: 0``) reproduces retraining exactly.
         forgetting: forgetting quality against retraining after the run
             (:class:`dkvb.forgetting_eval.ForgettingConfig` fields, e.g. ``{num_models: 8,
             requests: 3}``; ``methods`` as in ``methods``); empty = not measured. Written to

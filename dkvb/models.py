@@ -236,6 +236,7 @@ def fresh_copy(model: nn.Module) -> nn.Module:
                 p.copy_(init_params[name])
     if hasattr(out, "activation_counts"):
         out.activation_counts = torch.zeros(0, dtype=torch.long, device=out.activation_counts.device)
+        out.value_ridge.zero_()
     return out
 
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from .data import EmbeddingSet
 from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
 from .validate import require, require_choice
-from .value_init import init_values
+from .value_init import VALUE_RIDGE, init_values
 
 
 @dataclass
@@ -33,9 +33,12 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing (0 = none).
         value_init: how DKVB values start (mean decoder only; :mod:`dkvb.value_init`): ``"zeros"``;
             ``"counts"``, each key's value the log of its smoothed class frequencies on the
-            training data (a naive-Bayes start); or ``"probe"``, a tuned logistic-regression
-            probe on the embeddings spread over the keys (values linear in their keys), which
-            training then refines key by key.
+            training data (a naive-Bayes start); ``"ridge"``, a closed-form ridge regression of
+            the labels on the code (with no epochs, a request solves it again without the class:
+            exact unlearning); or ``"probe"``, a tuned logistic-regression probe on the embeddings
+            spread over the keys (values linear in their keys), which training then refines key
+            by key.
+        value_ridge: the ``ridge`` start's penalty per selected key of a row.
         probe_c: the probe's inverse regularisation ``C`` (``value_init="probe"``); ``None``
             chooses it on a seeded 10% holdout of the training rows.
         seed: seeds the shuffling (and nothing else: keys are seeded by the model).
@@ -47,6 +50,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     label_smoothing: float = 0.0
     value_init: str = "zeros"
+    value_ridge: float = VALUE_RIDGE
     probe_c: float | None = None
     seed: int = 0
 
@@ -55,7 +59,8 @@ class TrainConfig:
         require(self.lr > 0, "TrainConfig", "lr", "> 0", self.lr)
         require(self.batch_size >= 1, "TrainConfig", "batch_size", ">= 1", self.batch_size)
         require(0 <= self.label_smoothing < 1, "TrainConfig", "label_smoothing", "in [0, 1)", self.label_smoothing)
-        require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts", "probe"))
+        require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts", "ridge", "probe"))
+        require(self.value_ridge > 0, "TrainConfig", "value_ridge", "> 0", self.value_ridge)
         require(self.probe_c is None or self.probe_c > 0, "TrainConfig", "probe_c", "> 0 or null", self.probe_c)
 
 
@@ -173,8 +178,10 @@ def fit_values(
     codes = b.lookup(data.x) if indices is None else indices.long()
     flat = b.flat_indices(codes)
     if rows is None:
-        init_values(model, data, codes, config.value_init, probe_c=config.probe_c, seed=config.seed, flops=flops,
-                    chosen=info)
+        init_values(model, data, codes, config.value_init, probe_c=config.probe_c, ridge=config.value_ridge,
+                    seed=config.seed, flops=flops, chosen=info)
+    if rows is not None or config.value_init != "ridge" or config.epochs:  # values trained: no ridge fit
+        model.value_ridge.zero_()
     if flops is not None and count_lookup:
         flops.add(lookup_flops(model, len(data)))
     values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay,

@@ -4,6 +4,11 @@
   data, a naive-Bayes start. Trained for no epochs, the values stay a function of the cached key
   counts, so a forget request can recompute them without the class exactly
   (:func:`recounted_values`; docs/quality.md#count-values).
+* ``ridge``: the values are a ridge regression of the one-hot labels on the code (``C * topk``
+  ones per row), solved in closed form: a discriminative fit (2.7-8 points above counts on the
+  4,000-image sets) that is still a function of the training rows' keys and labels alone, so a
+  request solves it again without the class and gets exactly the model retrained without it
+  (:func:`ridge_values`; docs/quality.md#ridge-values).
 * ``probe``: a tuned logistic-regression probe on the embeddings, spread over the keys. The
   probe's logits on the training rows are regressed (ridge) on the quantised code, the
   concatenation of each row's selected key vectors, so every value starts linear in its key,
@@ -36,6 +41,12 @@ PROBE_HOLDOUT = 0.1
 # Ridge strength, as a fraction of the code's mean variance: trades following the probe exactly
 # against smoothing it over rarely selected keys: docs/quality.md#ridge
 RIDGE = 0.1
+# ``value_init: ridge``: the ridge penalty per selected key of a row (the penalty is this times
+# ``C * topk``, a row's similarity with itself); 0.4-1.2 of it were best on the four small sets'
+# validation splits: docs/quality.md#ridge-values
+VALUE_RIDGE = 1.0
+# The ridge values solve an N x N system (float64): 20,000 rows take 3.2 GB
+RIDGE_MAX_ROWS = 20_000
 
 
 def values_are_class_scores(model: nn.Module) -> bool:
@@ -45,10 +56,12 @@ def values_are_class_scores(model: nn.Module) -> bool:
 
 
 def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *, probe_c: float | None = None,
-                seed: int = 0, flops: FlopCounter | None = None, chosen: dict | None = None) -> None:
+                ridge: float = VALUE_RIDGE, seed: int = 0, flops: FlopCounter | None = None,
+                chosen: dict | None = None) -> None:
     """Set ``model``'s values by ``how`` (``"zeros"`` leaves them); ``codes``: the (N, C, topk)
-    keys ``data``'s rows select. ``chosen`` receives what the start chose itself (a probe
-    start's ``probe_c`` and holdout accuracies, :func:`probe_logits`)."""
+    keys ``data``'s rows select; ``ridge``: the ``ridge`` start's penalty per selected key.
+    ``chosen`` receives what the start chose itself (a probe start's ``probe_c`` and holdout
+    accuracies, :func:`probe_logits`)."""
     if how == "zeros":
         return
     if not values_are_class_scores(model):
@@ -56,6 +69,11 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
     b = model.bottleneck
     if how == "counts":
         values = count_values(b.flat_indices(codes), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
+    elif how == "ridge":
+        flat = b.flat_indices(codes).reshape(len(data), -1)
+        penalty = ridge * flat.shape[1]
+        values = ridge_values(flat, data.y, b.num_codebooks * b.codebook_size, b.value_dim, penalty, flops=flops)
+        model.value_ridge.fill_(penalty)
     else:
         logits = probe_logits(data, probe_c=probe_c, seed=seed, flops=flops, chosen=chosen)
         b.start.set(*linear_start(b.keys, codes, logits, flops=flops), b.keys)
@@ -72,6 +90,39 @@ def count_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int) -> Te
     counts.index_put_((flat.flatten(), y.repeat_interleave(flat.shape[1])), torch.ones(flat.numel()),
                       accumulate=True)
     return log_frequencies(counts)
+
+
+def ridge_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float, *,
+                 flops: FlopCounter | None = None) -> Tensor:
+    """(num_rows, num_classes): values whose mean over each row's ``L`` selected keys (``flat``,
+    (N, L) rows of the value table) is the ridge regression of one-hot ``y`` on the 0/1 code,
+    ``w = X.T @ (X @ X.T + penalty * I)^-1 @ Y``, times ``L``.
+
+    Solved in the dual (an N x N system, whose entries are how many keys two rows share), in
+    float64 on one thread: the same rows and labels give the same bits, so a request that solves
+    it without a class's rows returns the values of the model retrained without them. A class with
+    no row has the value 0 at every key, and so does a key no row selects."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    n, width = flat.shape
+    if n > RIDGE_MAX_ROWS:
+        raise ValueError(f"value_init=ridge solves an N x N system: {n} training rows would take "
+                         f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use value_init=counts or a "
+                         "smaller dataset.train_limit")
+    x = _code_matrix(flat, num_rows)
+    targets = np.zeros((n, num_classes))
+    targets[np.arange(n), y.numpy()] = 1.0
+    with threadpool_limits(1):
+        gram = (x @ x.T).toarray()
+        gram[np.diag_indices(n)] += penalty
+        dual = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, lower=True, check_finite=False), targets,
+                                      check_finite=False)
+        w = x.T @ dual
+    if flops is not None:  # the code's products, the factorisation and solve, the values
+        shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
+        flops.add(int(2 * (shared ** 2).sum() + n ** 3 / 3 + 2 * n * n * num_classes + 2 * n * width * num_classes))
+    return torch.from_numpy(width * w).float()
 
 
 def log_frequencies(counts: Tensor) -> Tensor:
@@ -97,16 +148,20 @@ def values_without(activation_counts: Tensor, absent: Sequence[int] = ()) -> Ten
 COUNT_TOLERANCE = 1e-4
 
 
-def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequence[int]) -> Tensor | None:
+def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequence[int],
+                     train: EmbeddingSet | None = None, *, flops: FlopCounter | None = None) -> Tensor | None:
     """(C, K, classes): ``model``'s values recomputed from its cached key counts without the classes
     ``forgotten`` and ``forget`` (:func:`values_without`), if its values are those counts without
     ``forgotten``, which the ``forget`` classes' columns decide (a DKVB started from ``counts``,
-    trained for no epochs, after requests that recounted it; mean decoder, no probe start); else
-    ``None``.
+    trained for no epochs, after requests that recounted it; mean decoder, no probe start); for a
+    model with ridge values, solved again without those classes' rows of ``train``
+    (:func:`ridge_without`); else ``None``.
 
     Only the keys a ``forget`` class selected change: there the class's value becomes
     ``log(1 / (n + classes))`` and every other class's moves up by ``log((n + classes) / (n' + classes))``,
     ``n'`` the key's rows without the class: one pass over the values, none over the count table."""
+    if float(getattr(model, "value_ridge", 0)) > 0:
+        return ridge_without(model, train, forgotten, forget, flops=flops)
     b = getattr(model, "bottleneck", None)
     counts = getattr(model, "activation_counts", None)
     if (b is None or not values_are_class_scores(model) or b.start.is_set or counts is None or counts.ndim != 3
@@ -127,6 +182,71 @@ def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequenc
     out = values + (log_rows - log_left).unsqueeze(-1)
     out[..., f] = -log_left.unsqueeze(-1)
     return out
+
+
+# How far a ridge-valued model's values may sit from the ridge equations, relative to the largest
+# term: float32 values summed over a row's keys; a trained or count value misses by far more.
+RIDGE_TOLERANCE = 1e-3
+
+
+def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Sequence[int], forget: Sequence[int], *,
+                  flops: FlopCounter | None = None) -> Tensor | None:
+    """(C, K, classes): the ridge values (:func:`ridge_values`, ``model.value_ridge`` its penalty)
+    of ``train``'s rows outside the classes ``forgotten`` and ``forget``, if ``model``'s values are
+    those of the rows outside ``forgotten``; else ``None``.
+
+    The check is the ridge equations themselves, ``penalty * w = X.T @ (Y - X @ w)`` over the
+    rows it was fitted on (no solve); the rows select their keys with no key masked, as when it was
+    fitted. The new values solve the same system on fewer rows, as retraining does, so they are the
+    retrained model's to the bit."""
+    b = getattr(model, "bottleneck", None)
+    if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
+        return None
+    codes = _training_codes(model, train.x)
+    flat = b.flat_indices(codes).reshape(len(train), -1)
+    width, num_rows = flat.shape[1], b.num_codebooks * b.codebook_size
+    penalty = float(model.value_ridge)
+    fitted = ~train.class_mask(tuple(forgotten))
+    x = _code_matrix(flat[fitted], num_rows)
+    w = b.values.detach().reshape(num_rows, -1).double().numpy() / width
+    residual = -(x @ w)
+    residual[np.arange(x.shape[0]), train.y[fitted].numpy()] += 1.0
+    gap = np.abs(penalty * w - x.T @ residual).max()
+    if flops is not None:
+        flops.add(4 * x.nnz * w.shape[1])
+    if not gap <= RIDGE_TOLERANCE * max(np.abs(penalty * w).max(), 1e-12):
+        return None
+    if not len(forget):
+        return b.values.detach().clone()
+    keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
+    values = ridge_values(flat[keep], train.y[keep], num_rows, b.value_dim, penalty, flops=flops)
+    return values.view_as(b.values)
+
+
+def _code_matrix(flat: Tensor, num_rows: int):
+    """The (N, num_rows) 0/1 scipy CSR matrix of the rows' selected keys ``flat`` (N, L)."""
+    import scipy.sparse
+
+    n, width = flat.shape
+    cols = flat.reshape(-1).numpy()
+    return scipy.sparse.csr_matrix((np.ones(cols.size), cols, np.arange(0, cols.size + 1, width)),
+                                   shape=(n, num_rows))
+
+
+def _training_codes(model: nn.Module, x: Tensor) -> Tensor:
+    """(N, C, topk): the keys the training embeddings ``x`` select with no key masked, from the
+    model's :class:`~dkvb.classifier.CodeCache` when it holds ``x`` searched unmasked."""
+    from .data import fingerprint
+
+    b, cache = model.bottleneck, getattr(model, "code_cache", None)
+    if cache is not None and not bool(cache.candidates.mask.any()) and cache.digest == fingerprint(x):
+        return b.codes(cache.candidates)
+    mask = b.key_mask.clone()
+    b.key_mask.zero_()
+    try:
+        return b.lookup(x)
+    finally:
+        b.key_mask.copy_(mask)
 
 
 def values_are_counts(model: nn.Module, absent: Sequence[int] = ()) -> bool:

@@ -406,3 +406,85 @@ def test_recounting_is_refused_where_the_values_are_not_counts(count_valued):
         create_unlearner("dkvb-activations", recount_values=True, refit_epochs=2)
     refit = create_unlearner("dkvb-activations", refit_epochs=1).unlearn(model, request).model
     assert not torch.allclose(refit.bottleneck.values.view(-1, 5), _counted_on(model, request.retain))
+
+
+# ------------------------------------------------------------------ ridge-valued models
+
+
+def _ridge_fit(train, epochs=0):
+    """A ridge-valued DKVB whose keys come from a fixed pool (what ``key_pool`` does), so a model
+    retrained on fewer rows gets the same keys."""
+    model = build_model(SMALL_DKVB, train.dim, train.num_classes, seed=0)
+    pool = make_clusters(1200, num_classes=train.num_classes, spread=1.0, seed=7)
+    model.prepare(pool.x)
+    fit(model, train, TrainConfig(epochs=epochs, lr=1e-2, value_init="ridge"))
+    model.compute_activation_counts(train.x, train.y)
+    return model
+
+
+def test_ridge_values_are_the_closed_form_ridge_fit_of_the_labels_on_the_code():
+    from dkvb.value_init import ridge_values
+
+    g = torch.Generator().manual_seed(0)
+    flat = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(50)])  # 50 rows, 6 of 40 keys each
+    y = torch.randint(0, 3, (50,), generator=g)
+    x = torch.zeros(50, 40, dtype=torch.float64)
+    x[torch.arange(50).unsqueeze(1), flat] = 1.0
+    targets = torch.nn.functional.one_hot(y, 4).double()  # class 3 has no row
+    w = torch.linalg.solve(x.T @ x + 2.0 * torch.eye(40, dtype=torch.float64), x.T @ targets)  # primal
+    values = ridge_values(flat, y, 40, 4, 2.0)
+    assert torch.allclose(values.double() / 6, w, atol=1e-5)
+    assert torch.equal(values[:, 3], torch.zeros(40))  # a class no row has scores 0 everywhere
+    assert torch.allclose(values[flat].mean(1).double(), x @ w, atol=1e-5)  # what the mean decoder reads
+
+
+def test_a_request_solves_a_ridge_valued_model_again_as_if_trained_without_the_class(tmp_path):
+    from dkvb.store import load_model, save_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    train = make_clusters(900, num_classes=5, spread=1.0, seed=0)
+    model = _ridge_fit(train)
+    assert float(model.value_ridge) == SMALL_DKVB.num_codebooks * SMALL_DKVB.topk
+    with torch.no_grad():
+        assert accuracy(model(train.x), train.y) > 0.9
+    before = model.bottleneck.values.clone()
+    exact = create_unlearner("dkvb-activations", mask_keys=False)
+    first = exact.unlearn(model, ForgetRequest((2,), train))
+    assert torch.equal(first.model.bottleneck.values, _ridge_fit(train.subset(~train.class_mask((2,)))).bottleneck.values)
+    assert torch.equal(model.bottleneck.values, before) and first.flops > 0
+    with torch.no_grad():
+        assert accuracy(first.model(train.x[train.y == 2]), train.y[train.y == 2]) == 0.0
+    second = exact.unlearn(first.model, ForgetRequest((4,), train, forgotten=(2,)))  # a sequence stays exact
+    retrained = _ridge_fit(train.subset(~train.class_mask((2, 4))))
+    assert torch.equal(second.model.bottleneck.values, retrained.bottleneck.values)
+    save_model(second.model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m")
+    assert float(loaded.value_ridge) == float(model.value_ridge)
+    third = exact.unlearn(loaded, ForgetRequest((0,), train, forgotten=(2, 4)))
+    assert torch.equal(third.model.bottleneck.values,
+                       _ridge_fit(train.subset(~train.class_mask((0, 2, 4)))).bottleneck.values)
+
+
+def test_a_ridge_start_that_was_trained_on_is_not_solved_again():
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    train = make_clusters(600, num_classes=4, seed=0)
+    trained = _ridge_fit(train, epochs=1)
+    assert float(trained.value_ridge) == 0.0
+    with pytest.raises(ValueError, match="neither"):
+        create_unlearner("dkvb-activations", recount_values=True).unlearn(trained, ForgetRequest((1,), train))
+    model = _ridge_fit(train)
+    with torch.no_grad():  # values changed behind the marker's back fail the ridge equations
+        model.bottleneck.values.add_(0.01 * torch.randn_like(model.bottleneck.values))
+    with pytest.raises(ValueError, match="neither"):
+        create_unlearner("dkvb-activations", recount_values=True).unlearn(model, ForgetRequest((1,), train))
+    with pytest.raises(ValueError, match="value_ridge"):
+        TrainConfig(value_init="ridge", value_ridge=0)
+
+
+def test_ridge_values_refuse_a_training_set_too_large_for_the_dual_system(monkeypatch):
+    import dkvb.value_init as vi
+
+    monkeypatch.setattr(vi, "RIDGE_MAX_ROWS", 100)
+    with pytest.raises(ValueError, match="N x N system: 200 training rows"):
+        vi.ridge_values(torch.zeros(200, 3, dtype=torch.long), torch.zeros(200, dtype=torch.long), 10, 2, 1.0)

@@ -62,9 +62,12 @@ class MaskingUnlearner(Unlearner):
             trained for no epochs, :func:`~dkvb.value_init.values_are_counts`): recompute every
             value from the counts without the forget classes (:func:`recount`), exactly the values
             that model built without them would hold on the same keys. No gradient, no data: a
-            few operations per count. ``None`` (default): whenever the model's values are its
-            counts and nothing re-fits them; ``True`` raises for any other model; ``False`` leaves
-            the values (the key mask alone).
+            few operations per count. A model whose values are a ridge fit (``value_init: ridge``,
+            no epochs) has them solved again on the retain rows instead
+            (:func:`~dkvb.value_init.ridge_without`): no gradient, one N x N solve. ``None``
+            (default): whenever the model's values are its counts or a ridge fit and nothing
+            re-fits them; ``True`` raises for any other model; ``False`` leaves the values (the
+            key mask alone).
     """
 
     erase_values: bool = False
@@ -96,14 +99,16 @@ class MaskingUnlearner(Unlearner):
                 "unset or False with refit_epochs (re-fitting trains the values away from their counts)",
                 self.recount_values)
 
-    def _recounted(self, model: DKVBClassifier, request: ForgetRequest) -> Tensor | None:
-        """The values this request gives ``model`` by recounting (``recount_values``), or ``None``."""
+    def _recounted(self, model: DKVBClassifier, request: ForgetRequest, counter: FlopCounter) -> Tensor | None:
+        """The values this request gives ``model`` by recounting (``recount_values``), or ``None``;
+        a ridge fit's solve is counted into ``counter``."""
         if self.recount_values is False or self.refit_epochs:
             return None
-        values = recounted_values(model, request.forgotten, request.forget_classes)
+        values = recounted_values(model, request.forgotten, request.forget_classes, request.train, flops=counter)
         if self.recount_values and values is None:
             raise ValueError(f"{self.name}: recount_values needs a model whose values are its cached key counts "
-                             "(built with value_init=counts and trained for 0 epochs); this model's values are not")
+                             "or a ridge fit (built with value_init=counts or ridge and trained for 0 epochs); "
+                             "this model's values are neither")
         return values
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
@@ -117,12 +122,13 @@ class MaskingUnlearner(Unlearner):
             return out, removed + flops + self._floor(out, request), details
         if not self.mask_keys:
             new_mask = torch.zeros_like(new_mask)
-        values = self._recounted(model, request)  # recounted values replace the shared ones, erased after
+        counter = FlopCounter()
+        values = self._recounted(model, request, counter)  # recounted values replace the shared ones, erased after
         erase = self.erase_values and values is None
         out = masked_copy(model, new_mask, erase_values=erase, share_values=not (erase or self.refit_epochs))
         removed = remove_start(out, request.forget_classes) if self.drop_start else 0
         if values is not None:
-            removed += recount(out, values, erase=new_mask if self.erase_values else None)
+            removed += counter.total + recount(out, values, erase=new_mask if self.erase_values else None)
         if not self.refit_epochs:
             return out, removed + self._floor(out, request), {}
         flops, details = refit_rerouted(model, out, request.train, request.retain_mask, epochs=self.refit_epochs,
