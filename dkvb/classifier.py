@@ -143,6 +143,7 @@ class DKVBClassifier(nn.Module):
         # the ridge penalty when the values are a ridge fit (value_init=ridge, no epochs), else 0
         self.register_buffer("value_ridge", torch.zeros((), dtype=torch.float64))
         self.code_cache: CodeCache | None = None
+        self.ridge_system = None  # a ridge-valued model's dual system (dkvb.value_init.RidgeSystem), kept in memory
         self._totals: tuple[Tensor, Tensor] | None = None  # (count table, its sum over classes): activation_totals
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:

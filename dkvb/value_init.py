@@ -23,7 +23,7 @@ scikit-learn's solver runs outside torch).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -197,8 +197,8 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
 
     The check is the ridge equations themselves, ``penalty * w = X.T @ (Y - X @ w)`` over the
     rows it was fitted on (no solve); the rows select their keys with no key masked, as when it was
-    fitted. The new values solve the same system on fewer rows, as retraining does, so they are the
-    retrained model's to the bit."""
+    fitted. The new values solve the same system without the forget classes' rows
+    (:class:`RidgeSystem`): the retrained model's, to float64 rounding of the solve."""
     b = getattr(model, "bottleneck", None)
     if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
         return None
@@ -218,9 +218,81 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
         return None
     if not len(forget):
         return b.values.detach().clone()
+    system = _ridge_system(model, train, flat, penalty, flops)
     keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
-    values = ridge_values(flat[keep], train.y[keep], num_rows, b.value_dim, penalty, flops=flops)
-    return values.view_as(b.values)
+    dual = system.without(np.flatnonzero(~keep.numpy()), flops)
+    w = _code_matrix(flat[keep], num_rows).T @ dual
+    if flops is not None:
+        flops.add(2 * int(keep.sum()) * width * b.value_dim)
+    return torch.from_numpy(width * w).float().view_as(b.values)
+
+
+class RidgeSystem(NamedTuple):
+    """The inverse ``(X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all its
+    training rows (embeddings ``digest``), kept in memory (never saved) so that a request solves
+    the system without some rows in milliseconds: by the Schur complement, the inverse over the
+    rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped rows'
+    ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
+    rows take seconds), shared with the model's unlearned copies."""
+
+    digest: str
+    penalty: float
+    inverse: np.ndarray
+    targets: np.ndarray  # (N, classes) one-hot labels of every row
+    dual: np.ndarray  # inverse @ targets
+
+    def without(self, dropped: np.ndarray, flops: FlopCounter | None = None) -> np.ndarray:
+        """(rows kept, classes): the dual solution of the system without the rows ``dropped``."""
+        import scipy.linalg
+        from threadpoolctl import threadpool_limits
+
+        m, n, num_classes = self.inverse, len(self.targets), self.targets.shape[1]
+        keep = np.ones(n, dtype=bool)
+        keep[dropped] = False
+        with threadpool_limits(1):
+            z = self.dual - m[:, dropped] @ self.targets[dropped]  # M @ Y with the dropped rows' targets zeroed
+            if len(dropped):
+                block = scipy.linalg.cho_factor(m[np.ix_(dropped, dropped)], lower=True, check_finite=False)
+                z_kept = z[keep] - m[np.ix_(keep, dropped)] @ scipy.linalg.cho_solve(block, z[dropped],
+                                                                                       check_finite=False)
+            else:
+                z_kept = z[keep]
+        if flops is not None:
+            f = len(dropped)
+            flops.add(int(4 * n * f * num_classes + f ** 3 / 3 + 2 * f * f * num_classes))
+        return z_kept
+
+
+def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: float,
+                  flops: FlopCounter | None) -> RidgeSystem:
+    """``model.ridge_system`` for ``train`` (rows' keys ``flat``), made and kept if it holds another set."""
+    import scipy.linalg
+    from threadpoolctl import threadpool_limits
+
+    from .data import fingerprint
+
+    digest = fingerprint(train.x)
+    kept = getattr(model, "ridge_system", None)
+    if kept is not None and kept.digest == digest and kept.penalty == penalty:
+        return kept
+    num_classes = model.bottleneck.value_dim
+    n = len(train)
+    if n > RIDGE_MAX_ROWS:
+        raise ValueError(f"value_init=ridge solves an N x N system: {n} training rows would take "
+                         f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS})")
+    x = _code_matrix(flat, flat.max().item() + 1)
+    with threadpool_limits(1):
+        gram = (x @ x.T).toarray()
+        gram[np.diag_indices(n)] += penalty
+        factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+        inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
+        targets = np.zeros((n, num_classes))
+        targets[np.arange(n), train.y.numpy()] = 1.0
+        dual = inverse @ targets
+    if flops is not None:
+        flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes))
+    model.ridge_system = RidgeSystem(digest, penalty, inverse, targets, dual)
+    return model.ridge_system
 
 
 def _code_matrix(flat: Tensor, num_rows: int):
