@@ -12,7 +12,8 @@
 #               CIFAR-100; then (N=8, class 0) the full Fashion-MNIST and CIFAR-10 training sets
 #   frontier    forgetting quality of count values, count values with the whitened projection, and
 #               exact unlearning (keys from a pool: another dataset, or the 4k subsets' unused training
-#               images) on digits and the 4k subsets (benchmarks/results/frontier/),
+#               images; count values, then ridge values) on digits and the 4k subsets
+#               (benchmarks/results/frontier/),
 #               then docs/results/figures/forgetting_frontier.png
 #   pages       only regenerate docs/results and the README tables from the committed JSON
 #
@@ -78,6 +79,12 @@ frontier_own_kind() {  # <config> <name> <dataset> [options]: keys from 10,000 t
     --out "$OUT/frontier/forgetting_${name}_key_pool_own_kind.json"
 }
 
+frontier_ridge() {  # <config> <name> <key pool dataset> [options]: ridge values, the exact recipe's best
+  local config=$1 name=$2 pool=$3; shift 3
+  forgetting "$config" "$name" "$@" --set train.value_init=ridge --set train.epochs=0 "${WHITENED[@]}" "${POOL[@]}" \
+    --set "key_pool.name=$pool" --methods "$EXACT" --work "$WORK/${name}_ridge" --out "$OUT/frontier/forgetting_${name}_ridge.json"
+}
+
 frontier() {
   frontier_set digits_effnet_lite0 digits cifar10
   frontier_set fashion_mnist_effnet_lite0 fashion_mnist_4k cifar100 --train-limit 4000
@@ -85,24 +92,32 @@ frontier() {
   frontier_own_kind fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist
   frontier_own_kind cifar10_effnet_lite0 cifar10_4k cifar10
   frontier_own_kind cifar100_effnet_lite0 cifar100_4k cifar100 --set model.topk=1  # the exact recipe selects one key
+  frontier_ridge digits_effnet_lite0 digits cifar10
+  frontier_ridge fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist --set dataset.train_limit=4000
+  frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000
+  frontier_ridge cifar100_effnet_lite0 cifar100_4k cifar100 --set dataset.train_limit=4000 --set model.topk=1
   local figure=() set model file
   while IFS='|' read -r set model file; do figure+=("$set|$model=$OUT/$file"); done <<'LIST'
 digits|trained values|forgetting_digits.json
 digits|count values|frontier/forgetting_digits_counts.json
 digits|count values, whitened|frontier/forgetting_digits_counts_whitened.json
 digits|exact: keys from a pool|frontier/forgetting_digits_key_pool.json
+digits|exact: ridge values|frontier/forgetting_digits_ridge.json
 CIFAR-10 4k|trained values|forgetting_cifar10_4k.json
 CIFAR-10 4k|count values|frontier/forgetting_cifar10_4k_counts.json
 CIFAR-10 4k|count values, whitened|frontier/forgetting_cifar10_4k_counts_whitened.json
 CIFAR-10 4k|exact: keys from a pool|frontier/forgetting_cifar10_4k_key_pool.json
 CIFAR-10 4k|exact: own kind|frontier/forgetting_cifar10_4k_key_pool_own_kind.json
+CIFAR-10 4k|exact: ridge values|frontier/forgetting_cifar10_4k_ridge.json
 Fashion-MNIST 4k|trained values|forgetting_fashion_mnist_4k.json
 Fashion-MNIST 4k|count values|frontier/forgetting_fashion_mnist_4k_counts.json
 Fashion-MNIST 4k|count values, whitened|frontier/forgetting_fashion_mnist_4k_counts_whitened.json
 Fashion-MNIST 4k|exact: keys from a pool|frontier/forgetting_fashion_mnist_4k_key_pool.json
 Fashion-MNIST 4k|exact: own kind|frontier/forgetting_fashion_mnist_4k_key_pool_own_kind.json
+Fashion-MNIST 4k|exact: ridge values|frontier/forgetting_fashion_mnist_4k_ridge.json
 CIFAR-100 4k|trained values (probe start)|forgetting_cifar100_4k.json
 CIFAR-100 4k|exact: own kind|frontier/forgetting_cifar100_4k_key_pool_own_kind.json
+CIFAR-100 4k|exact: ridge values|frontier/forgetting_cifar100_4k_ridge.json
 CIFAR-10|trained values|forgetting_cifar10.json
 Fashion-MNIST|trained values|forgetting_fashion_mnist.json
 LIST

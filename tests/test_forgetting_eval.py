@@ -87,13 +87,15 @@ def test_a_malformed_method_label_is_refused(label):
         method_from_label(label)
 
 
-def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
-    """Keys and projection fitted on a pool no request touches, count values: the request's recount
-    (no mask) gives the model retrained without the class, to float32 rounding, on every input."""
+@pytest.mark.parametrize("values", ["counts", "ridge"])
+def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining(values):
+    """Keys and projection fitted on a pool no request touches, count or ridge values: the request's
+    recount or solve (no mask) gives the model retrained without the class, to float rounding, on
+    every input."""
     from dkvb.unlearn import ForgetRequest, create_unlearner
 
     cfg = replace(_config(), model=ModelConfig(num_codebooks=8, codebook_size=16, key_dim=4, projection="whitened"),
-                  train=TrainConfig(epochs=0, value_init="counts"))
+                  train=TrainConfig(epochs=0, value_init=values))
     train, test = make_clusters(600, dim=16, num_classes=4, seed=0), make_clusters(200, dim=16, num_classes=4, seed=1)
     pool = make_clusters(500, dim=16, num_classes=6, seed=2)
     original = train_family(cfg, "dkvb", train, 0, key_pool=pool)
@@ -109,14 +111,15 @@ def test_keys_from_a_disjoint_pool_make_a_count_request_exactly_retraining():
     assert not torch.equal(own_unlearned(test.x), own_retrained(test.x))
 
 
-def test_the_benchmark_scores_exact_unlearning_at_its_ceiling(tiny_config, tmp_path):
-    """A config with a key pool and count values, end to end from images: the recount alone is the
-    retrained model, so F at the full N is 1 and F at the ceiling's N is the ceiling itself."""
+@pytest.mark.parametrize("values", ["counts", "ridge"])
+def test_the_benchmark_scores_exact_unlearning_at_its_ceiling(tiny_config, tmp_path, values):
+    """A config with a key pool and count or ridge values, end to end from images: the recount alone
+    is the retrained model, so F at the full N is 1 and F at the ceiling's N is the ceiling itself."""
     from dkvb.config import load_config
     from dkvb.experiment import load_embeddings
 
     cfg = load_config(tiny_config, ["key_pool.name=sklearn-digits", "key_pool.train_limit=300",
-                                    "model.projection=whitened", "train.value_init=counts", "train.epochs=0",
+                                    "model.projection=whitened", f"train.value_init={values}", "train.epochs=0",
                                     "forget=[[class1]]"])
     train, test = load_embeddings(cfg, progress=False)
     methods = [MethodConfig("dkvb-activations", params={"mask_keys": [False]}), MethodConfig("dkvb-activations")]
