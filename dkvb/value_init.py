@@ -202,7 +202,10 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     b = getattr(model, "bottleneck", None)
     if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
         return None
-    codes = _training_codes(model, train.x)
+    from .data import fingerprint
+
+    digest = fingerprint(train.x)
+    codes = _training_codes(model, train.x, digest)
     flat = b.flat_indices(codes).reshape(len(train), -1)
     width, num_rows = flat.shape[1], b.num_codebooks * b.codebook_size
     penalty = float(model.value_ridge)
@@ -218,7 +221,7 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
         return None
     if not len(forget):
         return b.values.detach().clone()
-    system = _ridge_system(model, train, flat, penalty, flops)
+    system = _ridge_system(model, train, digest, flat, penalty, flops)
     keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
     dual = system.without(np.flatnonzero(~keep.numpy()), flops)
     w = _code_matrix(flat[keep], num_rows).T @ dual
@@ -263,15 +266,13 @@ class RidgeSystem(NamedTuple):
         return z_kept
 
 
-def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: float,
+def _ridge_system(model: nn.Module, train: EmbeddingSet, digest: str, flat: Tensor, penalty: float,
                   flops: FlopCounter | None) -> RidgeSystem:
-    """``model.ridge_system`` for ``train`` (rows' keys ``flat``), made and kept if it holds another set."""
+    """``model.ridge_system`` for ``train`` (fingerprint ``digest``, rows' keys ``flat``), made and
+    kept if it holds another set."""
     import scipy.linalg
     from threadpoolctl import threadpool_limits
 
-    from .data import fingerprint
-
-    digest = fingerprint(train.x)
     kept = getattr(model, "ridge_system", None)
     if kept is not None and kept.digest == digest and kept.penalty == penalty:
         return kept
@@ -305,13 +306,12 @@ def _code_matrix(flat: Tensor, num_rows: int):
                                    shape=(n, num_rows))
 
 
-def _training_codes(model: nn.Module, x: Tensor) -> Tensor:
-    """(N, C, topk): the keys the training embeddings ``x`` select with no key masked, from the
-    model's :class:`~dkvb.classifier.CodeCache` when it holds ``x`` searched unmasked."""
-    from .data import fingerprint
-
+def _training_codes(model: nn.Module, x: Tensor, digest: str) -> Tensor:
+    """(N, C, topk): the keys the training embeddings ``x`` (fingerprint ``digest``) select with no
+    key masked, from the model's :class:`~dkvb.classifier.CodeCache` when it holds ``x`` searched
+    unmasked."""
     b, cache = model.bottleneck, getattr(model, "code_cache", None)
-    if cache is not None and not bool(cache.candidates.mask.any()) and cache.digest == fingerprint(x):
+    if cache is not None and not bool(cache.candidates.mask.any()) and cache.digest == digest:
         return b.codes(cache.candidates)
     mask = b.key_mask.clone()
     b.key_mask.zero_()
