@@ -107,7 +107,7 @@ def _replay_forget(
     digest = rec.get("data_sha256")
     given = None
     if digest is not None and data is not None:
-        if list(data.class_names) != names or data_digest(data, classes_read(logged, ids, len(names))) != digest:
+        if list(data.class_names) != names or data_digest(data, classes_read(logged, ids, len(names), model)) != digest:
             raise ReplayError(f"{rec['request_id']}: the given embeddings differ from those the request read "
                               "(data_sha256); pass the same embeddings, or none to re-apply logged deltas")
         given = data

@@ -54,10 +54,18 @@ def check_data(data: EmbeddingSet | None, model: DKVBClassifier, names: list[str
         raise ValueError(f"{what}: embeddings contain NaN or inf values")
 
 
+def solves_ridge(unlearner: Any, model: Any) -> bool:
+    """Whether a request of ``unlearner`` solves ``model``'s ridge values again on the retain rows
+    (:func:`~dkvb.value_init.ridge_without`), which reads every class's training embeddings."""
+    return (float(getattr(model, "value_ridge", 0)) > 0 and getattr(unlearner, "recount_values", False) is not False
+            and not getattr(unlearner, "refit_epochs", 0))
+
+
 def needs_data(unlearner: Any, model: DKVBClassifier) -> bool:
     """Whether the method reads embeddings (else it runs on the model's cached counts alone)."""
     cached = getattr(unlearner, "use_cached_counts", False) and model.activation_counts.numel() > 0
-    return unlearner.name != "dkvb-activations" or not cached or getattr(unlearner, "refit_epochs", 0) > 0
+    return (unlearner.name != "dkvb-activations" or not cached or getattr(unlearner, "refit_epochs", 0) > 0
+            or solves_ridge(unlearner, model))
 
 
 def make_request(
@@ -78,13 +86,15 @@ def make_request(
         raise ValueError(f"{unlearner.name} reads training embeddings here (forget examples, or activation counts "
                          "the model has not cached): give them with --embeddings or --config")
     return (ForgetRequest(tuple(ids), data, seed=seed, forgotten=tuple(forgotten)),
-            data_digest(data, classes_read(unlearner, ids, model.num_classes)))
+            data_digest(data, classes_read(unlearner, ids, model.num_classes, model)))
 
 
-def classes_read(unlearner: Any, ids: Sequence[int], num_classes: int) -> Sequence[int]:
+def classes_read(unlearner: Any, ids: Sequence[int], num_classes: int, model: Any = None) -> Sequence[int]:
     """The classes whose embeddings a request for ``ids`` reads (and its log digest covers):
-    the forget classes, or every class when the method re-fits values on the retain set."""
-    return range(num_classes) if getattr(unlearner, "refit_epochs", 0) else ids
+    the forget classes, or every class when the method re-fits values on the retain set or solves
+    ``model``'s ridge values again."""
+    every = getattr(unlearner, "refit_epochs", 0) or solves_ridge(unlearner, model)
+    return range(num_classes) if every else ids
 
 
 def metrics(model: DKVBClassifier, train: EmbeddingSet, test: EmbeddingSet | None, ids: list[int]) -> dict[str, float]:
@@ -99,4 +109,4 @@ def metrics(model: DKVBClassifier, train: EmbeddingSet, test: EmbeddingSet | Non
 
 
 __all__ = ["METHODS", "method_name", "mask_sha", "flat_mask", "data_digest", "check_data", "needs_data",
-           "make_request", "classes_read", "metrics"]
+           "make_request", "classes_read", "solves_ridge", "metrics"]

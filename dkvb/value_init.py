@@ -221,7 +221,7 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
         return None
     if not len(forget):
         return b.values.detach().clone()
-    system = _ridge_system(model, train, digest, flat, penalty, flops)
+    system = _ridge_system(model, train, flat, penalty, flops)
     keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
     dual = system.without(np.flatnonzero(~keep.numpy()), flops)
     w = _code_matrix(flat[keep], num_rows).T @ dual
@@ -230,9 +230,22 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     return torch.from_numpy(width * w).float().view_as(b.values)
 
 
+def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCounter | None = None) -> bool:
+    """Make and keep a ridge-valued ``model``'s :class:`RidgeSystem` for its training set ``train``
+    now, so that its first request is as fast as the next; ``False`` (nothing made) for any other model."""
+    if not float(getattr(model, "value_ridge", 0)) > 0:
+        return False
+    from .data import fingerprint
+
+    b = model.bottleneck
+    flat = b.flat_indices(_training_codes(model, train.x, fingerprint(train.x))).reshape(len(train), -1)
+    _ridge_system(model, train, flat, float(model.value_ridge), flops)
+    return True
+
+
 class RidgeSystem(NamedTuple):
     """The inverse ``(X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all its
-    training rows (embeddings ``digest``), kept in memory (never saved) so that a request solves
+    training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a request solves
     the system without some rows in milliseconds: by the Schur complement, the inverse over the
     rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped rows'
     ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
@@ -266,16 +279,25 @@ class RidgeSystem(NamedTuple):
         return z_kept
 
 
-def _ridge_system(model: nn.Module, train: EmbeddingSet, digest: str, flat: Tensor, penalty: float,
+# The most recent ridge system of this process, so a server that loads a stored model again after
+# each request does not invert the same system again (one kept: an inverse of 4,000 rows is 128 MB)
+_RECENT_SYSTEM: list[RidgeSystem] = []
+
+
+def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: float,
                   flops: FlopCounter | None) -> RidgeSystem:
-    """``model.ridge_system`` for ``train`` (fingerprint ``digest``, rows' keys ``flat``), made and
-    kept if it holds another set."""
+    """``model.ridge_system`` for ``train``'s labels and rows' keys ``flat``: the one kept on the
+    model or last made in this process when it is of the same rows, else made and kept."""
+    import hashlib
+
     import scipy.linalg
     from threadpoolctl import threadpool_limits
 
-    kept = getattr(model, "ridge_system", None)
-    if kept is not None and kept.digest == digest and kept.penalty == penalty:
-        return kept
+    digest = hashlib.sha256(flat.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
+    for kept in (getattr(model, "ridge_system", None), *_RECENT_SYSTEM):
+        if kept is not None and kept.digest == digest and kept.penalty == penalty:
+            model.ridge_system = kept
+            return kept
     num_classes = model.bottleneck.value_dim
     n = len(train)
     if n > RIDGE_MAX_ROWS:
@@ -293,6 +315,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, digest: str, flat: Tens
     if flops is not None:
         flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes))
     model.ridge_system = RidgeSystem(digest, penalty, inverse, targets, dual)
+    _RECENT_SYSTEM[:] = [model.ridge_system]
     return model.ridge_system
 
 
