@@ -117,6 +117,9 @@ def train_models(
             if manifest.get("extra", {}).get("fingerprint") == _fingerprint(cfg):
                 out[kind] = (model, manifest["extra"]["train_info"])
                 log.info("loaded trained %s model from %s", kind, path)
+                if float(getattr(model, "value_ridge", 0)) > 0:
+                    with timer.track("ridge system", kind):  # kept in memory only: made again for a loaded model
+                        keep_ridge_system(model, train)
                 continue
             log.info("stored %s model was trained with another config; retraining", kind)
         except StoreError:
