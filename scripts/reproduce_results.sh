@@ -128,7 +128,8 @@ small() {
   experiment digits_effnet_lite0 digits_effnet_lite0 digits
   experiment fashion_mnist_effnet_lite0 fashion_mnist_4k_effnet_lite0 fashion_mnist_4k --set dataset.train_limit=4000
   experiment cifar10_effnet_lite0 cifar10_4k_effnet_lite0 cifar10_4k --set dataset.train_limit=4000
-  page fashion_mnist_4k_exact_effnet_lite0 fashion_mnist_4k_exact_effnet_lite0  # exact: keys of its own kind
+  SERIES="activations:mask_keys=false activations" \
+    experiment fashion_mnist_4k_exact_effnet_lite0 fashion_mnist_4k_exact_effnet_lite0 fashion_mnist_4k_exact  # exact
 }
 
 large() {
