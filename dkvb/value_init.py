@@ -205,8 +205,11 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     from .data import fingerprint
 
     digest = fingerprint(train.x)
-    codes = _training_codes(model, train.x, digest)
-    flat = b.flat_indices(codes).reshape(len(train), -1)
+    kept = getattr(model, "ridge_system", None)  # its codes, when it was made from these embeddings
+    if kept is not None and kept.rows == digest:
+        flat = kept.flat
+    else:
+        flat = b.flat_indices(_training_codes(model, train.x, digest)).reshape(len(train), -1)
     width, num_rows = flat.shape[1], b.num_codebooks * b.codebook_size
     penalty = float(model.value_ridge)
     fitted = ~train.class_mask(tuple(forgotten))
@@ -221,7 +224,7 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
         return None
     if not len(forget):
         return b.values.detach().clone()
-    system = _ridge_system(model, train, flat, penalty, flops)
+    system = _ridge_system(model, train, digest, flat, penalty, flops)
     keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
     dual = system.without(np.flatnonzero(~keep.numpy()), flops)
     w = _code_matrix(flat[keep], num_rows).T @ dual
@@ -237,9 +240,9 @@ def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCount
         return False
     from .data import fingerprint
 
-    b = model.bottleneck
-    flat = b.flat_indices(_training_codes(model, train.x, fingerprint(train.x))).reshape(len(train), -1)
-    _ridge_system(model, train, flat, float(model.value_ridge), flops)
+    b, digest = model.bottleneck, fingerprint(train.x)
+    flat = b.flat_indices(_training_codes(model, train.x, digest)).reshape(len(train), -1)
+    _ridge_system(model, train, digest, flat, float(model.value_ridge), flops)
     return True
 
 
@@ -253,6 +256,8 @@ class RidgeSystem(NamedTuple):
 
     digest: str
     penalty: float
+    rows: str  # fingerprint of the training embeddings
+    flat: Tensor  # (N, C * topk): the keys they select, unmasked
     inverse: np.ndarray
     targets: np.ndarray  # (N, classes) one-hot labels of every row
     dual: np.ndarray  # inverse @ targets
@@ -284,10 +289,11 @@ class RidgeSystem(NamedTuple):
 _RECENT_SYSTEM: list[RidgeSystem] = []
 
 
-def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: float,
+def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flat: Tensor, penalty: float,
                   flops: FlopCounter | None) -> RidgeSystem:
-    """``model.ridge_system`` for ``train``'s labels and rows' keys ``flat``: the one kept on the
-    model or last made in this process when it is of the same rows, else made and kept."""
+    """``model.ridge_system`` for ``train`` (embeddings' fingerprint ``rows``, labels, keys ``flat``):
+    the one kept on the model or last made in this process when it is of the same rows, else made
+    and kept."""
     import hashlib
 
     import scipy.linalg
@@ -295,7 +301,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: 
 
     digest = hashlib.sha256(flat.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
     for kept in (getattr(model, "ridge_system", None), *_RECENT_SYSTEM):
-        if kept is not None and kept.digest == digest and kept.penalty == penalty:
+        if kept is not None and kept.digest == digest and kept.penalty == penalty and kept.rows == rows:
             model.ridge_system = kept
             return kept
     num_classes = model.bottleneck.value_dim
@@ -314,7 +320,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, flat: Tensor, penalty: 
         dual = inverse @ targets
     if flops is not None:
         flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes))
-    model.ridge_system = RidgeSystem(digest, penalty, inverse, targets, dual)
+    model.ridge_system = RidgeSystem(digest, penalty, rows, flat, inverse, targets, dual)
     _RECENT_SYSTEM[:] = [model.ridge_system]
     return model.ridge_system
 
