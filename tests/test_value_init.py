@@ -489,3 +489,25 @@ def test_ridge_values_refuse_a_training_set_too_large_for_the_dual_system(monkey
     monkeypatch.setattr(vi, "RIDGE_MAX_ROWS", 100)
     with pytest.raises(ValueError, match="N x N system: 200 training rows"):
         vi.ridge_values(torch.zeros(200, 3, dtype=torch.long), torch.zeros(200, dtype=torch.long), 10, 2, 1.0)
+
+
+def test_the_ridge_system_is_made_once_per_model_and_training_set(tmp_path):
+    from dkvb.store import load_model, save_model
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+    from dkvb.value_init import keep_ridge_system
+
+    train = make_clusters(600, num_classes=4, seed=0)
+    model = _ridge_fit(train)
+    assert model.ridge_system is None and keep_ridge_system(model, train)
+    system = model.ridge_system
+    first = create_unlearner("dkvb-activations", mask_keys=False).unlearn(model, ForgetRequest((1,), train)).model
+    assert first.ridge_system is system  # the unlearned copy shares it: a sequence needs no new inverse
+    save_model(model, tmp_path / "m", class_names=list(train.class_names), encoder="test")
+    loaded, _ = load_model(tmp_path / "m")
+    again = create_unlearner("dkvb-activations", mask_keys=False).unlearn(loaded, ForgetRequest((1,), train)).model
+    assert loaded.ridge_system is system  # a reloaded model finds the process's last system
+    assert torch.equal(again.bottleneck.values, first.bottleneck.values)
+    other = make_clusters(600, num_classes=4, seed=3)
+    assert not keep_ridge_system(_ridge_fit(train, epochs=1), train)  # trained values: nothing to keep
+    keep_ridge_system(_ridge_fit(other), other)
+    assert _ridge_fit(other).ridge_system is None and model.ridge_system is system
