@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..data import EmbeddingSet
+from ..value_init import keep_ridge_system
 from ..errors import AuditError, StoreError, StoreLockedError
 from ..replay import ReplayError
 from ..request import make_request
@@ -66,7 +67,7 @@ def create_app(store_path: str | os.PathLike, *, token: str | None = None, limit
     metrics = Metrics()
     live = LiveModel(root, interval=limits.poll_s, on_swap=metrics.served)
     writer = Writer(root, live, limits.lock_wait_s)
-    warm_up(live.current)
+    warm_up(live.current, data)
     predicting = anyio.CapacityLimiter(limits.predict_threads)
     public = _Public(root)
 
@@ -185,10 +186,13 @@ class Writer:
         return RecordResponse(version=snap.version, record=record)
 
 
-def warm_up(snap: Snapshot) -> None:
+def warm_up(snap: Snapshot, data: EmbeddingSet | None = None) -> None:
     """Load the compiled kernels a first request would (numba's cache: about half a second): one
-    prediction, and one forget on an in-memory copy of the model; nothing is written."""
+    prediction, and one forget on an in-memory copy of the model; nothing is written. A ridge-valued
+    model's system is made from ``data`` (its training embeddings) and kept for the requests."""
     snap.predict(torch.zeros(1, snap.embedding_dim))
+    if data is not None:
+        keep_ridge_system(snap.model, data)
     unlearner = create_unlearner("dkvb-activations")
     model = copy.deepcopy(snap.model)
     try:
