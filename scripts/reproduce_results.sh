@@ -23,7 +23,8 @@
 # CIFAR-100 page 109 min (encoding included) and its sequence 92 min with 4-5 jobs on the cores;
 # forgetting 13 / 47 / 48 / 70 min (digits, CIFAR-10 4k, Fashion-MNIST 4k, CIFAR-100 4k), 24 / 36 min
 # (Fashion-MNIST, CIFAR-10; two jobs on the cores); frontier 2-11 min per count-value run, 30-40 min per
-# key-pool run (three jobs on the cores), 24 min per own-kind run (two jobs);
+# key-pool run (three jobs on the cores), 24 min per own-kind run (two jobs), 26-29 min per ridge run on the
+# 4k subsets and 13 min on digits (two jobs);
 # encoding 7-20 min per 60,000-image set.
 #
 # CIFAR needs ../shared/data (or $DKVB_SHARED_DATA); without it those runs stop with a message
@@ -79,10 +80,10 @@ frontier_own_kind() {  # <config> <name> <dataset> [options]: keys from 10,000 t
     --out "$OUT/frontier/forgetting_${name}_key_pool_own_kind.json"
 }
 
-frontier_ridge() {  # <config> <name> <key pool dataset> [options]: ridge values, the exact recipe's best
-  local config=$1 name=$2 pool=$3; shift 3
+frontier_ridge() {  # <config> <name> <key pool dataset> [options]: ridge values, the exact recipe's best ($SUFFIX names a variant)
+  local config=$1 name=$2 pool=$3 out="${2}_ridge${SUFFIX:-}"; shift 3
   forgetting "$config" "$name" "$@" --set train.value_init=ridge --set train.epochs=0 "${WHITENED[@]}" "${POOL[@]}" \
-    --set "key_pool.name=$pool" --methods "$EXACT" --work "$WORK/${name}_ridge" --out "$OUT/frontier/forgetting_${name}_ridge.json"
+    --set "key_pool.name=$pool" --methods "$EXACT" --work "$WORK/$out" --out "$OUT/frontier/forgetting_$out.json"
 }
 
 frontier() {
@@ -95,6 +96,7 @@ frontier() {
   frontier_ridge digits_effnet_lite0 digits cifar10
   frontier_ridge fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist --set dataset.train_limit=4000
   frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000
+  SUFFIX=_top2 frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000 --set model.topk=2
   frontier_ridge cifar100_effnet_lite0 cifar100_4k cifar100 --set dataset.train_limit=4000 --set model.topk=1
   local figure=() set model file
   while IFS='|' read -r set model file; do figure+=("$set|$model=$OUT/$file"); done <<'LIST'
@@ -109,6 +111,7 @@ CIFAR-10 4k|count values, whitened|frontier/forgetting_cifar10_4k_counts_whitene
 CIFAR-10 4k|exact: keys from a pool|frontier/forgetting_cifar10_4k_key_pool.json
 CIFAR-10 4k|exact: own kind|frontier/forgetting_cifar10_4k_key_pool_own_kind.json
 CIFAR-10 4k|exact: ridge values|frontier/forgetting_cifar10_4k_ridge.json
+CIFAR-10 4k|exact: ridge values, top-2|frontier/forgetting_cifar10_4k_ridge_top2.json
 Fashion-MNIST 4k|trained values|forgetting_fashion_mnist_4k.json
 Fashion-MNIST 4k|count values|frontier/forgetting_fashion_mnist_4k_counts.json
 Fashion-MNIST 4k|count values, whitened|frontier/forgetting_fashion_mnist_4k_counts_whitened.json
