@@ -5,8 +5,8 @@
   counts, so a forget request can recompute them without the class exactly
   (:func:`recounted_values`; docs/quality.md#count-values).
 * ``ridge``: the values are a ridge regression of the one-hot labels on the code (``C * topk``
-  ones per row), solved in closed form: a discriminative fit (2.7-8 points above counts on the
-  4,000-image sets) that is still a function of the training rows' keys and labels alone, so a
+  ones per row), solved in closed form: a discriminative fit (0.3-7.2 points of retain-test above
+  counts on digits and the 4,000-image sets) that is still a function of the training rows' keys and labels alone, so a
   request solves it again without the class and gets exactly the model retrained without it
   (:func:`ridge_values`; docs/quality.md#ridge-values).
 * ``probe``: a tuned logistic-regression probe on the embeddings, spread over the keys. The
@@ -42,8 +42,8 @@ PROBE_HOLDOUT = 0.1
 # against smoothing it over rarely selected keys: docs/quality.md#ridge
 RIDGE = 0.1
 # ``value_init: ridge``: the ridge penalty per selected key of a row (the penalty is this times
-# ``C * topk``, a row's similarity with itself); 0.4-1.2 of it were best on the four small sets'
-# validation splits: docs/quality.md#ridge-values
+# ``C * topk``, a row's similarity with itself); each small set's best on its validation split lay
+# between about 0.1 and 4 times it, within a few images: docs/quality.md#ridge-values
 VALUE_RIDGE = 1.0
 # The ridge values solve an N x N system (float64): 20,000 rows take 3.2 GB
 RIDGE_MAX_ROWS = 20_000
@@ -106,23 +106,37 @@ def ridge_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penal
     from threadpoolctl import threadpool_limits
 
     n, width = flat.shape
+    targets = _one_hot(y, num_classes)
+    with threadpool_limits(1):
+        x, factor = _dual_factor(flat, num_rows, penalty)
+        w = x.T @ scipy.linalg.cho_solve(factor, targets, check_finite=False)
+    if flops is not None:  # the code's products, the factorisation and solve, the values
+        shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
+        flops.add(int(2 * (shared ** 2).sum() + n ** 3 / 3 + 2 * n * n * num_classes + 2 * n * width * num_classes))
+    return torch.from_numpy(width * w).float()
+
+
+def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
+    """(the rows' code matrix, the Cholesky factor of ``X @ X.T + penalty * I``) for the rows' keys
+    ``flat`` (N, L); refuses more than :data:`RIDGE_MAX_ROWS` rows, naming the memory they need."""
+    import scipy.linalg
+
+    n = len(flat)
     if n > RIDGE_MAX_ROWS:
         raise ValueError(f"value_init=ridge solves an N x N system: {n} training rows would take "
                          f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use value_init=counts or a "
                          "smaller dataset.train_limit")
     x = _code_matrix(flat, num_rows)
-    targets = np.zeros((n, num_classes))
-    targets[np.arange(n), y.numpy()] = 1.0
-    with threadpool_limits(1):
-        gram = (x @ x.T).toarray()
-        gram[np.diag_indices(n)] += penalty
-        dual = scipy.linalg.cho_solve(scipy.linalg.cho_factor(gram, lower=True, check_finite=False), targets,
-                                      check_finite=False)
-        w = x.T @ dual
-    if flops is not None:  # the code's products, the factorisation and solve, the values
-        shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
-        flops.add(int(2 * (shared ** 2).sum() + n ** 3 / 3 + 2 * n * n * num_classes + 2 * n * width * num_classes))
-    return torch.from_numpy(width * w).float()
+    gram = (x @ x.T).toarray()
+    gram[np.diag_indices(n)] += penalty
+    return x, scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+
+
+def _one_hot(y: Tensor, num_classes: int) -> np.ndarray:
+    """(N, num_classes) float64 one-hot rows of the labels ``y``: the ridge fit's targets."""
+    targets = np.zeros((len(y), num_classes))
+    targets[np.arange(len(y)), y.numpy()] = 1.0
+    return targets
 
 
 def log_frequencies(counts: Tensor) -> Tensor:
@@ -205,11 +219,7 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     from .data import fingerprint
 
     digest = fingerprint(train.x)
-    kept = getattr(model, "ridge_system", None)  # its codes, when it was made from these embeddings
-    if kept is not None and kept.rows == digest:
-        flat = kept.flat
-    else:
-        flat = b.flat_indices(_training_codes(model, train.x, digest)).reshape(len(train), -1)
+    flat = _ridge_codes(model, train.x, digest)
     width, num_rows = flat.shape[1], b.num_codebooks * b.codebook_size
     penalty = float(model.value_ridge)
     fitted = ~train.class_mask(tuple(forgotten))
@@ -240,16 +250,15 @@ def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCount
         return False
     from .data import fingerprint
 
-    b, digest = model.bottleneck, fingerprint(train.x)
-    flat = b.flat_indices(_training_codes(model, train.x, digest)).reshape(len(train), -1)
-    _ridge_system(model, train, digest, flat, float(model.value_ridge), flops)
+    digest = fingerprint(train.x)
+    _ridge_system(model, train, digest, _ridge_codes(model, train.x, digest), float(model.value_ridge), flops)
     return True
 
 
 class RidgeSystem(NamedTuple):
     """The inverse ``(X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all its
-    training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a request solves
-    the system without some rows in milliseconds: by the Schur complement, the inverse over the
+    training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a
+    request solves the system without some rows in milliseconds: by the Schur complement, the inverse over the
     rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped rows'
     ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
     rows take seconds), shared with the model's unlearned copies."""
@@ -304,19 +313,12 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flat: Tensor
         if kept is not None and kept.digest == digest and kept.penalty == penalty and kept.rows == rows:
             model.ridge_system = kept
             return kept
-    num_classes = model.bottleneck.value_dim
-    n = len(train)
-    if n > RIDGE_MAX_ROWS:
-        raise ValueError(f"value_init=ridge solves an N x N system: {n} training rows would take "
-                         f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS})")
-    x = _code_matrix(flat, flat.max().item() + 1)
+    b, n = model.bottleneck, len(train)
+    num_classes = b.value_dim
+    targets = _one_hot(train.y, num_classes)
     with threadpool_limits(1):
-        gram = (x @ x.T).toarray()
-        gram[np.diag_indices(n)] += penalty
-        factor = scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+        x, factor = _dual_factor(flat, b.num_codebooks * b.codebook_size, penalty)
         inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
-        targets = np.zeros((n, num_classes))
-        targets[np.arange(n), train.y.numpy()] = 1.0
         dual = inverse @ targets
     if flops is not None:
         flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes))
@@ -333,6 +335,15 @@ def _code_matrix(flat: Tensor, num_rows: int):
     cols = flat.reshape(-1).numpy()
     return scipy.sparse.csr_matrix((np.ones(cols.size), cols, np.arange(0, cols.size + 1, width)),
                                    shape=(n, num_rows))
+
+
+def _ridge_codes(model: nn.Module, x: Tensor, digest: str) -> Tensor:
+    """(N, C * topk) value-table rows the training embeddings ``x`` (fingerprint ``digest``) select
+    with no key masked: those kept with the model's ridge system when it was made from ``x``."""
+    kept = getattr(model, "ridge_system", None)
+    if kept is not None and kept.rows == digest:
+        return kept.flat
+    return model.bottleneck.flat_indices(_training_codes(model, x, digest)).reshape(len(x), -1)
 
 
 def _training_codes(model: nn.Module, x: Tensor, digest: str) -> Tensor:
