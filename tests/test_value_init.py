@@ -511,3 +511,18 @@ def test_the_ridge_system_is_made_once_per_model_and_training_set(tmp_path):
     assert not keep_ridge_system(_ridge_fit(train, epochs=1), train)  # trained values: nothing to keep
     keep_ridge_system(_ridge_fit(other), other)
     assert _ridge_fit(other).ridge_system is None and model.ridge_system is system
+
+
+def test_a_ridge_request_with_other_training_embeddings_is_refused_not_left_unsolved():
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    train = make_clusters(600, num_classes=4, seed=0)
+    model = _ridge_fit(train)
+    before = model.bottleneck.values.clone()
+    other = train.subset(torch.arange(len(train)) < 400)  # two thirds of the rows the values were fitted on
+    for params in ({}, {"mask_keys": False}):
+        with pytest.raises(ValueError, match="do not solve the ridge equations on the given training embeddings"):
+            create_unlearner("dkvb-activations", **params).unlearn(model, ForgetRequest((1,), other))
+    assert torch.equal(model.bottleneck.values, before)
+    kept = create_unlearner("dkvb-activations", recount_values=False).unlearn(model, ForgetRequest((1,), other))
+    assert kept.model.key_mask.any()  # the key mask alone reads no values: still served

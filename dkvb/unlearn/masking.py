@@ -109,6 +109,10 @@ class MaskingUnlearner(Unlearner):
             raise ValueError(f"{self.name}: recount_values needs a model whose values are its cached key counts "
                              "or a ridge fit (built with value_init=counts or ridge and trained for 0 epochs); "
                              "this model's values are neither")
+        if values is None and float(getattr(model, "value_ridge", 0)) > 0:  # never serve a request left unsolved
+            raise ValueError(f"{self.name}: the model's ridge values do not solve the ridge equations on the given "
+                             "training embeddings: give the embeddings it was trained on, with the classes earlier "
+                             "requests forgot named as forgotten")
         return values
 
     def _finish(self, model: DKVBClassifier, new_mask: Tensor, request: ForgetRequest) -> tuple[DKVBClassifier, int, dict[str, Any]]:
