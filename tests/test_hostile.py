@@ -97,6 +97,17 @@ def test_embeddings_written_after_their_check_are_checked_again(bad, n, data):
         check_embeddings(part.x, 3)
 
 
+def test_a_fingerprint_is_remembered_until_the_tensor_is_written_to():
+    """A set is hashed once; a write in place, also through a view, gives its new fingerprint."""
+    from dkvb.data import fingerprint
+
+    x = torch.randn(50, 4)
+    first = fingerprint(x)
+    assert fingerprint(x) == first == fingerprint(x.clone())
+    x[3:5][0, 1] += 1.0
+    assert fingerprint(x) == fingerprint(x.clone()) != first
+
+
 @FUZZ
 @given(b=bottlenecks(), shape=st.lists(st.integers(0, 5), min_size=0, max_size=3))
 def test_wrong_shapes_are_rejected_clearly(b, shape):
