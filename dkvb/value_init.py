@@ -23,7 +23,8 @@ scikit-learn's solver runs outside torch).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from .classifier import MeanDecoder
 from .data import EmbeddingSet
 from .flops import FlopCounter
-from .threads import one_thread
+from .threads import blas_one_thread, one_thread
 
 # The probe's C is chosen from these on a holdout. A finer grid picks a better probe but not a
 # better start (CIFAR-100: 53.64% against 54.02): docs/quality.md#probe-grid
@@ -103,11 +104,10 @@ def ridge_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penal
     it without a class's rows returns the values of the model retrained without them. A class with
     no row has the value 0 at every key, and so does a key no row selects."""
     import scipy.linalg
-    from threadpoolctl import threadpool_limits
 
     n, width = flat.shape
     targets = _one_hot(y, num_classes)
-    with threadpool_limits(1):
+    with blas_one_thread():
         x, factor = _dual_factor(flat, num_rows, penalty)
         w = x.T @ scipy.linalg.cho_solve(factor, targets, check_finite=False)
     if flops is not None:  # the code's products, the factorisation and solve, the values
@@ -211,36 +211,45 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
 
     The check is the ridge equations themselves, ``penalty * w = X.T @ (Y - X @ w)`` over the
     rows it was fitted on (no solve); the rows select their keys with no key masked, as when it was
-    fitted. The new values solve the same system without the forget classes' rows
-    (:class:`RidgeSystem`): the retrained model's, to float64 rounding of the solve."""
+    fitted. Values the model's :class:`RidgeSystem` already checked, or solved itself, for the same
+    forgotten classes are known by their digest and not checked again. The new values solve the same
+    system without the forget classes' rows: the retrained model's, to float64 rounding of the solve."""
     b = getattr(model, "bottleneck", None)
     if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
         return None
     from .data import fingerprint
 
-    digest = fingerprint(train.x)
-    flat = _ridge_codes(model, train.x, digest)
-    width, num_rows = flat.shape[1], b.num_codebooks * b.codebook_size
-    penalty = float(model.value_ridge)
+    digest, penalty = fingerprint(train.x), float(model.value_ridge)
+    system = _kept_system(model, train, digest, penalty)
+    values = b.values.detach()
+    if system is None or not system.solves(values, forgotten):
+        flat = _ridge_codes(model, train.x, digest)
+        if not _solves_ridge_equations(values, flat, train, forgotten, penalty, flops):
+            return None
+        system = _ridge_system(model, train, digest, flat, penalty, flops)
+        system.remember(values, forgotten)
+    if not len(forget):
+        return values.clone()
+    out = torch.from_numpy(system.values_without(tuple(forgotten) + tuple(forget), flops)).float().view_as(b.values)
+    system.remember(out, tuple(forgotten) + tuple(forget))
+    return out
+
+
+def _solves_ridge_equations(values: Tensor, flat: Tensor, train: EmbeddingSet, forgotten: Sequence[int],
+                            penalty: float, flops: FlopCounter | None) -> bool:
+    """Whether the value table ``values`` (mean over each row's ``L`` selected keys ``flat``) solves
+    the ridge equations ``penalty * w = X.T @ (Y - X @ w)`` of ``train``'s rows outside ``forgotten``,
+    to :data:`RIDGE_TOLERANCE`."""
+    width, num_rows = flat.shape[1], values.shape[0] * values.shape[1]
     fitted = ~train.class_mask(tuple(forgotten))
     x = _code_matrix(flat[fitted], num_rows)
-    w = b.values.detach().reshape(num_rows, -1).double().numpy() / width
+    w = values.reshape(num_rows, -1).double().numpy() / width
     residual = -(x @ w)
     residual[np.arange(x.shape[0]), train.y[fitted].numpy()] += 1.0
     gap = np.abs(penalty * w - x.T @ residual).max()
     if flops is not None:
         flops.add(4 * x.nnz * w.shape[1])
-    if not gap <= RIDGE_TOLERANCE * max(np.abs(penalty * w).max(), 1e-12):
-        return None
-    if not len(forget):
-        return b.values.detach().clone()
-    system = _ridge_system(model, train, digest, flat, penalty, flops)
-    keep = ~train.class_mask(tuple(forgotten) + tuple(forget))
-    dual = system.without(np.flatnonzero(~keep.numpy()), flops)
-    w = _code_matrix(flat[keep], num_rows).T @ dual
-    if flops is not None:
-        flops.add(2 * int(keep.sum()) * width * b.value_dim)
-    return torch.from_numpy(width * w).float().view_as(b.values)
+    return bool(gap <= RIDGE_TOLERANCE * max(np.abs(penalty * w).max(), 1e-12))
 
 
 def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCounter | None = None) -> bool:
@@ -255,47 +264,91 @@ def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCount
     return True
 
 
-class RidgeSystem(NamedTuple):
-    """The inverse ``(X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all its
-    training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a
-    request solves the system without some rows in milliseconds: by the Schur complement, the inverse over the
-    rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped rows'
-    ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
-    rows take seconds), shared with the model's unlearned copies."""
+def _values_digest(values: Tensor) -> str:
+    """sha256 of a value table's float32 bytes (a 16,384 x 10 table: under a millisecond)."""
+    import hashlib
+
+    return hashlib.sha256(memoryview(values.detach().float().contiguous().numpy()).cast("B")).hexdigest()
+
+
+@dataclass(eq=False)
+class RidgeSystem:
+    """The inverse ``M = (X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all
+    its training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a
+    request solves the system without some rows in milliseconds: by the Schur complement, the inverse
+    over the rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped
+    rows' ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
+    rows take seconds), shared with the model's unlearned copies. The system's rows are the training
+    rows sorted by class, so a class's rows of ``M`` are one block, read without a copy.
+
+    ``solved`` holds the digests of value tables known to solve the system without some classes'
+    rows (checked by the ridge equations, or solved here), so a request on them skips the check."""
 
     digest: str
     penalty: float
     rows: str  # fingerprint of the training embeddings
+    labels: Tensor  # (N,) their labels
     flat: Tensor  # (N, C * topk): the keys they select, unmasked
+    bounds: np.ndarray  # (classes + 1,): class c's rows of the system are bounds[c]:bounds[c + 1]
+    code_t: Any  # (C * K, N) scipy CSR: the transposed 0/1 code of the system's rows
     inverse: np.ndarray
-    targets: np.ndarray  # (N, classes) one-hot labels of every row
+    targets: np.ndarray  # (N, classes) one-hot labels of the system's rows
     dual: np.ndarray  # inverse @ targets
+    solved: dict[str, frozenset] = field(default_factory=dict)
 
-    def without(self, dropped: np.ndarray, flops: FlopCounter | None = None) -> np.ndarray:
-        """(rows kept, classes): the dual solution of the system without the rows ``dropped``."""
+    def remember(self, values: Tensor, without: Sequence[int]) -> None:
+        """Note ``values`` as this system's solution without the rows of the classes ``without``."""
+        self.solved[_values_digest(values)] = frozenset(without)
+
+    def solves(self, values: Tensor, without: Sequence[int]) -> bool:
+        """Whether ``values`` were noted as this system's solution without the classes ``without``."""
+        return self.solved.get(_values_digest(values)) == frozenset(without)
+
+    def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> np.ndarray:
+        """(C * K, classes): the mean-decoder value table (``L * X.T @ dual``) of the system solved
+        without the rows of ``classes``.
+
+        With ``u = M @ Y`` over the kept rows' targets only, the kept rows' dual solution is
+        ``u_R - M_RF @ M_FF^-1 @ u_F``; padded with the dropped rows it is ``M @ Y - M[:, F] @ t`` for
+        ``t = Y_F + M_FF^-1 @ u_F``, which vanishes on ``F`` (M is symmetric, so only the dropped
+        rows of M are read)."""
         import scipy.linalg
-        from threadpoolctl import threadpool_limits
 
-        m, n, num_classes = self.inverse, len(self.targets), self.targets.shape[1]
-        keep = np.ones(n, dtype=bool)
-        keep[dropped] = False
-        with threadpool_limits(1):
-            z = self.dual - m[:, dropped] @ self.targets[dropped]  # M @ Y with the dropped rows' targets zeroed
-            if len(dropped):
-                block = scipy.linalg.cho_factor(m[np.ix_(dropped, dropped)], lower=True, check_finite=False)
-                z_kept = z[keep] - m[np.ix_(keep, dropped)] @ scipy.linalg.cho_solve(block, z[dropped],
-                                                                                       check_finite=False)
-            else:
-                z_kept = z[keep]
+        n, num_classes = self.targets.shape
+        blocks = sorted((int(self.bounds[c]), int(self.bounds[c + 1])) for c in set(classes))
+        if len(blocks) == 1:
+            dropped = slice(*blocks[0])
+        else:
+            dropped = np.concatenate([np.arange(lo, hi) for lo, hi in blocks] or [np.zeros(0, dtype=np.int64)])
+        f = sum(hi - lo for lo, hi in blocks)
+        with blas_one_thread():
+            alpha = self.dual
+            if f:
+                m_f = self.inverse[dropped]  # (F, N) = M[:, F].T
+                u_f = self.dual[dropped] - m_f[:, dropped] @ self.targets[dropped]
+                block = scipy.linalg.cho_factor(m_f[:, dropped], lower=True, check_finite=False)
+                t = self.targets[dropped] + scipy.linalg.cho_solve(block, u_f, check_finite=False)
+                alpha = self.dual - m_f.T @ t
+                alpha[dropped] = 0.0
+            w = self.code_t @ alpha
         if flops is not None:
-            f = len(dropped)
-            flops.add(int(4 * n * f * num_classes + f ** 3 / 3 + 2 * f * f * num_classes))
-        return z_kept
+            flops.add(int(2 * f * f * num_classes + f ** 3 / 3 + 4 * n * f * num_classes
+                          + 2 * self.code_t.nnz * num_classes))
+        return self.flat.shape[1] * w
 
 
 # The most recent ridge system of this process, so a server that loads a stored model again after
 # each request does not invert the same system again (one kept: an inverse of 4,000 rows is 128 MB)
 _RECENT_SYSTEM: list[RidgeSystem] = []
+
+
+def _kept_system(model: nn.Module, train: EmbeddingSet, rows: str, penalty: float) -> RidgeSystem | None:
+    """The system kept on ``model`` if it was made from ``train`` (embeddings' fingerprint ``rows``,
+    the same labels) with ``penalty``; the model's keys chose its codes when it was made."""
+    kept = getattr(model, "ridge_system", None)
+    if kept is None or kept.rows != rows or kept.penalty != penalty or not torch.equal(kept.labels, train.y):
+        return None
+    return kept
 
 
 def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flat: Tensor, penalty: float,
@@ -306,23 +359,29 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flat: Tensor
     import hashlib
 
     import scipy.linalg
-    from threadpoolctl import threadpool_limits
 
+    kept = _kept_system(model, train, rows, penalty)
+    if kept is not None:
+        return kept
     digest = hashlib.sha256(flat.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
-    for kept in (getattr(model, "ridge_system", None), *_RECENT_SYSTEM):
-        if kept is not None and kept.digest == digest and kept.penalty == penalty and kept.rows == rows:
+    for kept in _RECENT_SYSTEM:
+        if kept.digest == digest and kept.penalty == penalty and kept.rows == rows:
             model.ridge_system = kept
             return kept
     b, n = model.bottleneck, len(train)
     num_classes = b.value_dim
-    targets = _one_hot(train.y, num_classes)
-    with threadpool_limits(1):
-        x, factor = _dual_factor(flat, b.num_codebooks * b.codebook_size, penalty)
+    order = torch.argsort(train.y, stable=True)
+    sorted_flat = flat[order]
+    targets = _one_hot(train.y[order], num_classes)
+    bounds = np.concatenate([[0], np.cumsum(np.bincount(train.y.numpy(), minlength=num_classes))])
+    with blas_one_thread():
+        x, factor = _dual_factor(sorted_flat, b.num_codebooks * b.codebook_size, penalty)
         inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
         dual = inverse @ targets
     if flops is not None:
         flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes))
-    model.ridge_system = RidgeSystem(digest, penalty, rows, flat, inverse, targets, dual)
+    model.ridge_system = RidgeSystem(digest, penalty, rows, train.y.clone(), flat, bounds, x.T.tocsr(), inverse,
+                                     targets, dual)
     _RECENT_SYSTEM[:] = [model.ridge_system]
     return model.ridge_system
 

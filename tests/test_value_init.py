@@ -526,3 +526,29 @@ def test_a_ridge_request_with_other_training_embeddings_is_refused_not_left_unso
     assert torch.equal(model.bottleneck.values, before)
     kept = create_unlearner("dkvb-activations", recount_values=False).unlearn(model, ForgetRequest((1,), other))
     assert kept.model.key_mask.any()  # the key mask alone reads no values: still served
+
+
+def test_values_the_system_solved_are_not_checked_again_and_changed_ones_are(monkeypatch):
+    import dkvb.value_init as vi
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    checks = []
+    check = vi._solves_ridge_equations
+    monkeypatch.setattr(vi, "_solves_ridge_equations", lambda *a, **k: checks.append(a[3]) or check(*a, **k))
+    train = make_clusters(600, num_classes=4, seed=0)
+    model = _ridge_fit(train)
+    vi.keep_ridge_system(model, train)
+    exact = create_unlearner("dkvb-activations", mask_keys=False)
+    checked = exact.unlearn(model, ForgetRequest((1,), train))  # the model's values: checked, then known
+    known = exact.unlearn(model, ForgetRequest((1,), train))
+    assert torch.equal(known.model.bottleneck.values, checked.model.bottleneck.values)
+    assert 0 < known.flops < checked.flops and checks == [()]  # the check's products are left out
+    exact.unlearn(checked.model, ForgetRequest((2,), train, forgotten=(1,)))  # values solved here: known
+    assert checks == [()]
+    with pytest.raises(ValueError, match="do not solve the ridge equations"):  # known, but without class 1
+        exact.unlearn(checked.model, ForgetRequest((2,), train))
+    with torch.no_grad():  # changed in place: no longer known, and checked again
+        checked.model.bottleneck.values.add_(0.01)
+    with pytest.raises(ValueError, match="do not solve the ridge equations"):
+        exact.unlearn(checked.model, ForgetRequest((2,), train, forgotten=(1,)))
+    assert checks == [(), (), (1,)]
