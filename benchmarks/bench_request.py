@@ -1,6 +1,8 @@
-"""Latency of one cached-count forget request (``dkvb-activations``, the default rule, masking only).
+"""Latency of one ``dkvb-activations`` forget request (the default rule; masking on cached counts, and
+on a count- or ridge-valued model the recount or ridge solve too).
 
-The target: such a request stays under 10 ms and reports its FLOPs. Loads the DKVB an
+The target: such a request stays under 10 ms and reports its FLOPs. ``--params`` times other
+settings of the method, such as the solve alone (``{"mask_keys": false}``). Loads the DKVB an
 experiment trained (``dkvb run``/``dkvb train``: its run folder; trained here if missing), then
 times one request per class (each from the trained model, as a single request), a few rounds
 over the classes, on ``--threads`` threads, after one untimed-in-the-stats first request (the
@@ -22,6 +24,7 @@ from typing import Any, Sequence
 import torch
 
 from dkvb.config import load_config
+from dkvb.data import EmbeddingSet
 from dkvb.experiment import load_embeddings, train_models
 from dkvb.io import atomic_write_json
 from dkvb.provenance import code_version, run_date
@@ -29,21 +32,22 @@ from dkvb.request import make_request
 from dkvb.unlearn import create_unlearner
 
 
-def one_request(unlearner, model, c: int) -> tuple[float, int]:
-    """Seconds and FLOPs of one request forgetting class ``c`` alone from ``model``."""
-    request, _ = make_request(unlearner, model, [c], None, 0)
+def one_request(unlearner, model, c: int, train: EmbeddingSet) -> tuple[float, int]:
+    """Seconds and FLOPs of one request forgetting class ``c`` alone from ``model`` (``train``: its
+    training embeddings, read only by a request that needs them, such as a ridge solve)."""
+    request, _ = make_request(unlearner, model, [c], train, 0)
     start = time.perf_counter()
     report = unlearner.unlearn(model, request)
     return time.perf_counter() - start, report.flops
 
 
-def time_requests(model, rounds: int, params: dict[str, Any]) -> dict[str, Any]:
+def time_requests(model, train: EmbeddingSet, rounds: int, params: dict[str, Any]) -> dict[str, Any]:
     """Seconds and FLOPs of one request per class, ``rounds`` times over the classes."""
     unlearner = create_unlearner("dkvb-activations", **params)
     # the first request of a process also loads compiled kernels (numba's cache: ~0.5 s), which a
     # serving process pays once; it is reported apart from the steady-state latency below
-    first, _ = one_request(unlearner, model, 0)
-    timed = [one_request(unlearner, model, c) for _ in range(rounds) for c in range(model.num_classes)]
+    first, _ = one_request(unlearner, model, 0, train)
+    timed = [one_request(unlearner, model, c, train) for _ in range(rounds) for c in range(model.num_classes)]
     ms = sorted(1000 * s for s, _ in timed)
     return {"params": params, "first_request_ms": 1000 * first, "requests": len(ms), "median_ms": statistics.median(ms),
             "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1], "flops": sorted({f for _, f in timed})}
@@ -55,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="passes over the classes")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("results/benchmarks/request_latency.json"))
+    p.add_argument("--params", type=json.loads, action="append", default=None, metavar="JSON",
+                   help="dkvb-activations parameters to time (repeatable; default: the method's defaults), "
+                        "e.g. '{\"mask_keys\": false}'")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every config, e.g. train.value_init=counts")
     args = p.parse_args(argv)
@@ -66,17 +73,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         train, _ = load_embeddings(cfg, progress=False)
         model, _ = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"]
         b = model.bottleneck
-        row = {"config": cfg.name, "codebooks": b.num_codebooks, "keys": b.codebook_size,
-               "classes": model.num_classes, "threads": args.threads, "load_avg_1min": os.getloadavg()[0],
-               **time_requests(model, args.rounds, {})}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print("\n| config | C x K, classes | first request ms | median ms | p90 ms | max ms | FLOPs per request |\n"
-          "|---|---|---|---|---|---|---|")
+        for params in args.params or [{}]:
+            row = {"config": cfg.name, "codebooks": b.num_codebooks, "keys": b.codebook_size,
+                   "classes": model.num_classes, "threads": args.threads, "load_avg_1min": os.getloadavg()[0],
+                   **time_requests(model, train, args.rounds, params)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print("\n| config | parameters | C x K, classes | first request ms | median ms | p90 ms | max ms | FLOPs per request |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['config']} | {r['codebooks']} x {r['keys']}, {r['classes']} | {r['first_request_ms']:.1f} | "
-              f"{r['median_ms']:.2f} | "
-              f"{r['p90_ms']:.2f} | {r['max_ms']:.2f} | {', '.join(f'{f:.3g}' for f in r['flops'])} |")
+        print(f"| {r['config']} | {json.dumps(r['params'])} | {r['codebooks']} x {r['keys']}, {r['classes']} | "
+              f"{r['first_request_ms']:.1f} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['max_ms']:.2f} | {', '.join(f'{f:.3g}' for f in r['flops'])} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, {"runs": rows, "argv": sys.argv[1:] if argv is None else list(argv), "commit": code,
                                  "date": run_date()})

@@ -192,6 +192,16 @@ def test_bench_request_recounts_a_count_valued_model(tmp_path, tiny_config):
     assert all(f > 6 * row["codebooks"] * row["keys"] * row["classes"] for f in row["flops"])
 
 
+def test_bench_request_times_the_ridge_solve_with_and_without_the_mask(tmp_path, tiny_config):
+    out = tmp_path / "latency.json"
+    proc = _run("bench_request.py", str(tiny_config), "--rounds", "1", "--set", "train.value_init=ridge",
+                "--set", "train.epochs=0", "--params", "{}", "--params", '{"mask_keys": false}', "--out", str(out))
+    both, alone = json.loads(out.read_text())["runs"]
+    assert both["params"] == {} and alone["params"] == {"mask_keys": False}
+    assert all(r["requests"] == r["classes"] and r["median_ms"] > 0 for r in (both, alone))
+    assert '| tiny | {"mask_keys": false} |' in proc.stdout
+
+
 def _forgetting_json(path: Path, before: float, f_train: float, f_test: float) -> Path:
     row = {"F_at_ceiling_n": f_train, "ceiling": 0.3, "F_test_at_ceiling_n": f_test, "ceiling_test": 0.25}
     path.write_text(json.dumps({"num_models": 12, "commit": "abc1234", "mean": {
