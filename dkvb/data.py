@@ -5,7 +5,7 @@ import hashlib
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -132,13 +132,14 @@ def fingerprint(x: Tensor) -> str:
     """sha256 of an embedding tensor's shape and bytes: names the exact rows a cache was made from.
     Remembered for the tensor until it is written to in place (a 4,000 x 1,280 set takes 15 ms to
     hash, more than a whole ridge request)."""
-    known = _recalled(x, "fingerprint")
-    if known is not None:
-        return known
-    flat = x.detach().cpu().contiguous()
-    digest = hashlib.sha256(str((tuple(flat.shape), str(flat.dtype))).encode())
-    digest.update(memoryview(flat.numpy()).cast("B"))
-    return _remember(x, "fingerprint", digest.hexdigest())
+    return remembered(x, "fingerprint", _sha256)
+
+
+def _sha256(x: Tensor) -> str:
+    x = x.detach().cpu().contiguous()
+    digest = hashlib.sha256(str((tuple(x.shape), str(x.dtype))).encode())
+    digest.update(memoryview(x.numpy()).cast("B"))
+    return digest.hexdigest()
 
 
 def check_embeddings(x: Tensor, dim: int, *, finite: bool = True) -> None:
@@ -164,6 +165,13 @@ def check_embeddings(x: Tensor, dim: int, *, finite: bool = True) -> None:
 # either is written to in place; the entry goes when the tensor does. Writes through a NumPy view do
 # not count as in place and are not seen.
 _FACTS: dict[int, tuple[weakref.ref, int, dict]] = {}
+
+
+def remembered(x: Tensor, fact: str, compute: Callable[[Tensor], object]):
+    """``compute(x)``, kept as ``fact`` of ``x`` until ``x`` is written to in place (a digest of a
+    set read at every request, say)."""
+    known = _recalled(x, fact)
+    return known if known is not None else _remember(x, fact, compute(x))
 
 
 def _remember(x: Tensor, fact: str, value):

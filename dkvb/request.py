@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from .data import EmbeddingSet
+from .data import EmbeddingSet, remembered
 from .models import DKVBClassifier
 from .store import tensor_sha256
 from .unlearn import ForgetRequest
@@ -36,9 +36,14 @@ def flat_mask(mask: Tensor) -> list[int]:
 
 
 def data_digest(data: EmbeddingSet, ids: Sequence[int]) -> str:
-    """Digest of the embeddings and labels of classes ``ids`` in ``data`` (what a request read)."""
+    """Digest of the embeddings and labels of classes ``ids`` in ``data`` (what a request read); of
+    every class (a ridge solve's request), remembered for the set until it is written to."""
     rows = data.class_mask(ids)
-    return hashlib.sha256(f"{tensor_sha256(data.x[rows])}|{tensor_sha256(data.y[rows])}".encode()).hexdigest()
+    if bool(rows.all()):
+        x, y = remembered(data.x, "sha256", tensor_sha256), remembered(data.y, "sha256", tensor_sha256)
+    else:
+        x, y = tensor_sha256(data.x[rows]), tensor_sha256(data.y[rows])
+    return hashlib.sha256(f"{x}|{y}".encode()).hexdigest()
 
 
 def check_data(data: EmbeddingSet | None, model: DKVBClassifier, names: list[str], what: str) -> None:

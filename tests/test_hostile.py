@@ -97,6 +97,22 @@ def test_embeddings_written_after_their_check_are_checked_again(bad, n, data):
         check_embeddings(part.x, 3)
 
 
+def test_a_request_digest_of_every_class_is_remembered_until_the_set_is_written_to():
+    """The audit log's digest of what a request read: the same for a set's rows read whole or picked,
+    and new after a write in place."""
+    from dkvb.request import data_digest
+
+    data = EmbeddingSet(torch.randn(30, 4), torch.arange(30) % 3, ["a", "b", "c"])
+    whole = data_digest(data, [0, 1, 2])
+    picked = EmbeddingSet(data.x.clone(), data.y.clone(), data.class_names)
+    assert whole == data_digest(data, [0, 1, 2]) == data_digest(picked, [0, 1, 2]) != data_digest(data, [0, 1])
+    data.x[4, 0] += 1.0
+    assert data_digest(data, [0, 1, 2]) != whole
+    data.y[4] = 0
+    assert data_digest(data, [0, 1, 2]) == data_digest(EmbeddingSet(data.x.clone(), data.y.clone(),
+                                                                     data.class_names), [0, 1, 2])
+
+
 def test_a_fingerprint_is_remembered_until_the_tensor_is_written_to():
     """A set is hashed once; a write in place, also through a view, gives its new fingerprint."""
     from dkvb.data import fingerprint
