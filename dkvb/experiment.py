@@ -88,6 +88,14 @@ def _fingerprint(cfg: ExperimentConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def _trained_on(train: EmbeddingSet) -> str:
+    """Digest of a training set's embeddings and labels: a stored model is reused only for the rows
+    it was trained on (a ridge-valued model fitted on other rows would refuse every request)."""
+    from .data import fingerprint
+
+    return hashlib.sha256(f"{fingerprint(train.x)}|{fingerprint(train.y)}".encode()).hexdigest()[:16]
+
+
 def train_models(
     cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
     force: bool = False,
@@ -96,7 +104,8 @@ def train_models(
 ) -> dict[str, tuple[nn.Module, dict[str, Any]]]:
     """Train (or load from ``<run_dir>/models``) the models the methods act on (timed into ``timer``).
 
-    Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A model store
+    Returns ``{kind: (model, info)}`` where info holds training seconds and FLOPs. A stored model
+    is loaded when it was trained with this config on these rows (``train``). A model store
     that serves deletion requests is not replaced unless ``force``; then the forget requests in
     effect there are re-applied to the new model and logged (:func:`dkvb.service.replace_model`),
     and the returned model is the one served, with them applied.
@@ -114,14 +123,15 @@ def train_models(
         path = cfg.run_dir / "models" / kind
         try:
             model, manifest = load_model(path, expect_encoder=cfg.encoder.name, expect_dim=train.dim)
-            if manifest.get("extra", {}).get("fingerprint") == _fingerprint(cfg):
+            extra = manifest.get("extra", {})
+            if extra.get("fingerprint") == _fingerprint(cfg) and extra.get("train_rows") == _trained_on(train):
                 out[kind] = (model, manifest["extra"]["train_info"])
                 log.info("loaded trained %s model from %s", kind, path)
                 if float(getattr(model, "value_ridge", 0)) > 0:
                     with timer.track("ridge system", kind):  # kept in memory only: made again for a loaded model
                         keep_ridge_system(model, train)
                 continue
-            log.info("stored %s model was trained with another config; retraining", kind)
+            log.info("stored %s model was trained with another config or on other rows; retraining", kind)
         except StoreError:
             pass
         counter, start = FlopCounter(), time.perf_counter()
@@ -163,7 +173,7 @@ def train_models(
                 info["ridge_system_seconds"] = time.perf_counter() - start
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
                      encoder_config=setting,  # so the service refuses embeddings of another setting
-                     extra={"fingerprint": _fingerprint(cfg), "train_info": info})
+                     extra={"fingerprint": _fingerprint(cfg), "train_rows": _trained_on(train), "train_info": info})
         if force and is_served(path):
             from .service import replace_model
 

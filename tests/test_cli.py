@@ -264,6 +264,23 @@ def test_a_key_pool_of_the_training_dataset_is_drawn_from_the_rows_outside_the_s
                       progress=False)
 
 
+def test_a_stored_model_is_reused_only_for_the_rows_it_was_trained_on(tiny_config):
+    """The same config trained on other rows (a subset, say) is retrained, not loaded from the run folder."""
+    from dkvb.config import load_config
+    from dkvb.experiment import load_embeddings, train_models
+
+    cfg = load_config(tiny_config)
+    train, _ = load_embeddings(cfg, progress=False)
+    whole = train_models(cfg, train, kinds={"dkvb"}, progress=False)["dkvb"][0]
+    b = whole.bottleneck
+    assert int(whole.activation_counts.sum()) == len(train) * b.num_codebooks * b.topk
+    part = train.subset(torch.arange(len(train)) >= 20)
+    retrained = train_models(cfg, part, kinds={"dkvb"}, progress=False)["dkvb"][0]
+    assert int(retrained.activation_counts.sum()) == len(part) * b.num_codebooks * b.topk
+    loaded = train_models(cfg, part, kinds={"dkvb"}, progress=False)["dkvb"][0]
+    assert torch.equal(loaded.bottleneck.values, retrained.bottleneck.values)
+
+
 def test_a_key_pool_is_what_the_keys_are_fitted_on(tiny_config):
     """``key_pool``: the DKVB's keys come from k-means on the pool's embeddings (same encoder), not the
     training set's; the stored model is retrained when the pool changes."""
