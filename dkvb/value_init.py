@@ -271,6 +271,10 @@ def _values_digest(values: Tensor) -> str:
     return hashlib.sha256(memoryview(values.detach().float().contiguous().numpy()).cast("B")).hexdigest()
 
 
+# How many solved value tables a ridge system remembers (each a digest and a class set)
+SOLVED_KEPT = 1024
+
+
 @dataclass(eq=False)
 class RidgeSystem:
     """The inverse ``M = (X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all
@@ -297,8 +301,11 @@ class RidgeSystem:
     solved: dict[str, frozenset] = field(default_factory=dict)
 
     def remember(self, values: Tensor, without: Sequence[int]) -> None:
-        """Note ``values`` as this system's solution without the rows of the classes ``without``."""
+        """Note ``values`` as this system's solution without the rows of the classes ``without`` (the
+        last :data:`SOLVED_KEPT` noted are kept: a long-running server's memory stays bounded)."""
         self.solved[_values_digest(values)] = frozenset(without)
+        while len(self.solved) > SOLVED_KEPT:
+            del self.solved[next(iter(self.solved))]
 
     def solves(self, values: Tensor, without: Sequence[int]) -> bool:
         """Whether ``values`` were noted as this system's solution without the classes ``without``."""

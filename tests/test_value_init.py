@@ -552,3 +552,17 @@ def test_values_the_system_solved_are_not_checked_again_and_changed_ones_are(mon
     with pytest.raises(ValueError, match="do not solve the ridge equations"):
         exact.unlearn(checked.model, ForgetRequest((2,), train, forgotten=(1,)))
     assert checks == [(), (), (1,)]
+
+
+def test_a_ridge_system_remembers_only_the_last_solved_tables(monkeypatch):
+    import dkvb.value_init as vi
+
+    monkeypatch.setattr(vi, "SOLVED_KEPT", 2)
+    train = make_clusters(300, num_classes=3, seed=0)
+    model = _ridge_fit(train)
+    vi.keep_ridge_system(model, train)
+    system, tables = model.ridge_system, [torch.full((4, 3), float(i)) for i in range(3)]
+    for i, table in enumerate(tables):
+        system.remember(table, (i,))
+    assert len(system.solved) == 2 and not system.solves(tables[0], (0,))
+    assert system.solves(tables[2], (2,)) and not system.solves(tables[2], (1,))
