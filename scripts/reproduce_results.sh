@@ -98,6 +98,9 @@ frontier() {
   frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000
   SUFFIX=_top2 frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000 --set model.topk=2
   frontier_ridge cifar100_effnet_lite0 cifar100_4k cifar100 --set dataset.train_limit=4000 --set model.topk=1
+  SUFFIX=_top4 frontier_ridge fashion_mnist_effnet_lite0 fashion_mnist_4k fashion-mnist --set dataset.train_limit=4000 --set model.topk=4
+  SUFFIX=_top4 frontier_ridge cifar10_effnet_lite0 cifar10_4k cifar10 --set dataset.train_limit=4000 --set model.topk=4
+  SUFFIX=_top4 frontier_ridge cifar100_effnet_lite0 cifar100_4k cifar100 --set dataset.train_limit=4000 --set model.topk=4
   local figure=() set model file
   while IFS='|' read -r set model file; do figure+=("$set|$model=$OUT/$file"); done <<'LIST'
 digits|trained values|forgetting_digits.json
@@ -112,15 +115,18 @@ CIFAR-10 4k|exact: keys from a pool|frontier/forgetting_cifar10_4k_key_pool.json
 CIFAR-10 4k|exact: own kind|frontier/forgetting_cifar10_4k_key_pool_own_kind.json
 CIFAR-10 4k|exact: ridge values|frontier/forgetting_cifar10_4k_ridge.json
 CIFAR-10 4k|exact: ridge values, top-2|frontier/forgetting_cifar10_4k_ridge_top2.json
+CIFAR-10 4k|exact: ridge values, top-4|frontier/forgetting_cifar10_4k_ridge_top4.json
 Fashion-MNIST 4k|trained values|forgetting_fashion_mnist_4k.json
 Fashion-MNIST 4k|count values|frontier/forgetting_fashion_mnist_4k_counts.json
 Fashion-MNIST 4k|count values, whitened|frontier/forgetting_fashion_mnist_4k_counts_whitened.json
 Fashion-MNIST 4k|exact: keys from a pool|frontier/forgetting_fashion_mnist_4k_key_pool.json
 Fashion-MNIST 4k|exact: own kind|frontier/forgetting_fashion_mnist_4k_key_pool_own_kind.json
 Fashion-MNIST 4k|exact: ridge values|frontier/forgetting_fashion_mnist_4k_ridge.json
+Fashion-MNIST 4k|exact: ridge values, top-4|frontier/forgetting_fashion_mnist_4k_ridge_top4.json
 CIFAR-100 4k|trained values (probe start)|forgetting_cifar100_4k.json
 CIFAR-100 4k|exact: own kind|frontier/forgetting_cifar100_4k_key_pool_own_kind.json
 CIFAR-100 4k|exact: ridge values|frontier/forgetting_cifar100_4k_ridge.json
+CIFAR-100 4k|exact: ridge values, top-4|frontier/forgetting_cifar100_4k_ridge_top4.json
 CIFAR-10|trained values|forgetting_cifar10.json
 Fashion-MNIST|trained values|forgetting_fashion_mnist.json
 LIST
