@@ -10,6 +10,7 @@ minus the load other processes already put on them (the 1-minute load average), 
 """
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import contextmanager
 from typing import Iterator
@@ -109,7 +110,13 @@ def one_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-_BLAS = []  # the process's threadpoolctl controller, made on first use
+@functools.cache
+def _blas_controller():
+    """The process's threadpoolctl controller, made once numpy and scipy's BLAS are loaded."""
+    import scipy.linalg  # noqa: F401  (its BLAS is one of the libraries to find)
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def blas_one_thread():
@@ -117,12 +124,7 @@ def blas_one_thread():
     so their factorisations and products give the same bits at every thread count. The libraries are
     looked up once per process (``threadpool_limits`` reads the process's memory map at every call:
     4 ms in a process that loaded torch, a tenth of a ridge request)."""
-    import scipy.linalg  # noqa: F401  (its BLAS is one of the libraries to find)
-    from threadpoolctl import ThreadpoolController
-
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=1, user_api="blas")
+    return _blas_controller().limit(limits=1, user_api="blas")
 
 
 def worker_init(_worker_id: int) -> None:
