@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .classifier import MeanDecoder
-from .data import EmbeddingSet
+from .data import EmbeddingSet, fingerprint
 from .flops import FlopCounter
 from .threads import blas_one_thread, one_thread
 
@@ -217,8 +217,6 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     b = getattr(model, "bottleneck", None)
     if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
         return None
-    from .data import fingerprint
-
     digest, penalty = fingerprint(train.x), float(model.value_ridge)
     system = _kept_system(model, train, digest, penalty)
     values = b.values.detach()
@@ -257,18 +255,9 @@ def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCount
     now, so that its first request is as fast as the next; ``False`` (nothing made) for any other model."""
     if not float(getattr(model, "value_ridge", 0)) > 0:
         return False
-    from .data import fingerprint
-
     digest = fingerprint(train.x)
     _ridge_system(model, train, digest, _ridge_codes(model, train.x, digest), float(model.value_ridge), flops)
     return True
-
-
-def _values_digest(values: Tensor) -> str:
-    """sha256 of a value table's float32 bytes (a 16,384 x 10 table: under a millisecond)."""
-    import hashlib
-
-    return hashlib.sha256(memoryview(values.detach().float().contiguous().numpy()).cast("B")).hexdigest()
 
 
 # How many solved value tables a ridge system remembers (each a digest and a class set)
@@ -303,13 +292,13 @@ class RidgeSystem:
     def remember(self, values: Tensor, without: Sequence[int]) -> None:
         """Note ``values`` as this system's solution without the rows of the classes ``without`` (the
         last :data:`SOLVED_KEPT` noted are kept: a long-running server's memory stays bounded)."""
-        self.solved[_values_digest(values)] = frozenset(without)
+        self.solved[fingerprint(values.detach())] = frozenset(without)
         while len(self.solved) > SOLVED_KEPT:
             del self.solved[next(iter(self.solved))]
 
     def solves(self, values: Tensor, without: Sequence[int]) -> bool:
         """Whether ``values`` were noted as this system's solution without the classes ``without``."""
-        return self.solved.get(_values_digest(values)) == frozenset(without)
+        return self.solved.get(fingerprint(values.detach())) == frozenset(without)
 
     def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> np.ndarray:
         """(C * K, classes): the mean-decoder value table (``L * X.T @ dual``) of the system solved
