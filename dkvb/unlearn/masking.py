@@ -332,8 +332,9 @@ def _fit_rows(model: DKVBClassifier, train: EmbeddingSet, kept: np.ndarray, keys
 def frozen_shared_copy(model: DKVBClassifier, *, share_values: bool = False) -> DKVBClassifier:
     """A copy of ``model`` that shares its frozen tensors (keys, projection, cached activation
     counts, training codes and a ridge fit's dual system) with the original, which is safe because
-    nothing writes to them after key initialisation; the start's and the corrections' tensors are shared too (they are
-    replaced, never written in place). Values and decoder are copied unless ``share_values``.
+    nothing writes to them after key initialisation; the start's and the corrections' tensors are
+    shared too (they are replaced, never written in place). Values and decoder are copied unless
+    ``share_values``.
     For a model of CIFAR-10's size (512 x 256 keys, 50,000 cached training codes) on one thread
     this copy takes 3 ms, a full ``copy.deepcopy`` 0.3-0.7 s."""
     b = model.bottleneck
