@@ -96,6 +96,17 @@ def _trained_on(train: EmbeddingSet) -> str:
     return hashlib.sha256(f"{fingerprint(train.x)}|{fingerprint(train.y)}".encode()).hexdigest()[:16]
 
 
+def _make_ridge_system(model: nn.Module, train: EmbeddingSet, timer: PhaseTimer, kind: str) -> float | None:
+    """Make a ridge-valued ``model``'s dual system now, so that its requests solve in milliseconds
+    (kept in memory only: made again for a loaded model); its seconds, or ``None`` for another model."""
+    if not float(getattr(model, "value_ridge", 0)) > 0:
+        return None
+    start = time.perf_counter()
+    with timer.track("ridge system", kind):
+        keep_ridge_system(model, train)
+    return time.perf_counter() - start
+
+
 def train_models(
     cfg: ExperimentConfig, train: EmbeddingSet, *, kinds: set[str] | None = None, progress: bool = True,
     force: bool = False,
@@ -127,9 +138,7 @@ def train_models(
             if extra.get("fingerprint") == _fingerprint(cfg) and extra.get("train_rows") == _trained_on(train):
                 out[kind] = (model, manifest["extra"]["train_info"])
                 log.info("loaded trained %s model from %s", kind, path)
-                if float(getattr(model, "value_ridge", 0)) > 0:
-                    with timer.track("ridge system", kind):  # kept in memory only: made again for a loaded model
-                        keep_ridge_system(model, train)
+                _make_ridge_system(model, train, timer, kind)
                 continue
             log.info("stored %s model was trained with another config or on other rows; retraining", kind)
         except StoreError:
@@ -166,11 +175,8 @@ def train_models(
             with timer.track("activation counts", kind):
                 model.compute_activation_counts(train.x, train.y, candidates=found)
             info["count_seconds"] = time.perf_counter() - start
-            if float(model.value_ridge) > 0:  # a ridge-valued model's requests then solve in milliseconds
-                start = time.perf_counter()
-                with timer.track("ridge system", kind):
-                    keep_ridge_system(model, train)
-                info["ridge_system_seconds"] = time.perf_counter() - start
+            if (seconds := _make_ridge_system(model, train, timer, kind)) is not None:
+                info["ridge_system_seconds"] = seconds
         saved = dict(class_names=list(train.class_names), encoder=cfg.encoder.name,
                      encoder_config=setting,  # so the service refuses embeddings of another setting
                      extra={"fingerprint": _fingerprint(cfg), "train_rows": _trained_on(train), "train_info": info})
