@@ -13,6 +13,7 @@ from .data import EmbeddingSet, remembered
 from .models import DKVBClassifier
 from .store import tensor_sha256
 from .unlearn import ForgetRequest
+from .unlearn.masking import MaskingUnlearner
 
 METHODS = {"activations": "dkvb-activations", "examples": "dkvb-examples"}
 
@@ -61,9 +62,8 @@ def check_data(data: EmbeddingSet | None, model: DKVBClassifier, names: list[str
 
 def solves_ridge(unlearner: Any, model: Any) -> bool:
     """Whether a request of ``unlearner`` solves ``model``'s ridge values again on the retain rows
-    (:func:`~dkvb.value_init.ridge_without`), which reads every class's training embeddings."""
-    return (float(getattr(model, "value_ridge", 0)) > 0 and getattr(unlearner, "recount_values", False) is not False
-            and not getattr(unlearner, "refit_epochs", 0))
+    (:meth:`~dkvb.unlearn.masking.MaskingUnlearner.solves_ridge`)."""
+    return isinstance(unlearner, MaskingUnlearner) and unlearner.solves_ridge(model)
 
 
 def needs_data(unlearner: Any, model: DKVBClassifier) -> bool:

@@ -99,17 +99,27 @@ class MaskingUnlearner(Unlearner):
                 "unset or False with refit_epochs (re-fitting trains the values away from their counts)",
                 self.recount_values)
 
+    def recounts(self) -> bool:
+        """Whether a request computes the values again from the training rows (``recount_values``
+        not off and nothing re-fits them)."""
+        return self.recount_values is not False and not self.refit_epochs
+
+    def solves_ridge(self, model: DKVBClassifier) -> bool:
+        """Whether a request solves ``model``'s ridge values again on the retain rows
+        (:func:`~dkvb.value_init.ridge_without`), which reads every class's training embeddings."""
+        return self.recounts() and float(getattr(model, "value_ridge", 0)) > 0
+
     def _recounted(self, model: DKVBClassifier, request: ForgetRequest, counter: FlopCounter) -> Tensor | None:
         """The values this request gives ``model`` by recounting (``recount_values``), or ``None``;
         a ridge fit's solve is counted into ``counter``."""
-        if self.recount_values is False or self.refit_epochs:
+        if not self.recounts():
             return None
         values = recounted_values(model, request.forgotten, request.forget_classes, request.train, flops=counter)
         if self.recount_values and values is None:
             raise ValueError(f"{self.name}: recount_values needs a model whose values are its cached key counts "
                              "or a ridge fit (built with value_init=counts or ridge and trained for 0 epochs); "
                              "this model's values are neither")
-        if values is None and float(getattr(model, "value_ridge", 0)) > 0:  # never serve a request left unsolved
+        if values is None and self.solves_ridge(model):  # never serve a request left unsolved
             raise ValueError(f"{self.name}: the model's ridge values do not solve the ridge equations on the given "
                              "training embeddings: give the embeddings it was trained on, with the classes earlier "
                              "requests forgot named as forgotten")
@@ -147,7 +157,8 @@ class MaskingUnlearner(Unlearner):
 
 def recount(model: DKVBClassifier, values: Tensor, *, erase: Tensor | None = None) -> int:
     """Give ``model`` (a copy) ``values`` ((C, K, classes), from
-    :func:`~dkvb.value_init.recounted_values`) as its own tensor; ``erase``: keys whose values are
+    :func:`~dkvb.value_init.recounted_values`) as its own tensor (a parameter of the right shape is
+    kept as it is); ``erase``: keys whose values are
     zeroed. Returns the FLOPs of recounting (the check and the new values, at most 6 per value).
 
     A count-valued model's value for a class at a key is the smoothed log frequency of the class
