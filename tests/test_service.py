@@ -600,6 +600,7 @@ def test_a_served_model_with_keys_from_a_pool_forgets_like_retraining(clusters, 
     retrained = built(train.subset(~train.class_mask((1, 2))))
     assert torch.equal(served.bottleneck.keys, retrained.bottleneck.keys)
     assert (served.bottleneck.values - retrained.bottleneck.values).abs().max() <= 1e-5
-    assert (served(test.x) - retrained(test.x)).abs().max() <= 1e-6
+    # a ridge request forms the dual solution's N x F product in float32: logits to a few ulps
+    assert (served(test.x) - retrained(test.x)).abs().max() <= (1e-5 if values == "ridge" else 1e-6)
     assert torch.equal(served(test.x).argmax(1), retrained(test.x).argmax(1))
     assert torch.equal(replay(path, data=train if values == "ridge" else None), served.key_mask)

@@ -166,7 +166,10 @@ def recount(model: DKVBClassifier, values: Tensor, *, erase: Tensor | None = Non
     would have held had the class never been seen: the class gets ``log(1 / (n + classes))``, the
     classes sharing the key move up by what its rows took from them."""
     b = model.bottleneck
-    b.values = torch.nn.Parameter(values.view_as(b.values), requires_grad=b.values.requires_grad)
+    if not (isinstance(values, torch.nn.Parameter) and values.shape == b.values.shape
+            and values.requires_grad == b.values.requires_grad):
+        values = torch.nn.Parameter(values.view_as(b.values), requires_grad=b.values.requires_grad)
+    b.values = values
     if erase is not None:
         with torch.no_grad():
             b.values[erase.to(b.values.device)] = 0.0
