@@ -142,13 +142,16 @@ class DKVBClassifier(nn.Module):
         self.register_buffer("activation_counts", torch.zeros(0, dtype=torch.long))
         # the ridge penalty when the values are a ridge fit (value_init=ridge, no epochs), else 0
         self.register_buffer("value_ridge", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("value_ridge_shards", torch.ones((), dtype=torch.long))  # its shards
         self.code_cache: CodeCache | None = None
         self.ridge_system = None  # a ridge-valued model's dual system (dkvb.value_init.RidgeSystem), kept in memory
         self._totals: tuple[Tensor, Tensor] | None = None  # (count table, its sum over classes): activation_totals
 
     def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        """A checkpoint saved without ``value_ridge`` holds values that are no ridge fit."""
+        """A checkpoint saved without ``value_ridge`` holds values that are no ridge fit (and one
+        without ``value_ridge_shards`` a fit of one shard)."""
         state_dict.setdefault(prefix + "value_ridge", torch.zeros((), dtype=torch.float64))
+        state_dict.setdefault(prefix + "value_ridge_shards", torch.ones((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     @property

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from .data import EmbeddingSet
 from .flops import BACKWARD_FACTOR, FlopCounter, lookup_flops
-from .validate import require, require_choice
+from .validate import require, require_choice, require_count
 from .value_init import VALUE_RIDGE, init_values
 
 
@@ -39,6 +39,9 @@ class TrainConfig:
             spread over the keys (values linear in their keys), which training then refines key
             by key.
         value_ridge: the ``ridge`` start's penalty per selected key of a row.
+        ridge_shards: the ``ridge`` start's shards: the values are the mean of the fits on each
+            shard's rows (every class's rows dealt round-robin), so a set larger than one system
+            (``RIDGE_MAX_ROWS``) still has values a request solves again exactly.
         probe_c: the probe's inverse regularisation ``C`` (``value_init="probe"``); ``None``
             chooses it on a seeded 10% holdout of the training rows.
         seed: seeds the shuffling (and nothing else: keys are seeded by the model).
@@ -51,6 +54,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     value_init: str = "zeros"
     value_ridge: float = VALUE_RIDGE
+    ridge_shards: int = 1
     probe_c: float | None = None
     seed: int = 0
 
@@ -61,6 +65,7 @@ class TrainConfig:
         require(0 <= self.label_smoothing < 1, "TrainConfig", "label_smoothing", "in [0, 1)", self.label_smoothing)
         require_choice("TrainConfig", "value_init", self.value_init, ("zeros", "counts", "ridge", "probe"))
         require(self.value_ridge > 0, "TrainConfig", "value_ridge", "> 0", self.value_ridge)
+        require_count("TrainConfig", "ridge_shards", self.ridge_shards)
         require(self.probe_c is None or self.probe_c > 0, "TrainConfig", "probe_c", "> 0 or null", self.probe_c)
 
 
@@ -179,7 +184,7 @@ def fit_values(
     flat = b.flat_indices(codes)
     if rows is None:
         init_values(model, data, codes, config.value_init, probe_c=config.probe_c, ridge=config.value_ridge,
-                    seed=config.seed, flops=flops, chosen=info)
+                    ridge_shards=config.ridge_shards, seed=config.seed, flops=flops, chosen=info)
     if rows is not None or config.value_init != "ridge" or config.epochs:  # values trained: no ridge fit
         model.value_ridge.zero_()
     if flops is not None and count_lookup:

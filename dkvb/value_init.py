@@ -57,10 +57,11 @@ def values_are_class_scores(model: nn.Module) -> bool:
 
 
 def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *, probe_c: float | None = None,
-                ridge: float = VALUE_RIDGE, seed: int = 0, flops: FlopCounter | None = None,
+                ridge: float = VALUE_RIDGE, ridge_shards: int = 1, seed: int = 0, flops: FlopCounter | None = None,
                 chosen: dict | None = None) -> None:
     """Set ``model``'s values by ``how`` (``"zeros"`` leaves them); ``codes``: the (N, C, topk)
-    keys ``data``'s rows select; ``ridge``: the ``ridge`` start's penalty per selected key.
+    keys ``data``'s rows select; ``ridge``: the ``ridge`` start's penalty per selected key;
+    ``ridge_shards``: its shards (:func:`ridge_values`).
     ``chosen`` receives what the start chose itself (a probe start's ``probe_c`` and holdout
     accuracies, :func:`probe_logits`)."""
     if how == "zeros":
@@ -73,8 +74,10 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
     elif how == "ridge":
         flat = b.flat_indices(codes).reshape(len(data), -1)
         penalty = ridge * flat.shape[1]
-        values = ridge_values(flat, data.y, b.num_codebooks * b.codebook_size, b.value_dim, penalty, flops=flops)
+        values = ridge_values(flat, data.y, b.num_codebooks * b.codebook_size, b.value_dim, penalty,
+                              shards=ridge_shards, flops=flops)
         model.value_ridge.fill_(penalty)
+        model.value_ridge_shards.fill_(ridge_shards)
     else:
         logits = probe_logits(data, probe_c=probe_c, seed=seed, flops=flops, chosen=chosen)
         b.start.set(*linear_start(b.keys, codes, logits, flops=flops), b.keys)
@@ -93,20 +96,43 @@ def count_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int) -> Te
     return log_frequencies(counts)
 
 
-def ridge_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float, *,
+def ridge_values(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float, *, shards: int = 1,
                  flops: FlopCounter | None = None) -> Tensor:
     """(num_rows, num_classes): values whose mean over each row's ``L`` selected keys (``flat``,
     (N, L) rows of the value table) is the ridge regression of one-hot ``y`` on the 0/1 code,
-    ``w = X.T @ (X @ X.T + penalty * I)^-1 @ Y``, times ``L``.
+    ``w = X.T @ (X @ X.T + penalty * I)^-1 @ Y``, times ``L``; with ``shards`` > 1, the mean of the
+    fits on the rows of each shard (:func:`ridge_shards`), which bounds the system by the shard's rows.
 
     Solved in the dual (an N x N system, whose entries are how many keys two rows share) in float64
     on one thread, the dual solution summed per key in float32: the same rows and labels give the
     same bits, so a request that solves it without a class's rows returns the values of the model
-    retrained without them. A class with
-    no row has the value 0 at every key, and so does a key no row selects."""
+    retrained without them. A class with no row has the value 0 at every key, and so does a key no
+    row selects."""
+    shard = ridge_shards(y, shards)
+    return sum(_ridge_fit(flat[shard == k], y[shard == k], num_rows, num_classes, penalty, flops)
+               for k in range(shards)) / shards
+
+
+def ridge_shards(y: Tensor, shards: int) -> Tensor:
+    """(N,) the shard of each row of a sharded ridge fit: the i-th row of each class (in order) goes
+    to shard ``i mod shards``, so dropping a class's rows moves no other row to another shard and the
+    model retrained without the class has the same shards."""
+    order = torch.argsort(y, stable=True)
+    counts = torch.bincount(y)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(y)
+    rank[order] = torch.arange(len(y)) - starts.repeat_interleave(counts)
+    return rank % shards
+
+
+def _ridge_fit(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float,
+               flops: FlopCounter | None) -> Tensor:
+    """:func:`ridge_values` of one shard's rows (zeros for none)."""
     import scipy.linalg
 
     n, width = flat.shape
+    if not n:
+        return torch.zeros(num_rows, num_classes)
     targets = _one_hot(y, num_classes)
     with blas_one_thread():
         _, factor = _dual_factor(flat, num_rows, penalty)
@@ -142,9 +168,9 @@ def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
 
     n = len(flat)
     if n > RIDGE_MAX_ROWS:
-        raise ValueError(f"value_init=ridge solves an N x N system: {n} training rows would take "
-                         f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use value_init=counts or a "
-                         "smaller dataset.train_limit")
+        raise ValueError(f"value_init=ridge solves an N x N system per shard: {n} rows would take "
+                         f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use more train.ridge_shards, "
+                         "value_init=counts or a smaller dataset.train_limit")
     x = _code_matrix(flat, num_rows)
     gram = (x @ x.T).toarray()
     gram[np.diag_indices(n)] += penalty
@@ -217,34 +243,33 @@ def recounted_values(model: nn.Module, forgotten: Sequence[int], forget: Sequenc
     return out
 
 
-# How far a ridge-valued model's values may sit from the ridge equations, relative to the largest
-# term: float32 values summed over a row's keys; a trained or count value misses by far more.
+# How far a ridge-valued model's values may sit from the solution of its system, relative to the
+# largest value: float32 sums of a float64 solve; a trained or count value misses by far more.
 RIDGE_TOLERANCE = 1e-3
 
 
 def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Sequence[int], forget: Sequence[int], *,
                   flops: FlopCounter | None = None) -> Tensor | None:
-    """(C, K, classes): the ridge values (:func:`ridge_values`, ``model.value_ridge`` its penalty)
-    of ``train``'s rows outside the classes ``forgotten`` and ``forget``, if ``model``'s values are
-    those of the rows outside ``forgotten``; else ``None``.
+    """(C, K, classes): the ridge values (:func:`ridge_values`, ``model.value_ridge`` its penalty,
+    ``model.value_ridge_shards`` its shards) of ``train``'s rows outside the classes ``forgotten``
+    and ``forget``, if ``model``'s values are those of the rows outside ``forgotten``; else ``None``.
 
-    The check is the ridge equations themselves, ``penalty * w = X.T @ (Y - X @ w)`` over the
-    rows it was fitted on (no solve); the rows select their keys with no key masked, as when it was
-    fitted. Values the model's :class:`RidgeSystem` already checked, or solved itself, for the same
-    forgotten classes are known by their digest and not checked again. The new values solve the same
-    system without the forget classes' rows: the retrained model's, to float32 rounding (the solve is
-    float64, the N x F product and the sums per key float32)."""
+    The check solves the model's :class:`RidgeSystem` without ``forgotten`` and compares, to
+    :data:`RIDGE_TOLERANCE`; the rows select their keys with no key masked, as when it was fitted.
+    Values the system already checked, or solved itself, for the same forgotten classes are known by
+    their digest and not checked again. The new values solve the same system without the forget
+    classes' rows: the retrained model's, to float32 rounding (the solve is float64, the N x F
+    product and the sums per key float32)."""
     b = getattr(model, "bottleneck", None)
     if b is None or train is None or not values_are_class_scores(model) or b.start.is_set:
         return None
-    digest, penalty = fingerprint(train.x), float(model.value_ridge)
-    system = _kept_system(model, train, digest, penalty)
-    values = b.values
+    digest = fingerprint(train.x)
+    system, values = _kept_system(model, train, digest), b.values
     if system is None or not system.solves(values, forgotten):
-        flat = _ridge_codes(model, train.x, digest)
-        if not _solves_ridge_equations(values.detach(), flat, train, forgotten, penalty, flops):
+        system = _ridge_system(model, train, digest, flops)
+        if not _is_solution(values.detach(), system.values_without(forgotten, flops).view_as(values)):
             return None
-        system = _ridge_system(model, train, digest, flat, penalty, flops)
+        _keep(model, system)
         system.remember(values, forgotten)
     if not len(forget):
         return values.detach().clone()
@@ -255,21 +280,9 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     return out
 
 
-def _solves_ridge_equations(values: Tensor, flat: Tensor, train: EmbeddingSet, forgotten: Sequence[int],
-                            penalty: float, flops: FlopCounter | None) -> bool:
-    """Whether the value table ``values`` (mean over each row's ``L`` selected keys ``flat``) solves
-    the ridge equations ``penalty * w = X.T @ (Y - X @ w)`` of ``train``'s rows outside ``forgotten``,
-    to :data:`RIDGE_TOLERANCE`."""
-    width, num_rows = flat.shape[1], values.shape[0] * values.shape[1]
-    fitted = ~train.class_mask(tuple(forgotten))
-    x = _code_matrix(flat[fitted], num_rows)
-    w = values.reshape(num_rows, -1).double().numpy() / width
-    residual = -(x @ w)
-    residual[np.arange(x.shape[0]), train.y[fitted].numpy()] += 1.0
-    gap = np.abs(penalty * w - x.T @ residual).max()
-    if flops is not None:
-        flops.add(4 * x.nnz * w.shape[1])
-    return bool(gap <= RIDGE_TOLERANCE * max(np.abs(penalty * w).max(), 1e-12))
+def _is_solution(values: Tensor, solved: Tensor) -> bool:
+    """Whether ``values`` are the system's solution ``solved``, to :data:`RIDGE_TOLERANCE`."""
+    return bool((values - solved).abs().max() <= RIDGE_TOLERANCE * max(float(solved.abs().max()), 1e-12))
 
 
 def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCounter | None = None) -> bool:
@@ -277,8 +290,7 @@ def keep_ridge_system(model: nn.Module, train: EmbeddingSet, *, flops: FlopCount
     now, so that its first request is as fast as the next; ``False`` (nothing made) for any other model."""
     if not float(getattr(model, "value_ridge", 0)) > 0:
         return False
-    digest = fingerprint(train.x)
-    _ridge_system(model, train, digest, _ridge_codes(model, train.x, digest), float(model.value_ridge), flops)
+    _keep(model, _ridge_system(model, train, fingerprint(train.x), flops))
     return True
 
 
@@ -287,41 +299,45 @@ SOLVED_KEPT = 1024
 
 
 @dataclass(eq=False)
-class RidgeSystem:
-    """The inverse ``M = (X @ X.T + penalty * I)^-1`` of a ridge-valued model's dual system over all
-    its training rows (``digest``: of their keys and labels), kept in memory (never saved) so that a
-    request solves the system without some rows in milliseconds: by the Schur complement, the inverse
+class DualInverse:
+    """The inverse ``M = (X @ X.T + penalty * I)^-1`` of the dual system of one shard's rows, which
+    a request solves again without some rows in milliseconds: by the Schur complement, the inverse
     over the rows ``R`` that stay is ``M_RR - M_RF @ M_FF^-1 @ M_FR``, which only needs the dropped
-    rows' ``F x F`` block factorised. Made once per model and training set (an N x N inversion: 4,000
-    rows take seconds), shared with the model's unlearned copies. The system's rows are the training
-    rows sorted by class, so a class's rows of ``M`` are one block, read without a copy.
+    rows of ``M``. The rows are sorted by class, so a class's rows of ``M`` are one block, read
+    without a copy."""
 
-    ``solved`` holds the digests of value tables known to solve the system without some classes'
-    rows (checked by the ridge equations, or solved here), so a request on them skips the check."""
-
-    digest: str
-    penalty: float
-    rows: str  # fingerprint of the training embeddings
-    labels: Tensor  # (N,) their labels
-    flat: Tensor  # (N, C * topk): the keys they select, unmasked
-    bounds: np.ndarray  # (classes + 1,): class c's rows of the system are bounds[c]:bounds[c + 1]
-    key_rows: tuple[Tensor, Tensor]  # the transposed 0/1 code of the system's rows (_rows_per_key)
+    width: int  # L, the keys a row selects
+    bounds: np.ndarray  # (classes + 1,): class c's rows are bounds[c]:bounds[c + 1]
+    key_rows: tuple[Tensor, Tensor]  # the transposed 0/1 code of the rows (_rows_per_key)
     inverse: np.ndarray
     inverse32: np.ndarray  # float32 copy of ``inverse`` for the N x F product of a request (3x faster)
     class_solutions: list  # per class c, M_cc^-1 @ dual_c over its rows: a one-class request's F x F solve
     dual: np.ndarray  # (N, classes): inverse @ the rows' one-hot labels
-    solved: dict[str, frozenset] = field(default_factory=dict)
 
-    def remember(self, values: Tensor, without: Sequence[int]) -> None:
-        """Note ``values`` as this system's solution without the rows of the classes ``without`` (the
-        last :data:`SOLVED_KEPT` noted are kept: a long-running server's memory stays bounded)."""
-        self.solved[fingerprint(values)] = frozenset(without)
-        while len(self.solved) > SOLVED_KEPT:
-            del self.solved[next(iter(self.solved))]
+    @classmethod
+    def of(cls, flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float,
+           flops: FlopCounter | None = None) -> "DualInverse":
+        """The inverse of the rows selecting the keys ``flat`` (N, L) with labels ``y`` (an N x N
+        inversion: 4,000 rows take seconds)."""
+        import scipy.linalg
 
-    def solves(self, values: Tensor, without: Sequence[int]) -> bool:
-        """Whether ``values`` were noted as this system's solution without the classes ``without``."""
-        return self.solved.get(fingerprint(values)) == frozenset(without)
+        n = len(y)
+        order = torch.argsort(y, stable=True)
+        flat = flat[order]
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(y.numpy(), minlength=num_classes))])
+        with blas_one_thread():
+            x, factor = _dual_factor(flat, num_rows, penalty)
+            inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
+            dual = inverse @ _one_hot(y[order], num_classes)
+            solutions = [scipy.linalg.cho_solve(scipy.linalg.cho_factor(inverse[lo:hi, lo:hi], lower=True,
+                                                                        check_finite=False), dual[lo:hi],
+                                                check_finite=False) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        if flops is not None:
+            sizes = np.diff(bounds).astype(np.float64)
+            flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes
+                          + (sizes ** 3 / 3 + 2 * sizes ** 2 * num_classes).sum()))
+        return cls(flat.shape[1], bounds, _rows_per_key(flat, num_rows), inverse, inverse.astype(np.float32),
+                   solutions, dual)
 
     def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> Tensor:
         """(C * K, classes) float32: the mean-decoder value table (``L * X.T @ dual``) of the system
@@ -353,11 +369,51 @@ class RidgeSystem:
                 alpha -= self.inverse32[dropped].T @ t.astype(np.float32)
                 alpha[dropped] = 0.0
             alpha[:, gone] = 0.0  # a class with no row scores 0 at every key
-            alpha *= self.flat.shape[1]  # a power of two: exact
+            alpha *= self.width  # a power of two: exact
         if flops is not None:  # a union's F x F factorisation and solve, the N x F product, the sums per key
             k = num_classes - len(gone)
-            flops.add(int((len(gone) > 1) * (f ** 3 / 3 + 2 * f * f * k) + 2 * n * f * k + self.key_rows[0].numel() * k))
+            flops.add(int((len(gone) > 1) * (f ** 3 / 3 + 2 * f * f * k) + 2 * n * f * k
+                          + self.key_rows[0].numel() * k))
         return _sum_per_key(*self.key_rows, alpha)
+
+
+
+
+@dataclass(eq=False)
+class RidgeSystem:
+    """A ridge-valued model's dual systems over its training rows (``digest``: of their keys and
+    labels), one :class:`DualInverse` per shard (:func:`ridge_shards`), kept in memory (never
+    saved) and shared with the model's unlearned copies, so that a request solves the values again
+    without some classes' rows in milliseconds.
+
+    ``solved`` holds the digests of value tables known to solve the system without some classes'
+    rows (checked against it, or solved here), so a request on them skips the check."""
+
+    digest: str
+    penalty: float
+    shards: int
+    rows: str  # fingerprint of the training embeddings
+    labels: Tensor  # (N,) their labels
+    flat: Tensor  # (N, C * topk): the keys they select, unmasked
+    parts: list[DualInverse]  # one per shard with rows
+    solved: dict[str, frozenset] = field(default_factory=dict)
+
+    def remember(self, values: Tensor, without: Sequence[int]) -> None:
+        """Note ``values`` as this system's solution without the rows of the classes ``without`` (the
+        last :data:`SOLVED_KEPT` noted are kept: a long-running server's memory stays bounded)."""
+        self.solved[fingerprint(values)] = frozenset(without)
+        while len(self.solved) > SOLVED_KEPT:
+            del self.solved[next(iter(self.solved))]
+
+    def solves(self, values: Tensor, without: Sequence[int]) -> bool:
+        """Whether ``values`` were noted as this system's solution without the classes ``without``."""
+        return self.solved.get(fingerprint(values)) == frozenset(without)
+
+    def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> Tensor:
+        """(C * K, classes) float32: the value table solved without the rows of ``classes``, the mean
+        over the shards (an empty shard's values are zero)."""
+        tables = [part.values_without(classes, flops) for part in self.parts]
+        return tables[0] if self.shards == 1 else sum(tables) / self.shards
 
 
 # The most recent ridge system of this process, so a server that loads a stored model again after
@@ -366,55 +422,43 @@ class RidgeSystem:
 _RECENT_SYSTEM: list[RidgeSystem] = []
 
 
-def _kept_system(model: nn.Module, train: EmbeddingSet, rows: str, penalty: float) -> RidgeSystem | None:
+def _kept_system(model: nn.Module, train: EmbeddingSet, rows: str) -> RidgeSystem | None:
     """The system kept on ``model`` if it was made from ``train`` (embeddings' fingerprint ``rows``,
-    the same labels) with ``penalty``; the model's keys chose its codes when it was made."""
+    the same labels) with the model's penalty and shards; the model's keys chose its codes when it
+    was made."""
     kept = getattr(model, "ridge_system", None)
-    if kept is None or kept.rows != rows or kept.penalty != penalty or not torch.equal(kept.labels, train.y):
+    if (kept is None or kept.rows != rows or kept.penalty != float(model.value_ridge)
+            or kept.shards != int(model.value_ridge_shards) or not torch.equal(kept.labels, train.y)):
         return None
     return kept
 
 
-def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flat: Tensor, penalty: float,
-                  flops: FlopCounter | None) -> RidgeSystem:
-    """``model.ridge_system`` for ``train`` (embeddings' fingerprint ``rows``, labels, keys ``flat``):
-    the one kept on the model or last made in this process when it is of the same rows, else made
-    and kept."""
+def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flops: FlopCounter | None) -> RidgeSystem:
+    """The ridge system of ``model`` (its penalty and shards) for ``train`` (embeddings' fingerprint
+    ``rows``): the one kept on the model or last kept in this process when it is of the same rows and
+    keys, else made (:func:`_keep` keeps it)."""
     import hashlib
 
-    import scipy.linalg
-
-    kept = _kept_system(model, train, rows, penalty)
+    kept = _kept_system(model, train, rows)
     if kept is not None:
         return kept
+    penalty, shards = float(model.value_ridge), int(model.value_ridge_shards)
+    flat = _ridge_codes(model, train.x, rows)
     digest = hashlib.sha256(flat.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
     for kept in _RECENT_SYSTEM:
-        if kept.digest == digest and kept.penalty == penalty and kept.rows == rows:
-            model.ridge_system = kept
+        if kept.digest == digest and kept.penalty == penalty and kept.shards == shards and kept.rows == rows:
             return kept
-    b, n = model.bottleneck, len(train)
-    num_classes = b.value_dim
-    order = torch.argsort(train.y, stable=True)
-    sorted_flat = flat[order]
-    targets = _one_hot(train.y[order], num_classes)
-    bounds = np.concatenate([[0], np.cumsum(np.bincount(train.y.numpy(), minlength=num_classes))])
-    num_rows = b.num_codebooks * b.codebook_size
-    with blas_one_thread():
-        x, factor = _dual_factor(sorted_flat, num_rows, penalty)
-        inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
-        dual = inverse @ targets
-        solutions = [scipy.linalg.cho_solve(scipy.linalg.cho_factor(inverse[lo:hi, lo:hi], lower=True,
-                                                                    check_finite=False), dual[lo:hi], check_finite=False)
-                     for lo, hi in zip(bounds[:-1], bounds[1:])]
-    if flops is not None:
-        sizes = np.diff(bounds).astype(np.float64)
-        flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes
-                      + (sizes ** 3 / 3 + 2 * sizes ** 2 * num_classes).sum()))
-    model.ridge_system = RidgeSystem(digest, penalty, rows, train.y.clone(), flat, bounds,
-                                     _rows_per_key(sorted_flat, num_rows), inverse, inverse.astype(np.float32),
-                                     solutions, dual)
-    _RECENT_SYSTEM[:] = [model.ridge_system]
-    return model.ridge_system
+    b = model.bottleneck
+    shard = ridge_shards(train.y, shards)
+    parts = [DualInverse.of(flat[shard == k], train.y[shard == k], b.num_codebooks * b.codebook_size, b.value_dim,
+                            penalty, flops) for k in range(shards) if bool((shard == k).any())]
+    return RidgeSystem(digest, penalty, shards, rows, train.y.clone(), flat, parts)
+
+
+def _keep(model: nn.Module, system: RidgeSystem) -> None:
+    """Keep ``system`` on ``model`` and as this process's most recent."""
+    model.ridge_system = system
+    _RECENT_SYSTEM[:] = [system]
 
 
 def _code_matrix(flat: Tensor, num_rows: int):

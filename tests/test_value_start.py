@@ -63,7 +63,8 @@ def test_the_start_and_corrections_are_saved_under_the_bottleneck_names():
     b.start.set(weight, bias, b.keys)
     b.corrections.add(torch.tensor([2]), torch.randn(8, 16, 1))
     state = model.state_dict()
-    assert list(state) == ["activation_counts", "value_ridge", *(f"bottleneck.{n}" for n in BOTTLENECK)]
+    assert list(state) == ["activation_counts", "value_ridge", "value_ridge_shards",
+                           *(f"bottleneck.{n}" for n in BOTTLENECK)]
     assert set(state._metadata) == {"", "bottleneck", "decoder"}
     saved = dict(zip(BOTTLENECK[-5:], (b.start.weight, b.start.bias, b.start.floor, b.corrections.classes,
                                        b.corrections.delta)))
@@ -84,8 +85,10 @@ def test_a_checkpoint_written_with_the_flat_layout_loads_and_serves_its_numbers(
     model.load_state_dict(state)
     assert model.bottleneck.start.is_set and not model.bottleneck.corrections.classes.numel()
     loaded = model.state_dict()
-    assert set(loaded) == set(state) | {"value_ridge"} and all(torch.equal(loaded[k], v) for k, v in state.items())
+    assert set(loaded) == set(state) | {"value_ridge", "value_ridge_shards"}
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
     assert float(loaded["value_ridge"]) == 0.0  # a checkpoint saved before ridge values holds no ridge fit
+    assert int(loaded["value_ridge_shards"]) == 1
     fresh = outputs(model)
     expected = {k: v for k, v in stored.items() if not k.startswith("model.")}
     assert fresh.keys() == expected.keys()
