@@ -146,6 +146,7 @@ large() {
   cp results/fashion_mnist_effnet_lite0/forget_vs_{keys,examples}.png docs/results/figures/  # the README's figures
   experiment cifar10_effnet_lite0 cifar10_effnet_lite0 cifar10
   page cifar10_exact_effnet_lite0 cifar10_exact_effnet_lite0  # exact unlearning: keys from CIFAR-100
+  page fashion_mnist_50k_exact_effnet_lite0 fashion_mnist_50k_exact_effnet_lite0  # exact, sharded ridge values: 10 min
   # 50 requests: masking alone and re-fitting (release_keys would add about 30 minutes)
   SERIES="activations activations:refit_epochs=2" experiment cifar100_effnet_lite0 cifar100_effnet_lite0 cifar100
 }
