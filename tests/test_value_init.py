@@ -551,6 +551,7 @@ def test_values_the_system_solved_are_not_checked_again_and_changed_ones_are(mon
     checks = []
     check = vi._is_solution
     monkeypatch.setattr(vi, "_is_solution", lambda *a: checks.append(check(*a)) or checks[-1])
+    monkeypatch.setattr(vi, "AHEAD_BYTES", 0)  # every table solved on request, its FLOPs counted there
     train = make_clusters(600, num_classes=4, seed=0)
     model = _ridge_fit(train)
     vi.keep_ridge_system(model, train)
@@ -568,6 +569,29 @@ def test_values_the_system_solved_are_not_checked_again_and_changed_ones_are(mon
     with pytest.raises(ValueError, match="do not solve the ridge equations"):
         exact.unlearn(checked.model, ForgetRequest((2,), train, forgotten=(1,)))
     assert checks == [True, False, False]
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_tables_solved_ahead_are_the_tables_a_request_solves(monkeypatch, shards):
+    import dkvb.value_init as vi
+    from dkvb.unlearn import ForgetRequest, create_unlearner
+
+    monkeypatch.setattr(vi, "_RECENT_SYSTEM", [])  # a system made here, not one another test kept
+    train = make_clusters(600, num_classes=4, seed=0)
+    model = _ridge_fit(train, shards=shards)
+    vi.keep_ridge_system(model, train)
+    system = model.ridge_system
+    assert set(system.ahead) == {frozenset(c) for c in [(), (0,), (1,), (2,), (3,)]}
+    exact = create_unlearner("dkvb-activations", mask_keys=False)
+    read = exact.unlearn(model, ForgetRequest((2,), train))  # a copy of the table solved ahead
+    system.ahead.clear()
+    solved = exact.unlearn(model, ForgetRequest((2,), train))
+    assert read.flops < solved.flops and torch.equal(read.model.bottleneck.values, solved.model.bottleneck.values)
+    later = exact.unlearn(read.model, ForgetRequest((1,), train, forgotten=(2,)))  # a sequence solves
+    assert later.flops > read.flops
+    monkeypatch.setattr(vi, "AHEAD_BYTES", 4 * 5 * model.bottleneck.values.numel() - 1)  # one table short
+    system.solve_ahead()
+    assert not system.ahead
 
 
 def test_a_ridge_system_remembers_only_the_last_solved_tables(monkeypatch):
