@@ -4,6 +4,8 @@ its configuration, its decoders, and what it keeps between requests (training co
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
@@ -153,6 +155,15 @@ class DKVBClassifier(nn.Module):
         state_dict.setdefault(prefix + "value_ridge", torch.zeros((), dtype=torch.float64))
         state_dict.setdefault(prefix + "value_ridge_shards", torch.ones((), dtype=torch.long))
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+    def check_ridge(self) -> None:
+        """ValueError naming the saved buffer when ``value_ridge``/``value_ridge_shards`` describe
+        no ridge fit (a checkpoint edited or written by other code)."""
+        penalty, shards = float(self.value_ridge), int(self.value_ridge_shards)
+        if not math.isfinite(penalty) or penalty < 0:
+            raise ValueError(f"value_ridge {penalty}: must be a finite penalty >= 0 (0: the values are no ridge fit)")
+        if shards < 1:
+            raise ValueError(f"value_ridge_shards {shards}: must be at least 1")
 
     @property
     def config(self) -> dict:

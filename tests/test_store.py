@@ -119,6 +119,18 @@ def test_save_refuses_bad_models_and_writes_nothing(tmp_path, model):
     assert list_versions(tmp_path / "m") == [] and current_version(tmp_path / "m") is None
 
 
+@pytest.mark.parametrize("buffer, value, message", [
+    ("value_ridge_shards", 0, "value_ridge_shards 0: must be at least 1"),
+    ("value_ridge", -1.0, "value_ridge -1.0: must be a finite penalty >= 0"),
+])
+def test_a_ridge_buffer_that_describes_no_fit_is_refused_naming_it(tmp_path, model, buffer, value, message):
+    bad = masked(model, 0)  # written by other code: its digests match the bad buffer
+    getattr(bad, buffer).fill_(value)
+    save(bad, tmp_path / "m")
+    with pytest.raises(StoreError, match=message):
+        load_model(tmp_path / "m")
+
+
 # ------------------------------------------------------------------ versions and shared tensors
 def test_shared_version_stores_only_the_key_mask(tmp_path, model):
     base = save(model, tmp_path / "m")

@@ -187,6 +187,7 @@ def load_model(
         try:
             b.start.check()
             b.corrections.check()
+            model.check_ridge()
         except ValueError as e:
             raise StoreError(f"{vdir / TENSORS}: {e}") from e
         b.start.fill_floor(b.keys)  # a start saved without its floor: filled once, on loading
