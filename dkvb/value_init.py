@@ -402,6 +402,11 @@ class RidgeSystem:
     solved: dict[str, frozenset] = field(default_factory=dict)
     ahead: dict[frozenset, Tensor] = field(default_factory=dict)  # tables solved when made (solve_ahead)
 
+    def fits(self, rows: str, penalty: float, shards: int) -> bool:
+        """Whether this system was made from the training embeddings of fingerprint ``rows`` with
+        ``penalty`` and ``shards``."""
+        return self.rows == rows and self.penalty == penalty and self.shards == shards
+
     def remember(self, values: Tensor, without: Sequence[int]) -> None:
         """Note ``values`` as this system's solution without the rows of the classes ``without`` (the
         last :data:`SOLVED_KEPT` noted are kept: a long-running server's memory stays bounded)."""
@@ -448,8 +453,8 @@ def _kept_system(model: nn.Module, train: EmbeddingSet, rows: str) -> RidgeSyste
     the same labels) with the model's penalty and shards; the model's keys chose its codes when it
     was made."""
     kept = getattr(model, "ridge_system", None)
-    if (kept is None or kept.rows != rows or kept.penalty != float(model.value_ridge)
-            or kept.shards != int(model.value_ridge_shards) or not torch.equal(kept.labels, train.y)):
+    if (kept is None or not kept.fits(rows, float(model.value_ridge), int(model.value_ridge_shards))
+            or not torch.equal(kept.labels, train.y)):
         return None
     return kept
 
@@ -467,7 +472,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flops: FlopC
     flat = _ridge_codes(model, train.x, rows)
     digest = hashlib.sha256(flat.numpy().tobytes() + train.y.numpy().tobytes()).hexdigest()
     for kept in _RECENT_SYSTEM:
-        if kept.digest == digest and kept.penalty == penalty and kept.shards == shards and kept.rows == rows:
+        if kept.digest == digest and kept.fits(rows, penalty, shards):
             return kept
     b = model.bottleneck
     shard = ridge_shards(train.y, shards)
