@@ -199,6 +199,7 @@ def test_bench_request_times_the_ridge_solve_with_and_without_the_mask(tmp_path,
     both, alone = json.loads(out.read_text())["runs"]
     assert both["params"] == {} and alone["params"] == {"mask_keys": False}
     assert all(r["requests"] == r["classes"] and r["median_ms"] > 0 for r in (both, alone))
+    assert all(r["second_request_median_ms"] > 0 for r in (both, alone))  # a sequence's next step solves
     assert '| tiny | {"mask_keys": false} |' in proc.stdout
 
 
