@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .classifier import MeanDecoder
-from .data import EmbeddingSet, fingerprint
+from .data import EmbeddingSet, fingerprint, remembered
 from .flops import FlopCounter
 from .threads import blas_one_thread, one_thread
 
@@ -274,9 +274,11 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     if not len(forget):
         return values.detach().clone()
     # a parameter the model keeps as is (masking.recount), so its digest, taken here, is remembered for it
-    out = nn.Parameter(system.values_without(tuple(forgotten) + tuple(forget), flops).view_as(values),
-                       requires_grad=values.requires_grad)
-    system.remember(out, tuple(forgotten) + tuple(forget))
+    without = tuple(forgotten) + tuple(forget)
+    out = nn.Parameter(system.values_without(without, flops).view_as(values), requires_grad=values.requires_grad)
+    if (known := system.ahead_digest(without)) is not None:  # a copy of the table hashed when solved ahead
+        remembered(out, "fingerprint", lambda _: known)
+    system.remember(out, without)
     return out
 
 
@@ -400,7 +402,7 @@ class RidgeSystem:
     flat: Tensor  # (N, C * topk): the keys they select, unmasked
     parts: list[DualInverse]  # one per shard with rows
     solved: dict[str, frozenset] = field(default_factory=dict)
-    ahead: dict[frozenset, Tensor] = field(default_factory=dict)  # tables solved when made (solve_ahead)
+    ahead: dict[frozenset, tuple[Tensor, str]] = field(default_factory=dict)  # solve_ahead: (table, digest)
 
     def fits(self, rows: str, penalty: float, shards: int) -> bool:
         """Whether this system was made from the training embeddings of fingerprint ``rows`` with
@@ -424,22 +426,29 @@ class RidgeSystem:
         (:meth:`solve_ahead`) when there is one, which holds the same bits."""
         ahead = self.ahead.get(frozenset(classes))
         if ahead is not None:
-            return ahead.clone()
+            return ahead[0].clone().view(-1, ahead[0].shape[-1])
         tables = [part.values_without(classes, flops) for part in self.parts]
         return tables[0] if self.shards == 1 else sum(tables) / self.shards
 
-    def solve_ahead(self, flops: FlopCounter | None = None) -> None:
-        """Solve now the tables of every request on the model as fitted, without no class and
-        without each class alone, if they fit in :data:`AHEAD_BYTES`: a request forgetting one class
-        then copies its table, whatever the rows (50,000 rows' solve takes 130 ms), and the check of
-        the model's values compares with a table. A later request of a sequence still solves."""
+    def solve_ahead(self, shape: Sequence[int], flops: FlopCounter | None = None) -> None:
+        """Solve now the tables (shaped ``shape``, the model's values') of every request on the model
+        as fitted, without no class and without each class alone, with their digests, if they fit in
+        :data:`AHEAD_BYTES`: a request forgetting one class then copies its table, whatever the rows
+        (50,000 rows' solve takes 130 ms), and hashes nothing; the check of the model's values
+        compares with a table. A later request of a sequence still solves."""
         if not self.parts:
             return
         num_rows, num_classes = self.parts[0].key_rows[1].numel(), self.parts[0].dual.shape[1]
         if 4 * num_rows * num_classes * (num_classes + 1) > AHEAD_BYTES:
             return
         for classes in [()] + [(c,) for c in range(num_classes)]:
-            self.ahead[frozenset(classes)] = self.values_without(classes, flops)
+            table = self.values_without(classes, flops).view(*shape)
+            self.ahead[frozenset(classes)] = (table, fingerprint(table))
+
+    def ahead_digest(self, classes: Sequence[int]) -> str | None:
+        """The digest of the table solved ahead without ``classes``, if there is one."""
+        ahead = self.ahead.get(frozenset(classes))
+        return None if ahead is None else ahead[1]
 
 
 # The most recent ridge system of this process, so a server that loads a stored model again after
@@ -479,7 +488,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flops: FlopC
     parts = [DualInverse.of(flat[shard == k], train.y[shard == k], b.num_codebooks * b.codebook_size, b.value_dim,
                             penalty, flops) for k in range(shards) if bool((shard == k).any())]
     system = RidgeSystem(digest, penalty, shards, rows, train.y.clone(), flat, parts)
-    system.solve_ahead(flops)
+    system.solve_ahead(b.values.shape, flops)
     return system
 
 

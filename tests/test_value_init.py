@@ -574,6 +574,7 @@ def test_values_the_system_solved_are_not_checked_again_and_changed_ones_are(mon
 @pytest.mark.parametrize("shards", [1, 3])
 def test_tables_solved_ahead_are_the_tables_a_request_solves(monkeypatch, shards):
     import dkvb.value_init as vi
+    from dkvb.data import _sha256
     from dkvb.unlearn import ForgetRequest, create_unlearner
 
     monkeypatch.setattr(vi, "_RECENT_SYSTEM", [])  # a system made here, not one another test kept
@@ -584,13 +585,16 @@ def test_tables_solved_ahead_are_the_tables_a_request_solves(monkeypatch, shards
     assert set(system.ahead) == {frozenset(c) for c in [(), (0,), (1,), (2,), (3,)]}
     exact = create_unlearner("dkvb-activations", mask_keys=False)
     read = exact.unlearn(model, ForgetRequest((2,), train))  # a copy of the table solved ahead
+    values = read.model.bottleneck.values
+    assert vi.fingerprint(values) == _sha256(values)  # its digest, known from the table, is its own
     system.ahead.clear()
     solved = exact.unlearn(model, ForgetRequest((2,), train))
     assert read.flops < solved.flops and torch.equal(read.model.bottleneck.values, solved.model.bottleneck.values)
     later = exact.unlearn(read.model, ForgetRequest((1,), train, forgotten=(2,)))  # a sequence solves
     assert later.flops > read.flops
     monkeypatch.setattr(vi, "AHEAD_BYTES", 4 * 5 * model.bottleneck.values.numel() - 1)  # one table short
-    system.solve_ahead()
+    system.ahead.clear()
+    system.solve_ahead(model.bottleneck.values.shape)
     assert not system.ahead
 
 
