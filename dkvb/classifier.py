@@ -5,7 +5,6 @@ its configuration, its decoders, and what it keeps between requests (training co
 from __future__ import annotations
 
 import math
-
 from dataclasses import asdict, dataclass
 from typing import Literal, NamedTuple
 
