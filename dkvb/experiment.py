@@ -169,6 +169,7 @@ def train_models(
             with timer.track("train", kind):
                 fit(model, train, cfg.train if kind == "dkvb" else cfg.linear_train, flops=counter,
                     progress=progress, desc=f"train {kind}", indices=codes, info=chosen)
+            codes = None  # (N, C, topk) int64, not needed past training: its memory is the ridge system's
         info = {"train_seconds": time.perf_counter() - start, "train_flops": counter.total, **chosen}
         if kind == "dkvb":
             start = time.perf_counter()

@@ -176,8 +176,10 @@ class FrozenKeys(KeptSelection, nn.Module):
         return [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
 
     def flat_indices(self, indices: Tensor) -> Tensor:
-        """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``."""
-        offsets = torch.arange(self.num_codebooks, device=indices.device).view(1, -1, 1) * self.codebook_size
+        """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``,
+        of the indices' integer type."""
+        offsets = torch.arange(self.num_codebooks, device=indices.device, dtype=indices.dtype).view(1, -1, 1)
+        offsets = offsets * self.codebook_size
         return (indices + offsets).flatten(1)
 
 

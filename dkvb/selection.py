@@ -56,9 +56,11 @@ class KeptSelection:
         (kept as int16/int32 rows of the flattened (C * K) key table: a 60,000-row set with 256
         codebooks takes ~280 MB); ``whitened``: ``x`` is ``whiten_rows`` of the embeddings."""
         k = min(self.topk + extra, int((~self.key_mask).sum(1).min()))
-        flat = self.flat_indices(self.nearest(x, k, whitened=whitened)).view(x.shape[0], self.num_codebooks, k)
         small = torch.int16 if self.num_codebooks * self.codebook_size < 2**15 else torch.int32
-        return Candidates(flat.to(small), self.key_mask.clone())
+        flat = torch.empty(x.shape[0], self.num_codebooks, k, dtype=small, device=x.device)
+        for lo, hi in self.chunks(x.shape[0]):  # by the search's own chunks: int64 for one chunk at a time
+            flat[lo:hi] = self.flat_indices(self.nearest(x[lo:hi], k, whitened=whitened)).view(hi - lo, -1, k)
+        return Candidates(flat, self.key_mask.clone())
 
     @torch.no_grad()
     def select(self, x: Tensor, cands: Candidates) -> Tensor:

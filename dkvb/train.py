@@ -181,7 +181,6 @@ def fit_values(
         raise ValueError(f"fit_values: indices must be (N, C, topk) = {(len(data), b.num_codebooks, b.topk)}, "
                          f"got {tuple(indices.shape)}")
     codes = b.lookup(data.x) if indices is None else indices.long()
-    flat = b.flat_indices(codes)
     if rows is None:
         init_values(model, data, codes, config.value_init, probe_c=config.probe_c, ridge=config.value_ridge,
                     ridge_shards=config.ridge_shards, seed=config.seed, flops=flops, chosen=info)
@@ -189,6 +188,7 @@ def fit_values(
         model.value_ridge.zero_()
     if flops is not None and count_lookup:
         flops.add(lookup_flops(model, len(data)))
+    flat = b.flat_indices(codes) if config.epochs else None  # none for a closed-form start alone
     values = LazyAdam(b.values.data.view(-1, b.value_dim), lr=config.lr, weight_decay=config.weight_decay,
                       trainable=rows)
     dense = list(model.decoder.parameters()) if rows is None else []

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Sequence
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -72,7 +73,7 @@ def init_values(model: nn.Module, data: EmbeddingSet, codes: Tensor, how: str, *
     if how == "counts":
         values = count_values(b.flat_indices(codes), data.y, b.num_codebooks * b.codebook_size, b.value_dim)
     elif how == "ridge":
-        flat = b.flat_indices(codes).reshape(len(data), -1)
+        flat = b.flat_indices(codes.int()).reshape(len(data), -1)  # int32: half the memory
         penalty = ridge * flat.shape[1]
         values = ridge_values(flat, data.y, b.num_codebooks * b.codebook_size, b.value_dim, penalty,
                               shards=ridge_shards, flops=flops)
@@ -135,11 +136,10 @@ def _ridge_fit(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty
         return torch.zeros(num_rows, num_classes)
     targets = _one_hot(y, num_classes)
     with blas_one_thread():
-        _, factor = _dual_factor(flat, num_rows, penalty)
+        factor = _dual_factor(flat, num_rows, penalty)
         dual = scipy.linalg.cho_solve(factor, targets, check_finite=False)
-    if flops is not None:  # the code's products, the factorisation and solve, the values
-        shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
-        flops.add(int(2 * (shared ** 2).sum() + n ** 3 / 3 + 2 * n * n * num_classes + n * width * num_classes))
+    if flops is not None:  # the Gram matrix, the factorisation and solve, the values
+        flops.add(int(_gram_flops(flat, num_rows) + n ** 3 / 3 + 2 * n * n * num_classes + n * width * num_classes))
     return width * _sum_per_key(*_rows_per_key(flat, num_rows), dual)
 
 
@@ -162,8 +162,9 @@ def _sum_per_key(rows: Tensor, starts: Tensor, dual: np.ndarray) -> Tensor:
 
 
 def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
-    """(the rows' code matrix, the Cholesky factor of ``X @ X.T + penalty * I``) for the rows' keys
-    ``flat`` (N, L); refuses more than :data:`RIDGE_MAX_ROWS` rows, naming the memory they need."""
+    """The Cholesky factor (scipy's ``cho_factor``, lower) of ``X @ X.T + penalty * I`` for the
+    rows' keys ``flat`` (N, L), factorised in the Gram matrix's own memory; refuses more than
+    :data:`RIDGE_MAX_ROWS` rows, naming the memory they need."""
     import scipy.linalg
 
     n = len(flat)
@@ -171,10 +172,53 @@ def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
         raise ValueError(f"value_init=ridge solves an N x N system per shard: {n} rows would take "
                          f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use more train.ridge_shards, "
                          "value_init=counts or a smaller dataset.train_limit")
-    x = _code_matrix(flat, num_rows)
-    gram = (x @ x.T).toarray()
-    gram[np.diag_indices(n)] += penalty
-    return x, scipy.linalg.cho_factor(gram, lower=True, check_finite=False)
+    rows, starts = _rows_per_key(flat, num_rows)
+    bounds = np.append(starts.numpy(), rows.numel()).astype(np.int64)
+    gram = _gram(flat.numpy(), rows.numpy(), bounds, float(penalty))
+    # symmetric, so its transpose (a Fortran-ordered view) is the same matrix, factorised in place
+    return scipy.linalg.cho_factor(gram.T, lower=True, overwrite_a=True, check_finite=False)
+
+
+@numba.njit(cache=True, nogil=True)
+def _gram(flat, rows, bounds, penalty):  # pragma: no cover - compiled
+    """(N, N) float64 ``X @ X.T + penalty * I`` for the 0/1 code ``X`` of the rows' keys ``flat``
+    (N, L): entry (i, j) counts the keys rows i and j share, found by walking the bags of the keys
+    row i selects (``rows[bounds[k]:bounds[k + 1]]``, the rows selecting key k, in order) up to
+    row i. Exact small integers, in a third of a sparse product's time and no sparse matrix."""
+    n = flat.shape[0]
+    gram = np.empty((n, n))
+    shared = np.zeros(n, dtype=np.int64)
+    for i in range(n):
+        for s in range(flat.shape[1]):
+            k = flat[i, s]
+            for p in range(bounds[k], bounds[k + 1]):
+                j = rows[p]
+                if j > i:
+                    break
+                shared[j] += 1
+        for j in range(i + 1):
+            gram[i, j] = shared[j]
+            gram[j, i] = shared[j]
+            shared[j] = 0
+        gram[i, i] += penalty
+    return gram
+
+
+def _gram_flops(flat: Tensor, num_rows: int) -> float:
+    """The additions :func:`_gram` makes: one per key and pair of rows (a row with itself too) selecting it."""
+    shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
+    return float((shared * (shared + 1) / 2).sum())
+
+
+def _symmetrised(lower: np.ndarray, block: int = 1024) -> np.ndarray:
+    """``lower`` (Fortran-ordered, its lower triangle set) made symmetric in place, by blocks."""
+    n = len(lower)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        lower[a:b, b:] = lower[b:, a:b].T
+        diag = lower[a:b, a:b]
+        diag[np.triu_indices(b - a, 1)] = diag.T[np.triu_indices(b - a, 1)]
+    return lower
 
 
 def _one_hot(y: Tensor, num_classes: int) -> np.ndarray:
@@ -323,7 +367,7 @@ class DualInverse:
     def of(cls, flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty: float,
            flops: FlopCounter | None = None) -> "DualInverse":
         """The inverse of the rows selecting the keys ``flat`` (N, L) with labels ``y`` (an N x N
-        inversion: 4,000 rows take seconds)."""
+        inversion from the Cholesky factor, in the Gram matrix's memory: 4,000 rows take seconds)."""
         import scipy.linalg
 
         n = len(y)
@@ -331,15 +375,18 @@ class DualInverse:
         flat = flat[order]
         bounds = np.concatenate([[0], np.cumsum(np.bincount(y.numpy(), minlength=num_classes))])
         with blas_one_thread():
-            x, factor = _dual_factor(flat, num_rows, penalty)
-            inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
+            factor, _ = _dual_factor(flat, num_rows, penalty)
+            inverse, info = scipy.linalg.lapack.dpotri(factor, lower=1, overwrite_c=1)  # in place too
+            if info:
+                raise ValueError(f"ridge system: the dual matrix is singular (LAPACK dpotri info {info})")
+            inverse = _symmetrised(inverse).T  # C-ordered, the same matrix
             dual = inverse @ _one_hot(y[order], num_classes)
             solutions = [scipy.linalg.cho_solve(scipy.linalg.cho_factor(inverse[lo:hi, lo:hi], lower=True,
                                                                         check_finite=False), dual[lo:hi],
                                                 check_finite=False) for lo, hi in zip(bounds[:-1], bounds[1:])]
-        if flops is not None:
+        if flops is not None:  # the Gram matrix's shared keys, its factorisation and inversion
             sizes = np.diff(bounds).astype(np.float64)
-            flops.add(int(2 * x.nnz * flat.shape[1] + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes
+            flops.add(int(_gram_flops(flat, num_rows) + n ** 3 / 3 + 2 * n ** 3 / 3 + 2 * n * n * num_classes
                           + (sizes ** 3 / 3 + 2 * sizes ** 2 * num_classes).sum()))
         return cls(flat.shape[1], bounds, _rows_per_key(flat, num_rows), inverse, inverse.astype(np.float32),
                    solutions, dual)
@@ -399,7 +446,6 @@ class RidgeSystem:
     shards: int
     rows: str  # fingerprint of the training embeddings
     labels: Tensor  # (N,) their labels
-    flat: Tensor  # (N, C * topk): the keys they select, unmasked
     parts: list[DualInverse]  # one per shard with rows
     solved: dict[str, frozenset] = field(default_factory=dict)
     ahead: dict[frozenset, tuple[Tensor, str]] = field(default_factory=dict)  # solve_ahead: (table, digest)
@@ -487,7 +533,7 @@ def _ridge_system(model: nn.Module, train: EmbeddingSet, rows: str, flops: FlopC
     shard = ridge_shards(train.y, shards)
     parts = [DualInverse.of(flat[shard == k], train.y[shard == k], b.num_codebooks * b.codebook_size, b.value_dim,
                             penalty, flops) for k in range(shards) if bool((shard == k).any())]
-    system = RidgeSystem(digest, penalty, shards, rows, train.y.clone(), flat, parts)
+    system = RidgeSystem(digest, penalty, shards, rows, train.y.clone(), parts)
     system.solve_ahead(b.values.shape, flops)
     return system
 
@@ -498,38 +544,23 @@ def _keep(model: nn.Module, system: RidgeSystem) -> None:
     _RECENT_SYSTEM[:] = [system]
 
 
-def _code_matrix(flat: Tensor, num_rows: int):
-    """The (N, num_rows) 0/1 scipy CSR matrix of the rows' selected keys ``flat`` (N, L)."""
-    import scipy.sparse
-
-    n, width = flat.shape
-    cols = flat.reshape(-1).numpy()
-    return scipy.sparse.csr_matrix((np.ones(cols.size), cols, np.arange(0, cols.size + 1, width)),
-                                   shape=(n, num_rows))
-
-
 def _ridge_codes(model: nn.Module, x: Tensor, digest: str) -> Tensor:
-    """(N, C * topk) value-table rows the training embeddings ``x`` (fingerprint ``digest``) select
-    with no key masked: those kept with the model's ridge system when it was made from ``x``."""
-    kept = getattr(model, "ridge_system", None)
-    if kept is not None and kept.rows == digest:
-        return kept.flat
-    return model.bottleneck.flat_indices(_training_codes(model, x, digest)).reshape(len(x), -1)
-
-
-def _training_codes(model: nn.Module, x: Tensor, digest: str) -> Tensor:
-    """(N, C, topk): the keys the training embeddings ``x`` (fingerprint ``digest``) select with no
-    key masked, from the model's :class:`~dkvb.classifier.CodeCache` when it holds ``x`` searched
-    unmasked."""
+    """(N, C * topk) int32 value-table rows the training embeddings ``x`` (fingerprint ``digest``)
+    select with no key masked: the first ``topk`` of the model's :class:`~dkvb.classifier.CodeCache`
+    candidates when it holds ``x`` searched unmasked, else searched by chunks of rows (never the
+    whole int64 selection at once: 3.3 GB for 50,000 rows of 1,024 codebooks' top-8)."""
     b, cache = model.bottleneck, getattr(model, "code_cache", None)
     if cache is not None and not bool(cache.candidates.mask.any()) and cache.digest == digest:
-        return b.codes(cache.candidates)
+        return cache.candidates.indices[:, :, :b.topk].reshape(len(x), -1).int()
+    out = torch.empty(len(x), b.num_codebooks * b.topk, dtype=torch.int32)
     mask = b.key_mask.clone()
     b.key_mask.zero_()
     try:
-        return b.lookup(x)
+        for lo, hi in b.chunks(len(x)):
+            out[lo:hi] = b.flat_indices(b.lookup(x[lo:hi]))
     finally:
         b.key_mask.copy_(mask)
+    return out
 
 
 def values_are_counts(model: nn.Module, absent: Sequence[int] = ()) -> bool:

@@ -438,6 +438,40 @@ def test_ridge_values_are_the_closed_form_ridge_fit_of_the_labels_on_the_code():
     assert torch.allclose(values[flat].mean(1).double(), x @ w, atol=1e-5)  # what the mean decoder reads
 
 
+def test_a_ridge_system_holds_the_inverse_of_the_dual_matrix_of_its_rows_sorted_by_class():
+    from dkvb.value_init import DualInverse
+
+    g = torch.Generator().manual_seed(1)
+    flat = torch.stack([torch.randperm(40, generator=g)[:6] for _ in range(60)]).int()
+    y = torch.randint(0, 3, (60,), generator=g)
+    order = torch.argsort(y, stable=True)
+    x = torch.zeros(60, 40, dtype=torch.float64)
+    x[torch.arange(60).unsqueeze(1), flat[order].long()] = 1.0
+    part = DualInverse.of(flat, y, 40, 3, 2.0)
+    inverse = torch.from_numpy(part.inverse)
+    assert torch.equal(inverse, inverse.T)  # both triangles, in C order
+    assert torch.allclose(inverse @ (x @ x.T + 2.0 * torch.eye(60, dtype=torch.float64)),
+                          torch.eye(60, dtype=torch.float64), atol=1e-10)
+    assert list(part.bounds) == [0, *torch.cumsum(torch.bincount(y, minlength=3), 0).tolist()]
+
+
+def test_the_ridge_systems_codes_are_the_lookup_searched_by_chunks():
+    from dkvb.data import fingerprint
+    from dkvb.value_init import _ridge_codes
+
+    train = make_clusters(300, num_classes=3, spread=1.0, seed=0)
+    model = _ridge_fit(train)
+    b = model.bottleneck
+    whole = b.flat_indices(b.lookup(train.x)).reshape(len(train), -1)
+    cached = _ridge_codes(model, train.x, fingerprint(train.x))  # from the kept search of the training rows
+    model.code_cache = None
+    b.chunk_rows = 64
+    b.key_mask[0, 0] = True  # the system's codes are searched with no key masked
+    searched = _ridge_codes(model, train.x, fingerprint(train.x))
+    assert cached.dtype == searched.dtype == torch.int32
+    assert torch.equal(cached.long(), whole) and torch.equal(searched.long(), whole)
+
+
 @pytest.mark.parametrize("shards", [1, 3])
 def test_a_request_solves_a_ridge_valued_model_again_as_if_trained_without_the_class(tmp_path, shards):
     from dkvb.store import load_model, save_model
