@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .keys import PROJECTIONS, FrozenKeys, Projection, SearchBackend
+from .selection import Candidates
 from .validate import require, require_choice
 from .value_start import ClassCorrections, ValueStart, restore_saved_names
 
@@ -103,14 +104,19 @@ class DiscreteKeyValueBottleneck(FrozenKeys):
         return self.corrections.add_pooled(flat, out) / flat.shape[1]
 
     @torch.no_grad()
-    def activation_counts(self, x: Tensor, y: Tensor, num_classes: int, *, indices: Tensor | None = None) -> Tensor:
+    def activation_counts(self, x: Tensor, y: Tensor, num_classes: int, *, candidates: Candidates | None = None) -> Tensor:
         """(num_classes, C, K) int64: how often embeddings of each class select each key.
 
-        ``indices`` (N, C, topk) reuses a lookup of ``x`` already made.
+        ``candidates`` (:meth:`candidates` of ``x``) reuses a search of ``x`` already made. Counted
+        by the search's chunks of rows, so no (N, C * topk) int64 selection is ever whole in memory.
         """
-        idx = self.flat_indices(self.lookup(x) if indices is None else indices).cpu()
-        rows = y.cpu().view(-1, 1) * (self.num_codebooks * self.codebook_size) + idx
-        counts = torch.bincount(rows.flatten(), minlength=num_classes * self.num_codebooks * self.codebook_size)
+        size = self.num_codebooks * self.codebook_size
+        counts = torch.zeros(num_classes * size, dtype=torch.long)
+        for lo, hi in self.chunks(x.shape[0]):
+            flat = (self.flat_indices(self.lookup(x[lo:hi])) if candidates is None
+                    else candidates.indices[lo:hi, :, :self.topk].reshape(hi - lo, -1).long()).cpu()
+            rows = y[lo:hi].cpu().view(-1, 1) * size + flat
+            counts += torch.bincount(rows.flatten(), minlength=num_classes * size)
         return counts.view(num_classes, self.num_codebooks, self.codebook_size)
 
     def extra_repr(self) -> str:

@@ -258,8 +258,7 @@ class DKVBClassifier(nn.Module):
             raise ValueError("compute_activation_counts: the candidates must be searched with no key masked")
         else:
             self.keep_codes(x, candidates)
-        codes = b.codes(self.code_cache.candidates)
-        self.activation_counts = b.activation_counts(x, y, self.num_classes, indices=codes)
+        self.activation_counts = b.activation_counts(x, y, self.num_classes, candidates=self.code_cache.candidates)
         self.activation_totals()  # summed here, with the counts, so requests compare with it at no cost
         return self.activation_counts
 

@@ -150,6 +150,17 @@ def test_activation_counts_sum_to_number_of_lookups():
     counts = b.activation_counts(x, y, 3)
     assert counts.shape == (3, 6, 20)
     assert torch.equal(counts.sum((1, 2)), torch.tensor([30 * 6 * 2] * 3))
+    # each class's count of each key is how many of its rows select the key, counted by chunks of
+    # rows or from a kept search alike
+    codes = b.lookup(x)
+    direct = torch.zeros(3, 6, 20, dtype=torch.long)
+    for row, label in zip(codes, y):
+        direct[label].scatter_add_(1, row, torch.ones_like(row))
+    assert torch.equal(counts, direct)
+    b.chunk_rows = 7
+    assert len(b.chunks(90)) > 1
+    assert torch.equal(b.activation_counts(x, y, 3), direct)
+    assert torch.equal(b.activation_counts(x, y, 3, candidates=b.candidates(x)), direct)
 
 
 @pytest.mark.parametrize("bad, rule", [
