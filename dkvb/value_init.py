@@ -311,7 +311,7 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
     system, values = _kept_system(model, train, digest), b.values
     if system is None or not system.solves(values, forgotten):
         system = _ridge_system(model, train, digest, flops)
-        if not _is_solution(values.detach(), system.values_without(forgotten, flops).view_as(values)):
+        if not _is_solution(values.detach(), system.values_without(forgotten, flops, copy=False)[0].view_as(values)):
             return None
         _keep(model, system)
         system.remember(values, forgotten)
@@ -319,8 +319,9 @@ def ridge_without(model: nn.Module, train: EmbeddingSet | None, forgotten: Seque
         return values.detach().clone()
     # a parameter the model keeps as is (masking.recount), so its digest, taken here, is remembered for it
     without = tuple(forgotten) + tuple(forget)
-    out = nn.Parameter(system.values_without(without, flops).view_as(values), requires_grad=values.requires_grad)
-    if (known := system.ahead_digest(without)) is not None:  # a copy of the table hashed when solved ahead
+    table, known = system.values_without(without, flops)
+    out = nn.Parameter(table.view_as(values), requires_grad=values.requires_grad)
+    if known is not None:  # a copy of the table hashed when solved ahead
         remembered(out, "fingerprint", lambda _: known)
     system.remember(out, without)
     return out
@@ -466,15 +467,18 @@ class RidgeSystem:
         """Whether ``values`` were noted as this system's solution without the classes ``without``."""
         return self.solved.get(fingerprint(values)) == frozenset(without)
 
-    def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> Tensor:
-        """(C * K, classes) float32: the value table solved without the rows of ``classes``, the mean
-        over the shards (an empty shard's values are zero); a copy of the table solved ahead
-        (:meth:`solve_ahead`) when there is one, which holds the same bits."""
+    def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None, *,
+                       copy: bool = True) -> tuple[Tensor, str | None]:
+        """((C * K, classes) float32 value table solved without the rows of ``classes``, its digest
+        or ``None``): the mean over the shards (an empty shard's values are zero), or the table
+        solved ahead (:meth:`solve_ahead`) when there is one, which holds the same bits, with the
+        digest taken when it was solved; a copy of it, unless ``copy=False`` (to read only)."""
         ahead = self.ahead.get(frozenset(classes))
         if ahead is not None:
-            return ahead[0].clone().view(-1, ahead[0].shape[-1])
+            table = ahead[0].clone() if copy else ahead[0]
+            return table.view(-1, table.shape[-1]), ahead[1]
         tables = [part.values_without(classes, flops) for part in self.parts]
-        return tables[0] if self.shards == 1 else sum(tables) / self.shards
+        return (tables[0] if self.shards == 1 else sum(tables) / self.shards), None
 
     def solve_ahead(self, shape: Sequence[int], flops: FlopCounter | None = None) -> None:
         """Solve now the tables (shaped ``shape``, the model's values') of every request on the model
@@ -488,13 +492,8 @@ class RidgeSystem:
         if 4 * num_rows * num_classes * (num_classes + 1) > AHEAD_BYTES:
             return
         for classes in [()] + [(c,) for c in range(num_classes)]:
-            table = self.values_without(classes, flops).view(*shape)
+            table = self.values_without(classes, flops)[0].view(*shape)
             self.ahead[frozenset(classes)] = (table, fingerprint(table))
-
-    def ahead_digest(self, classes: Sequence[int]) -> str | None:
-        """The digest of the table solved ahead without ``classes``, if there is one."""
-        ahead = self.ahead.get(frozenset(classes))
-        return None if ahead is None else ahead[1]
 
 
 # The most recent ridge system of this process, so a server that loads a stored model again after
