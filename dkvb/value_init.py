@@ -399,28 +399,32 @@ class DualInverse:
         The dual solution over the kept rows ``R`` is ``(M_RR - M_RF @ M_FF^-1 @ M_FR) @ Y_R``, and
         since ``M @ Y`` is the full solution, ``dual_R - M_RF @ M_FF^-1 @ dual_F`` for the kept
         classes' columns (``Y_F`` is zero there); the forgotten classes' columns are zero, as in a
-        model that never saw them. M is symmetric, so only the dropped rows of M are read, and a
-        single class's ``M_FF^-1 @ dual_F`` is solved when the system is made."""
+        model that never saw them. M is symmetric, so only the dropped rows of M are read, each
+        class's block of rows in place, and a single class's ``M_FF^-1 @ dual_F`` is solved when
+        the system is made."""
         import scipy.linalg
 
         n, num_classes = self.dual.shape
         gone = sorted(set(classes))
         blocks = [(int(self.bounds[c]), int(self.bounds[c + 1])) for c in gone]
-        if len(blocks) == 1:
-            dropped = slice(*blocks[0])
-        else:
-            dropped = np.concatenate([np.arange(lo, hi) for lo, hi in blocks] or [np.zeros(0, dtype=np.int64)])
         f = sum(hi - lo for lo, hi in blocks)
         with blas_one_thread():
             alpha = self.dual.astype(np.float32)
             if f:
                 if len(gone) == 1:
                     t = self.class_solutions[gone[0]]
-                else:
-                    factor = scipy.linalg.cho_factor(self.inverse[dropped][:, dropped], lower=True, check_finite=False)
-                    t = scipy.linalg.cho_solve(factor, self.dual[dropped], check_finite=False)
-                alpha -= self.inverse32[dropped].T @ t.astype(np.float32)
-                alpha[dropped] = 0.0
+                else:  # M_FF assembled from the classes' blocks, no copy of their rows of M
+                    m_ff = np.block([[self.inverse[a:b, c:d] for c, d in blocks] for a, b in blocks])
+                    factor = scipy.linalg.cho_factor(m_ff, lower=True, overwrite_a=True, check_finite=False)
+                    t = scipy.linalg.cho_solve(factor, np.concatenate([self.dual[a:b] for a, b in blocks]),
+                                               check_finite=False)
+                t = t.astype(np.float32)
+                start = 0
+                for lo, hi in blocks:  # M_RF @ t, a class's rows of M at a time (contiguous, read in place)
+                    alpha -= self.inverse32[lo:hi].T @ t[start:start + hi - lo]
+                    start += hi - lo
+                for lo, hi in blocks:
+                    alpha[lo:hi] = 0.0
             alpha[:, gone] = 0.0  # a class with no row scores 0 at every key
             alpha *= self.width  # a power of two: exact
         if flops is not None:  # a union's F x F factorisation and solve, the N x F product, the sums per key
