@@ -366,9 +366,9 @@ class DualInverse:
         bounds = np.concatenate([[0], np.cumsum(np.bincount(y.numpy(), minlength=num_classes))])
         with blas_one_thread():
             factor, _ = _dual_factor(flat, num_rows, penalty)
-            # solved against the identity, the arithmetic of a fit's solve: LAPACK's inverse from the
-            # factor (potri, a third of the work) moved an exact request's outputs on forget examples
-            # up to 2.4e-4 from the retrained model's on an ill-conditioned system, which an attack saw
+            # solved against the identity, the arithmetic of a fit's solve: inverting from the factor
+            # (LAPACK potri) takes a third of the work, but on an ill-conditioned system it moves an exact
+            # request's outputs up to 2.4e-4 from the retrained model's, which the forgetting attack sees
             inverse = scipy.linalg.cho_solve((factor, True), np.eye(n), check_finite=False)
             dual = inverse @ _one_hot(y[order], num_classes)
             solutions = [scipy.linalg.cho_solve(scipy.linalg.cho_factor(inverse[lo:hi, lo:hi], lower=True,
