@@ -177,8 +177,9 @@ class FrozenKeys(KeptSelection, nn.Module):
 
     def flat_indices(self, indices: Tensor) -> Tensor:
         """(N, C, topk) per-codebook key indices -> (N, C * topk) rows of ``values.view(C * K, -1)``,
-        of the indices' integer type."""
-        offsets = torch.arange(self.num_codebooks, device=indices.device, dtype=indices.dtype).view(1, -1, 1)
+        int32 for int32 indices (half the memory), else int64."""
+        dtype = torch.int32 if indices.dtype == torch.int32 else torch.int64
+        offsets = torch.arange(self.num_codebooks, device=indices.device, dtype=dtype).view(1, -1, 1)
         offsets = offsets * self.codebook_size
         return (indices + offsets).flatten(1)
 

@@ -351,3 +351,13 @@ def test_kmeans_on_a_set_larger_than_faiss_samples_is_seeded():
         return b.keys.clone()
 
     assert torch.equal(keys(0), keys(0)) and not torch.equal(keys(0), keys(1))
+
+
+def test_flat_indices_keep_int32_and_widen_smaller_types():
+    b = make(topk=1)
+    codes = torch.full((2, b.num_codebooks, 1), b.codebook_size - 1)
+    expected = (torch.arange(b.num_codebooks) + 1) * b.codebook_size - 1
+    for dtype, out in [(torch.int64, torch.int64), (torch.int32, torch.int32), (torch.int16, torch.int64),
+                       (torch.uint8, torch.int64)]:
+        flat = b.flat_indices(codes.to(dtype))
+        assert flat.dtype == out and torch.equal(flat[0].long(), expected)
