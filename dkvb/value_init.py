@@ -135,12 +135,13 @@ def _ridge_fit(flat: Tensor, y: Tensor, num_rows: int, num_classes: int, penalty
     if not n:
         return torch.zeros(num_rows, num_classes)
     targets = _one_hot(y, num_classes)
+    bags = _rows_per_key(flat, num_rows)
     with blas_one_thread():
-        factor = _dual_factor(flat, num_rows, penalty)
+        factor = _dual_factor(flat, bags, penalty)
         dual = scipy.linalg.cho_solve(factor, targets, check_finite=False)
     if flops is not None:  # the Gram matrix, the factorisation and solve, the values
-        flops.add(int(_gram_flops(flat, num_rows) + n ** 3 / 3 + 2 * n * n * num_classes + n * width * num_classes))
-    return width * _sum_per_key(*_rows_per_key(flat, num_rows), dual)
+        flops.add(int(_gram_flops(bags) + n ** 3 / 3 + 2 * n * n * num_classes + n * width * num_classes))
+    return width * _sum_per_key(*bags, dual)
 
 
 def _rows_per_key(flat: Tensor, num_rows: int) -> tuple[Tensor, Tensor]:
@@ -161,10 +162,11 @@ def _sum_per_key(rows: Tensor, starts: Tensor, dual: np.ndarray) -> Tensor:
     return torch.nn.functional.embedding_bag(rows, weights, starts, mode="sum")
 
 
-def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
+def _dual_factor(flat: Tensor, bags: tuple[Tensor, Tensor], penalty: float) -> tuple:
     """The Cholesky factor (scipy's ``cho_factor``, lower) of ``X @ X.T + penalty * I`` for the
-    rows' keys ``flat`` (N, L), factorised in the Gram matrix's own memory; refuses more than
-    :data:`RIDGE_MAX_ROWS` rows, naming the memory they need."""
+    rows' keys ``flat`` (N, L), whose bags per key are ``bags`` (:func:`_rows_per_key`), factorised
+    in the Gram matrix's own memory; refuses more than :data:`RIDGE_MAX_ROWS` rows, naming the
+    memory they need."""
     import scipy.linalg
 
     n = len(flat)
@@ -172,7 +174,7 @@ def _dual_factor(flat: Tensor, num_rows: int, penalty: float) -> tuple:
         raise ValueError(f"value_init=ridge solves an N x N system per shard: {n} rows would take "
                          f"{8 * n * n / 1e9:.1f} GB (at most {RIDGE_MAX_ROWS}); use more train.ridge_shards, "
                          "value_init=counts or a smaller dataset.train_limit")
-    rows, starts = _rows_per_key(flat, num_rows)
+    rows, starts = bags
     bounds = np.append(starts.numpy(), rows.numel()).astype(np.int64)
     gram = _gram(flat.numpy(), rows.numpy(), bounds, float(penalty))
     # symmetric, so its transpose (a Fortran-ordered view) is the same matrix, factorised in place
@@ -204,9 +206,11 @@ def _gram(flat, rows, bounds, penalty):  # pragma: no cover - compiled
     return gram
 
 
-def _gram_flops(flat: Tensor, num_rows: int) -> float:
-    """The additions :func:`_gram` makes: one per key and pair of rows (a row with itself too) selecting it."""
-    shared = np.bincount(flat.reshape(-1).numpy(), minlength=num_rows).astype(np.float64)
+def _gram_flops(bags: tuple[Tensor, Tensor]) -> float:
+    """The additions :func:`_gram` makes: one per key and pair of rows (a row with itself too)
+    selecting it, from the bags' sizes (:func:`_rows_per_key`)."""
+    rows, starts = bags
+    shared = np.diff(np.append(starts.numpy(), rows.numel())).astype(np.float64)
     return float((shared * (shared + 1) / 2).sum())
 
 
@@ -364,21 +368,22 @@ class DualInverse:
         order = torch.argsort(y, stable=True)
         flat = flat[order]
         bounds = np.concatenate([[0], np.cumsum(np.bincount(y.numpy(), minlength=num_classes))])
+        bags = _rows_per_key(flat, num_rows)
         with blas_one_thread():
-            factor, _ = _dual_factor(flat, num_rows, penalty)
+            factor = _dual_factor(flat, bags, penalty)
             # solved against the identity, the arithmetic of a fit's solve: inverting from the factor
             # (LAPACK potri) takes a third of the work, but on an ill-conditioned system it moves an exact
             # request's outputs up to 2.4e-4 from the retrained model's, which the forgetting attack sees
-            inverse = scipy.linalg.cho_solve((factor, True), np.eye(n), check_finite=False)
+            inverse = scipy.linalg.cho_solve(factor, np.eye(n), check_finite=False)
             dual = inverse @ _one_hot(y[order], num_classes)
             solutions = [scipy.linalg.cho_solve(scipy.linalg.cho_factor(inverse[lo:hi, lo:hi], lower=True,
                                                                         check_finite=False), dual[lo:hi],
                                                 check_finite=False) for lo, hi in zip(bounds[:-1], bounds[1:])]
         if flops is not None:  # the Gram matrix's shared keys, its factorisation, the solve against I
             sizes = np.diff(bounds).astype(np.float64)
-            flops.add(int(_gram_flops(flat, num_rows) + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes
+            flops.add(int(_gram_flops(bags) + n ** 3 / 3 + 2 * n ** 3 + 2 * n * n * num_classes
                           + (sizes ** 3 / 3 + 2 * sizes ** 2 * num_classes).sum()))
-        return cls(flat.shape[1], bounds, _rows_per_key(flat, num_rows), inverse, inverse.astype(np.float32),
+        return cls(flat.shape[1], bounds, bags, inverse, inverse.astype(np.float32),
                    solutions, dual)
 
     def values_without(self, classes: Sequence[int], flops: FlopCounter | None = None) -> Tensor:
